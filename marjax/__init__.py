@@ -1,0 +1,20 @@
+"""marjax: MAR (Module-aware Architecture Refinement) in JAX.
+
+    import marjax
+    m = marjax.load("smollm2-135m-instruct")
+    marjax.logits(m, ids); marjax.generate(m, "Once upon a time", max_new_tokens=32)
+    marjax.ssm.ssd(...); marjax.spiking.atmn(...)
+"""
+from marjax import config
+from marjax.api import Model, generate, generate_ids, load, logits
+from marjax.config import PRESETS, ATMNConfig, DistillConfig, ModelConfig, SSMConfig, TrainConfig, preset
+from marjax.errors import MarjaxError
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):  # submodules with heavier imports load on first use
+    import importlib
+    if name in ("ssm", "spiking", "io", "distill", "train", "eval", "models", "nn"):
+        return importlib.import_module(f"marjax.{name}")
+    raise AttributeError(f"module 'marjax' has no attribute {name!r}")

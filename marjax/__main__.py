@@ -1,0 +1,5 @@
+import sys
+
+from marjax.cli import main
+
+sys.exit(main())

@@ -1,0 +1,48 @@
+"""`marjax` command: a thin dispatcher; each subcommand lives with its concern and exposes
+`main(argv) -> int`. Modules are imported lazily so `marjax --help` is instant."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "generate": ("marjax.api", "generate_main", "generate text from a model (streams tokens)"),
+    "convert": ("marjax.distill.cli", "convert_main", "attention -> SSM init of a Llama model"),
+    "distill": ("marjax.distill.cli", "distill_main", "run one distillation stage (orient|align|kd|sbds)"),
+    "pipeline": ("marjax.distill.cli", "pipeline_main", "the whole MAR pipeline, then eval + energy"),
+    "eval": ("marjax.eval.cli", "main", "perplexity and zero-shot multiple-choice tasks"),
+    "energy": ("marjax.eval.energy", "main", "analytic energy report (45 nm constants)"),
+    "bench": ("marjax.bench", "main", "benchmarks: ssd | decode | spiking"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: marjax <command> [args...]", "", "commands:"]
+    lines += [f"  {name:<10}{help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += ["", "`marjax <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"marjax: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module, func, _ = COMMANDS[cmd]
+    from marjax.errors import MarjaxError
+    try:
+        return int(getattr(importlib.import_module(module), func)(rest) or 0)
+    except MarjaxError as e:  # user-facing errors: one clear line, no JAX traceback
+        print(f"marjax {cmd}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"marjax {cmd}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Pure Llama layers: RMSNorm, RoPE (two layouts), SwiGLU MLP, GQA attention.
+
+Every function is `f(params_or_weights, x, cfg-ish)`; accumulations run in float32 and the
+result is cast back to the activation dtype.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+__all__ = ["MLPParams", "AttnParams", "rms_norm", "rope_tables", "apply_rope", "mlp", "attention",
+           "attention_matrix", "repeat_kv"]
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class MLPParams:
+    gate: Float[Array, "d f"]
+    up: Float[Array, "d f"]
+    down: Float[Array, "f d"]
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class AttnParams:
+    wq: Float[Array, "d hq_hd"]
+    wk: Float[Array, "d hkv_hd"]
+    wv: Float[Array, "d hkv_hd"]
+    wo: Float[Array, "hq_hd d"]
+
+
+def rms_norm(w: Float[Array, "d"], x: Float[Array, "... d"], eps: float) -> Float[Array, "... d"]:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_tables(positions: Int[Array, "... l"], head_dim: int, theta: float):
+    """cos/sin of shape (..., l, head_dim // 2) for frequency index i = 0 .. head_dim/2 - 1."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    ang = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+def apply_rope(x: Float[Array, "b l h hd"], cos, sin, layout: str) -> Float[Array, "b l h hd"]:
+    """Rotate q or k. `half`: HF rotate-half (pairs (i, i + hd/2)); `pairs`: GGUF/llama.cpp
+    (pairs (2i, 2i+1)), which is what GGUF's permuted q/k weights expect."""
+    x32 = x.astype(jnp.float32)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]          # (b, l, 1, hd/2)
+    if layout == "half":
+        x1, x2 = jnp.split(x32, 2, axis=-1)
+        out = jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+    else:
+        x1, x2 = x32[..., 0::2], x32[..., 1::2]
+        out = jnp.stack([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).reshape(x.shape)
+    return out.astype(x.dtype)
+
+
+def mlp(p: MLPParams, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
+    return mlp_down(p, mlp_hidden(p, x))
+
+
+def mlp_hidden(p: MLPParams, x):
+    """silu(gate(x)) * up(x): the input of the down projection (a spiking site)."""
+    return jax.nn.silu(x @ p.gate) * (x @ p.up)
+
+
+def mlp_down(p: MLPParams, h):
+    return h @ p.down
+
+
+def repeat_kv(x: Float[Array, "b l hkv hd"], n_rep: int) -> Float[Array, "b l hq hd"]:
+    return x if n_rep == 1 else jnp.repeat(x, n_rep, axis=2)
+
+
+def qkv(p: AttnParams, x, cfg, positions):
+    """Projected, rotated q (b,l,hq,hd), k and v (b,l,hkv,hd)."""
+    b, l, _ = x.shape
+    q = (x @ p.wq).reshape(b, l, cfg.n_heads, cfg.head_dim)
+    k = (x @ p.wk).reshape(b, l, cfg.n_kv_heads, cfg.head_dim)
+    v = (x @ p.wv).reshape(b, l, cfg.n_kv_heads, cfg.head_dim)
+    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+    return apply_rope(q, cos, sin, cfg.rope_layout), apply_rope(k, cos, sin, cfg.rope_layout), v
+
+
+def _scores_softmax(q, k, q_pos, k_pos, k_valid=None):
+    """Causal softmax(q k^T / sqrt(hd)) in float32: q (b,l,hq,hd), k (b,s,hq,hd) -> (b,hq,l,s)."""
+    s = jnp.einsum("blhd,bshd->bhls", q.astype(jnp.float32), k.astype(jnp.float32))
+    s = s / jnp.sqrt(jnp.float32(q.shape[-1]))
+    allowed = q_pos[:, None, :, None] >= k_pos[:, None, None, :]
+    if k_valid is not None:
+        allowed = allowed & k_valid[:, None, None, :]
+    s = jnp.where(allowed, s, -jnp.inf)
+    return jax.nn.softmax(s, axis=-1)
+
+
+def attention_matrix(p: AttnParams, x, cfg, positions) -> Float[Array, "b hq l l"]:
+    """The (l x l) causal attention matrix per query head (MOHAWK matrix orientation target)."""
+    q, k, _ = qkv(p, x, cfg, positions)
+    k = repeat_kv(k, cfg.n_heads // cfg.n_kv_heads)
+    return _scores_softmax(q, k, positions, positions)
+
+
+def attention(p: AttnParams, x: Float[Array, "b l d"], cfg, positions: Int[Array, "b l"],
+              cache=None):
+    """Causal GQA attention. With `cache` = (k (b,S,hkv,hd), v, length (b,)), the new k/v are
+    written at positions and attention runs over the cache; returns (out, new_cache)."""
+    q, k, v = qkv(p, x, cfg, positions)
+    n_rep = cfg.n_heads // cfg.n_kv_heads
+    if cache is None:
+        k_all, v_all, k_pos, k_valid = k, v, positions, None
+    else:
+        ck, cv = cache
+        start = positions[0, 0]  # all rows decode in lockstep (same prompt length per batch)
+        ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), start, axis=1)
+        cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), start, axis=1)
+        k_all, v_all = ck, cv
+        k_pos = jnp.broadcast_to(jnp.arange(ck.shape[1])[None], (x.shape[0], ck.shape[1]))
+        k_valid = k_pos <= positions[:, -1:]
+        cache = (ck, cv)
+    probs = _scores_softmax(q, repeat_kv(k_all, n_rep), positions, k_pos, k_valid)
+    o = jnp.einsum("bhls,bshd->blhd", probs, repeat_kv(v_all, n_rep).astype(jnp.float32))
+    out = o.reshape(*x.shape[:2], -1).astype(x.dtype) @ p.wo
+    return out, cache

@@ -1,0 +1,115 @@
+"""The Llamba "Discrete Mamba-2" mixer (MAR_SPEC.md section 2), pure functions.
+
+in_proj: d -> [xBC | z | A_log]; depthwise causal conv1d (kernel K, bias, identity activation)
+over xBC; dt = softplus(A_log), log decay = -dt; SSD recurrence h_t = a_t h_{t-1} + x_t B_t^T,
+y_t = h_t C_t; y += D * x; out = out_proj(y * silu(z + z_bias)).
+
+Spiking sites (stage 2) sit before in_proj and before out_proj; `spike(name, x)` is a callback
+supplied by the block (identity for the dense model) so this file stays neuron-agnostic.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from marjax import ssm as ssm_ops
+
+__all__ = ["MixerParams", "MixerCache", "mixer", "causal_conv", "split_in_proj", "init_mixer_cache",
+           "materialize", "in_proj_width"]
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class MixerParams:
+    in_proj: Float[Array, "d w"]           # w = conv_dim + d_inner + H, order [x | B | C | z | A_log]
+    conv_w: Float[Array, "k conv_dim"]     # conv_w[k] multiplies input t - (K - 1) + k
+    conv_b: Float[Array, "conv_dim"]
+    D: Float[Array, "h"]
+    z_bias: Float[Array, "d_inner"]
+    out_proj: Float[Array, "d_inner d"]
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class MixerCache:
+    conv: Float[Array, "b km1 conv_dim"]   # the last K-1 inputs of the conv
+    state: Float[Array, "b h p n"]         # the SSD state (float32)
+
+
+def in_proj_width(scfg) -> int:
+    return scfg.conv_dim + scfg.d_inner + scfg.n_heads
+
+
+def init_mixer_cache(batch: int, scfg, dtype=jnp.float32) -> MixerCache:
+    return MixerCache(conv=jnp.zeros((batch, scfg.conv_kernel - 1, scfg.conv_dim), dtype),
+                      state=jnp.zeros((batch, scfg.n_heads, scfg.head_dim, scfg.state_dim), jnp.float32))
+
+
+def causal_conv(w, b, xbc: Float[Array, "b l c"], prev: Optional[Float[Array, "b km1 c"]] = None):
+    """Depthwise causal conv; `prev` holds the K-1 inputs before xbc (zeros at sequence start).
+    Returns (out, last K-1 inputs) so decoding can carry the window."""
+    k = w.shape[0]
+    if prev is None:
+        prev = jnp.zeros((xbc.shape[0], k - 1, xbc.shape[2]), xbc.dtype)
+    full = jnp.concatenate([prev.astype(xbc.dtype), xbc], axis=1)       # (b, K-1+l, c)
+    l = xbc.shape[1]
+    out = sum(full[:, i:i + l, :].astype(jnp.float32) * w[i].astype(jnp.float32) for i in range(k))
+    out = out + b.astype(jnp.float32)
+    return out.astype(xbc.dtype), full[:, l:, :]
+
+
+def split_in_proj(zxbca, scfg):
+    """[x | B | C | z | A_log] -> xbc (b,l,conv_dim), z (b,l,d_inner), a_log (b,l,h)."""
+    c, di = scfg.conv_dim, scfg.d_inner
+    return zxbca[..., :c], zxbca[..., c:c + di], zxbca[..., c + di:]
+
+
+def _heads(xbc, scfg):
+    b, l, _ = xbc.shape
+    h, p, n = scfg.n_heads, scfg.head_dim, scfg.state_dim
+    x = xbc[..., :h * p].reshape(b, l, h, p)
+    B = xbc[..., h * p:h * p + h * n].reshape(b, l, h, n)
+    C = xbc[..., h * p + h * n:].reshape(b, l, h, n)
+    return x, B, C
+
+
+def _identity(_name, x):
+    return x
+
+
+def mixer(p: MixerParams, u: Float[Array, "b l d"], scfg, cache: Optional[MixerCache] = None,
+          spike: Callable = _identity):
+    """Parallel (chunked) forward over a sequence; with `cache` it continues from the cached conv
+    window and state and returns the new cache (prefill and decoding share this path; one-token
+    steps use the recurrent form)."""
+    zxbca = spike("in_proj", u) @ p.in_proj
+    xbc, z, a_log = split_in_proj(zxbca, scfg)
+    xbc, conv_tail = causal_conv(p.conv_w, p.conv_b, xbc, None if cache is None else cache.conv)
+    x, B, C = _heads(xbc, scfg)
+    log_a = -jax.nn.softplus(a_log.astype(jnp.float32))
+    l = u.shape[1]
+    if cache is not None and l == 1:   # decode: O(1) recurrent step
+        y, state = ssm_ops.ssd_step(cache.state, x[:, 0], log_a[:, 0], B[:, 0], C[:, 0], D=p.D)
+        y = y[:, None]
+    else:
+        y, state = ssm_ops.ssd(x, log_a, B, C, D=p.D, initial_state=None if cache is None else cache.state,
+                               return_final_state=True, impl=scfg.impl,
+                               chunk_size=ssm_ops.effective_chunk(l, scfg.chunk_size))
+    y = y.reshape(*u.shape[:2], scfg.d_inner)
+    gated = (y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32) + p.z_bias)).astype(u.dtype)
+    out = spike("out_proj", gated) @ p.out_proj
+    new_cache = None if cache is None else MixerCache(conv=conv_tail, state=state)
+    return out, new_cache
+
+
+def materialize(p: MixerParams, u: Float[Array, "b l d"], scfg) -> Float[Array, "b h l l"]:
+    """The (l x l) per-head mixing matrix of the SSD part (conv applied, no D skip): MOHAWK's
+    matrix orientation compares it with the attention matrix."""
+    xbc, _, a_log = split_in_proj(u @ p.in_proj, scfg)
+    xbc, _ = causal_conv(p.conv_w, p.conv_b, xbc)
+    _, B, C = _heads(xbc, scfg)
+    return ssm_ops.materialize_mixer(-jax.nn.softplus(a_log.astype(jnp.float32)), B, C)
