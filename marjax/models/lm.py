@@ -11,6 +11,7 @@ Taps (static) come back in `aux`:
   mixer_io  dict(input=(L,b,l,d), output=(L,b,l,d)) normed mixer input and mixer output
   attn      (L, b, h, l, l) attention matrices (attention models)
   spikes    {site: {"nonzero"|"pos"|"neg": (L, T)}} firing rates per micro-step (spiking models)
+  site_inputs {site: (L, b, l, width)} what each spiking site's projection consumes (calibration)
   hidden    (b, l, d) final normed hidden states (the LM head input)
 """
 from __future__ import annotations
@@ -74,6 +75,7 @@ def _init_block(key, cfg: ModelConfig, dtype) -> BlockParams:
         mixer = mamba2.MixerParams(
             in_proj=_normal(ks[0], (d, w), s, dtype), conv_w=k_conv,
             conv_b=jnp.zeros((sc.conv_dim,), dtype), D=jnp.ones((sc.n_heads,), dtype),
+            a_log_bias=jnp.full((sc.n_heads,), -4.0, dtype),
             z_bias=jnp.zeros((sc.d_inner,), dtype),
             out_proj=_normal(ks[1], (sc.d_inner, d), sc.d_inner ** -0.5 / (2 * cfg.n_layers) ** 0.5, dtype))
     else:
@@ -122,15 +124,16 @@ def lm_head(params: LMParams, h: Float[Array, "... d"]) -> Float[Array, "... v"]
     return jnp.einsum("...d,dv->...v", h, head_matrix(params), preferred_element_type=jnp.float32)
 
 
-def _spike_fn(sites: Optional[SpikeSites], cfg: ModelConfig, stats: dict):
+def _spike_fn(sites: Optional[SpikeSites], cfg: ModelConfig, stats: dict, inputs: Optional[dict] = None):
     """The block's spike(name, x) callback: ATMN at configured sites, identity elsewhere.
-    Firing statistics are written into `stats` (a trace-time dict, returned as scan output)."""
-    if sites is None:
-        return lambda _name, x: x
+    Firing statistics go into `stats`, site inputs into `inputs` when given (trace-time dicts,
+    returned as scan outputs)."""
     from marjax.spiking import atmn_with_stats
 
     def spike(name, x):
-        p = getattr(sites, name)
+        if inputs is not None:
+            inputs[name] = x
+        p = None if sites is None else getattr(sites, name)
         if p is None:
             return x
         y, st = atmn_with_stats(x, p, cfg.atmn)
@@ -142,7 +145,8 @@ def _spike_fn(sites: Optional[SpikeSites], cfg: ModelConfig, stats: dict):
 def block(p: BlockParams, x: Float[Array, "b l d"], cfg: ModelConfig, positions, cache=None, taps=()):
     """One pre-norm residual block. Returns (x_out, new_cache, aux)."""
     aux, stats = {}, {}
-    spike = _spike_fn(p.spikes, cfg, stats)
+    site_inputs = {} if "site_inputs" in taps else None
+    spike = _spike_fn(p.spikes, cfg, stats, site_inputs)
     h = rms_norm(p.mixer_norm, x, cfg.rms_eps)
     if cfg.is_ssm:
         m, cache = mamba2.mixer(p.mixer, h, cfg.ssm, cache, spike)
@@ -162,6 +166,8 @@ def block(p: BlockParams, x: Float[Array, "b l d"], cfg: ModelConfig, positions,
         aux["mixer_io"] = {"input": h, "output": m}
     if "spikes" in taps and stats:
         aux["spikes"] = stats
+    if site_inputs is not None:
+        aux["site_inputs"] = site_inputs
     return out, cache, aux
 
 

@@ -4,6 +4,10 @@ in_proj: d -> [xBC | z | A_log]; depthwise causal conv1d (kernel K, bias, identi
 over xBC; dt = softplus(A_log), log decay = -dt; SSD recurrence h_t = a_t h_{t-1} + x_t B_t^T,
 y_t = h_t C_t; y += D * x; out = out_proj(y * silu(z + z_bias)).
 
+`a_log_bias` is marjax's one addition to Llamba's mixer: in_proj has no bias, so without it the
+initial decay of an attention-initialised mixer would be pinned at exp(-softplus(0)) = 0.5; a bias
+of -4 starts the decay near 1 (MAR_SPEC.md section 2). Llamba checkpoints load with it at 0.
+
 Spiking sites (stage 2) sit before in_proj and before out_proj; `spike(name, x)` is a callback
 supplied by the block (identity for the dense model) so this file stays neuron-agnostic.
 """
@@ -29,6 +33,7 @@ class MixerParams:
     conv_w: Float[Array, "k conv_dim"]     # conv_w[k] multiplies input t - (K - 1) + k
     conv_b: Float[Array, "conv_dim"]
     D: Float[Array, "h"]
+    a_log_bias: Float[Array, "h"]          # added to A_log before softplus; 0 in Llamba checkpoints.
     z_bias: Float[Array, "d_inner"]
     out_proj: Float[Array, "d_inner d"]
 
@@ -90,7 +95,7 @@ def mixer(p: MixerParams, u: Float[Array, "b l d"], scfg, cache: Optional[MixerC
     xbc, z, a_log = split_in_proj(zxbca, scfg)
     xbc, conv_tail = causal_conv(p.conv_w, p.conv_b, xbc, None if cache is None else cache.conv)
     x, B, C = _heads(xbc, scfg)
-    log_a = -jax.nn.softplus(a_log.astype(jnp.float32))
+    log_a = -jax.nn.softplus(a_log.astype(jnp.float32) + p.a_log_bias.astype(jnp.float32))
     l = u.shape[1]
     if cache is not None and l == 1:   # decode: O(1) recurrent step
         y, state = ssm_ops.ssd_step(cache.state, x[:, 0], log_a[:, 0], B[:, 0], C[:, 0], D=p.D)
@@ -112,4 +117,4 @@ def materialize(p: MixerParams, u: Float[Array, "b l d"], scfg) -> Float[Array, 
     xbc, _, a_log = split_in_proj(u @ p.in_proj, scfg)
     xbc, _ = causal_conv(p.conv_w, p.conv_b, xbc)
     _, B, C = _heads(xbc, scfg)
-    return ssm_ops.materialize_mixer(-jax.nn.softplus(a_log.astype(jnp.float32)), B, C)
+    return ssm_ops.materialize_mixer(-jax.nn.softplus(a_log.astype(jnp.float32) + p.a_log_bias), B, C)

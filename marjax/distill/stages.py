@@ -1,0 +1,133 @@
+"""The four distillation stages as loss functions for the generic trainer.
+
+    loss_fn = make_loss(stage, teacher_cfg, student_cfg, dcfg)
+    loss_sum, count, metrics = loss_fn(student_params, teacher_params, batch, rng)
+
+MOHAWK (stage 1, attention teacher -> SSM student):
+  orient  per layer, the student's materialised mixing matrix vs the teacher's attention matrix,
+          both fed the teacher's normed layer input;
+  align   per layer, the student block output vs the teacher block output on teacher inputs;
+  kd      end-to-end forward KL on logits (chunked from final hidden states).
+SBDS (stage 2, dense SSM teacher -> spiking student):
+  sbds    alpha KL(p||q) + beta KL(q||p) (+ optional CE) + feature_weight * pre-norm feature L2.
+
+Teacher outputs are computed from `stop_gradient(teacher_params)`: no gradient and no
+optimizer state for the teacher. Batch: {"inputs", "targets", "mask"} (b, l).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from marjax.config import DistillConfig, ModelConfig
+from marjax.distill import losses
+from marjax.errors import ConfigError
+from marjax.models.lm import LMParams, block, forward, head_matrix
+from marjax.nn import mamba2
+
+__all__ = ["make_loss", "trainable_mask", "STAGES"]
+
+STAGES = ("orient", "align", "kd", "sbds")
+
+
+def _positions(ids):
+    return jnp.broadcast_to(jnp.arange(ids.shape[1])[None], ids.shape)
+
+
+def _orient_loss(tcfg, scfg, dcfg):
+    def loss_fn(student: LMParams, teacher: LMParams, batch, rng):
+        teacher = jax.lax.stop_gradient(teacher)
+        _, aux = forward(teacher, batch["inputs"], tcfg, taps=("mixer_io", "attn"), head=False)
+        u, attn = aux["mixer_io"]["input"], aux["attn"]                     # (L,b,l,d), (L,b,h,l,l)
+        M = jax.vmap(lambda p, x: mamba2.materialize(p, x, scfg.ssm))(student.blocks.mixer, u)
+        s, c = losses.matrix_orientation_loss(M, attn, batch["mask"])
+        return s, c, {"orient": (s, c)}
+    return loss_fn
+
+
+def _align_loss(tcfg, scfg, dcfg):
+    def loss_fn(student: LMParams, teacher: LMParams, batch, rng):
+        teacher = jax.lax.stop_gradient(teacher)
+        ids = batch["inputs"]
+        pos = _positions(ids)
+        _, aux = forward(teacher, ids, tcfg, taps=("prenorm",), head=False)
+        x_in = aux["prenorm"][:, 0]                                           # (L, b, l, d) block inputs
+        y_t = jax.vmap(lambda p, x: block(p, x, tcfg, pos)[0])(teacher.blocks, x_in)
+        y_s = jax.vmap(lambda p, x: block(p, x, scfg, pos)[0])(student.blocks, x_in)
+        s, c = losses.hidden_alignment_loss(y_s, y_t, batch["mask"])
+        return s, c, {"align": (s, c)}
+    return loss_fn
+
+
+def _kl_loss(tcfg, scfg, dcfg, alpha, beta):
+    feats = {"prenorm": ("prenorm",), "postnorm": ("postnorm",), "both": ("prenorm", "postnorm"),
+             "none": ()}[dcfg.feature if dcfg.stage == "sbds" else "none"]
+
+    def loss_fn(student: LMParams, teacher: LMParams, batch, rng):
+        if "topk_ids" in batch:   # offline: teacher top-k from disk (KL terms only, no features)
+            _, as_ = forward(student, batch["inputs"], scfg, taps=("hidden",), head=False)
+            s, n, m = losses.kd_from_topk(batch["topk_logprobs"], batch["topk_ids"], as_["hidden"],
+                                          head_matrix(student), batch["mask"], alpha=alpha, beta=beta,
+                                          temperature=dcfg.temperature, chunk=dcfg.kl_chunk)
+            return s, n, dict(m, kl=(s, n))
+        teacher = jax.lax.stop_gradient(teacher)
+        taps = ("hidden",) + feats
+        _, at = forward(teacher, batch["inputs"], tcfg, taps=taps, head=False)
+        _, as_ = forward(student, batch["inputs"], scfg, taps=taps + ("spikes",), head=False)
+        mask = batch["mask"]
+        kl_s, n, m = losses.chunked_kd_loss(
+            at["hidden"], as_["hidden"], head_matrix(teacher), head_matrix(student), mask,
+            alpha=alpha, beta=beta, temperature=dcfg.temperature, chunk=dcfg.kl_chunk,
+            ce_targets=batch["targets"] if dcfg.ce_weight > 0 else None, ce_weight=dcfg.ce_weight)
+        metrics = {k: v for k, v in m.items()}
+        metrics["kl"] = (kl_s, n)
+        total = kl_s / jnp.maximum(n, 1)
+        for f in feats:
+            ft, fs = at[f], as_[f]
+            fs_, fc = losses.feature_loss(ft.reshape((-1,) + ft.shape[2:]), fs.reshape((-1,) + fs.shape[2:]), mask)
+            metrics[f"feat_{f}"] = (fs_, fc)
+            total = total + dcfg.feature_weight * fs_ / jnp.maximum(fc, 1)
+        if "spikes" in as_:
+            rates = [jnp.mean(st["nonzero"]) for st in as_["spikes"].values()]
+            metrics["firing_rate"] = (jnp.mean(jnp.stack(rates)), jnp.float32(1.0))
+        # (sum, count) form for the trainer: the combined per-token mean times the token count
+        return total * n, n, metrics
+    return loss_fn
+
+
+def make_loss(stage: str, tcfg: ModelConfig, scfg: ModelConfig, dcfg: DistillConfig):
+    dcfg = dataclasses.replace(dcfg, stage=stage).validate()
+    if stage in ("orient", "align"):
+        if tcfg.is_ssm or not scfg.is_ssm:
+            raise ConfigError(f"stage {stage!r} needs an attention teacher and an SSM student, got "
+                              f"teacher mixer {tcfg.mixer!r}, student mixer {scfg.mixer!r}")
+        return (_orient_loss if stage == "orient" else _align_loss)(tcfg, scfg, dcfg)
+    if tcfg.vocab_size != scfg.vocab_size:
+        raise ConfigError(f"teacher vocab_size {tcfg.vocab_size} != student vocab_size {scfg.vocab_size}")
+    if stage == "kd":
+        return _kl_loss(tcfg, scfg, dcfg, alpha=1.0, beta=0.0)
+    if stage == "sbds":
+        if not scfg.is_spiking:
+            raise ConfigError("stage 'sbds' needs a spiking student (ModelConfig.atmn set)")
+        return _kl_loss(tcfg, scfg, dcfg, alpha=dcfg.alpha, beta=dcfg.beta)
+    raise ConfigError(f"unknown stage {stage!r}; known: {STAGES}")
+
+
+def trainable_mask(params: LMParams, which: str):
+    """Pytree of bools: 'all', 'mixer' (MOHAWK steps 1-2 train only the mixers) or 'atmn'
+    (only the neurons' thresholds)."""
+    def fill(tree, value):
+        return jax.tree.map(lambda _: value, tree)
+    if which == "all":
+        return fill(params, True)
+    mask = fill(params, False)
+    b = mask.blocks
+    if which == "mixer":
+        b = dataclasses.replace(b, mixer=fill(params.blocks.mixer, True))
+    elif which == "atmn":
+        b = dataclasses.replace(b, spikes=fill(params.blocks.spikes, True))
+    else:
+        raise ConfigError(f"unknown trainable set {which!r}; known: all, mixer, atmn")
+    return dataclasses.replace(mask, blocks=b)

@@ -1,0 +1,42 @@
+"""Stage 2 student: the dense SSM LM with ATMN neurons before four projections per layer
+(mixer in_proj, mixer out_proj, MLP gate/up sharing one neuron, MLP down). Built from a dense
+SSM checkpoint plus fresh thresholds `a` (constant, or calibrated from activation statistics)."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from marjax.config import ATMNConfig, ModelConfig
+from marjax.errors import ConfigError
+from marjax.models.lm import LMParams, SpikeSites, forward, init_spike_sites
+
+__all__ = ["spiking_config", "make_spiking_student"]
+
+
+def spiking_config(dense: ModelConfig, atmn: ATMNConfig) -> ModelConfig:
+    if not dense.is_ssm:
+        raise ConfigError(f"the spiking student is built on the dense SSM model; {dense.name!r} has mixer "
+                          f"{dense.mixer!r} (run stage 1 first)")
+    name = dense.name.replace("-ssm", "") + "-spiking"
+    return dataclasses.replace(dense, name=name, atmn=atmn.validate()).validate()
+
+
+def make_spiking_student(dense_params: LMParams, dense_cfg: ModelConfig, atmn: ATMNConfig,
+                         calib_ids=None) -> tuple[ModelConfig, LMParams]:
+    """(config, params) of the spiking student. With atmn.init == 'stats', `calib_ids` (b, l)
+    is run through the dense model and each site's threshold is set from its input statistics."""
+    from marjax.spiking import calibrate_a
+    cfg = spiking_config(dense_cfg, atmn)
+    sites = jax.vmap(lambda _: init_spike_sites(cfg))(jnp.arange(cfg.n_layers))
+    if atmn.init == "stats":
+        if calib_ids is None:
+            raise ConfigError("ATMNConfig.init='stats' needs a calibration batch (calib_ids)")
+        _, aux = forward(dense_params, jnp.asarray(calib_ids), dense_cfg, taps=("site_inputs",), head=False)
+        calibrated = {s: jax.vmap(lambda x: calibrate_a(x, atmn))(aux["site_inputs"][s]) for s in atmn.sites}
+        sites = SpikeSites(**{s: dataclasses.replace(getattr(sites, s), a=calibrated[s].a.astype(getattr(sites, s).a.dtype))
+                              if hasattr(calibrated[s], "a") else dataclasses.replace(getattr(sites, s), a=calibrated[s])
+                              for s in atmn.sites})
+    blocks = dataclasses.replace(dense_params.blocks, spikes=sites)
+    return cfg, dataclasses.replace(dense_params, blocks=blocks)
