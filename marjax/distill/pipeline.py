@@ -22,6 +22,8 @@ from marjax.config import ATMNConfig, DistillConfig, TrainConfig
 
 __all__ = ["main", "PIPELINES", "run_pipeline"]
 
+MC_TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq", "openbookqa")
+
 # step budgets per stage; train fields shared by all stages of a preset
 PIPELINES = {
     "smollm2": dict(teacher="smollm2-135m-instruct", seq_len=64, micro_batch=4, lr=3e-4,
@@ -43,11 +45,10 @@ def _rc(preset: dict, stage: str, out: Path, data: str, resume: bool, atmn: ATMN
     return RunConfig(run=run, train=tc, distill=dcfg, atmn=atmn)
 
 
-def _heldout_ids(tokenizer, data: str, n_tokens: int) -> np.ndarray:
-    """Evaluation tokens: the held-out tail of the training documents (never trained on)."""
+def _heldout_text(tokenizer, data: str) -> str:
+    """Evaluation text: the held-out tail of the training documents (never trained on)."""
     from marjax.train.data import heldout_text
-    ids = tokenizer.encode(heldout_text(data or None))
-    return np.asarray(ids[:n_tokens], np.int32)
+    return heldout_text(data or None, tokenizer=tokenizer)
 
 
 def run_pipeline(preset_name: str = "smollm2", out: str = "results/pipeline", data: str = "",
@@ -93,8 +94,8 @@ def run_pipeline(preset_name: str = "smollm2", out: str = "results/pipeline", da
     models["spiking"] = marjax.Model(pcfg, pparams, teacher.tokenizer, str(outp / "sbds"))
 
     t = time.time()
-    results = evaluate_models(models, _heldout_ids(teacher.tokenizer, data, preset["eval_tokens"]),
-                              preset["seq_len"] * 2, data_dir, outp)
+    results = evaluate_models(models, _heldout_text(teacher.tokenizer, data), preset["eval_tokens"],
+                              preset["seq_len"] * 2, data_dir, outp, progress=progress)
     timings["eval"] = time.time() - t
     results.update(preset=preset_name, timings_s=timings, total_s=time.time() - t0,
                    steps=preset["steps"], atmn=dataclasses.asdict(atmn), distill=dataclasses.asdict(dcfg))
@@ -104,20 +105,21 @@ def run_pipeline(preset_name: str = "smollm2", out: str = "results/pipeline", da
     return results
 
 
-def evaluate_models(models: dict, ids: np.ndarray, window: int, data_dir: str, outp: Path) -> dict:
-    """Perplexity on held-out tokens, firing rates and energy for each model; MC tasks if a data
+def evaluate_models(models: dict, text: str, max_tokens: int, window: int, data_dir: str, outp: Path,
+                    progress: bool = False) -> dict:
+    """Perplexity on held-out text, firing rates and energy for each model; MC tasks if a data
     dir is given."""
     import marjax
     from marjax.eval.energy import energy_report, write_report
-    from marjax.eval.perplexity import perplexity
+    from marjax.eval.harness import encode_text, evaluate
+    from marjax.eval.perplexity import text_perplexity
     from marjax.models.lm import forward
     res = {"models": {}}
     reports = {}
     for name, m in models.items():
         logits_fn = lambda x, m=m: np.asarray(marjax.logits(m, x))  # noqa: E731
-        ppl = perplexity(logits_fn, ids, window=window)
-        entry = {"ppl": ppl}
-        seg = jax.numpy.asarray(ids[None, :window])
+        entry = {"ppl": text_perplexity(logits_fn, m.tokenizer, text, window=window, max_tokens=max_tokens)}
+        seg = jax.numpy.asarray([encode_text(m.tokenizer, text)[:window]], jax.numpy.int32)
         _, aux = jax.jit(forward, static_argnames=("cfg", "taps", "head"))(m.params, seg, cfg=m.config,
                                                                          taps=("spikes",), head=False)
         firing = jax.tree.map(np.asarray, aux.get("spikes")) if m.config.is_spiking else None
@@ -127,8 +129,8 @@ def evaluate_models(models: dict, ids: np.ndarray, window: int, data_dir: str, o
         reports[name] = energy_report(m.config, firing=firing, seq_len=window)
         entry["energy_pj_per_token"] = reports[name]["totals"]["energy_pj_per_token"]
         if data_dir:
-            from marjax.eval.harness import evaluate_tasks
-            entry["tasks"] = evaluate_tasks(m, data_dir=data_dir, limit=100)
+            entry["tasks"] = evaluate(MC_TASKS, logits_fn, m.tokenizer, window * 4, data_dir, limit=100,
+                                      progress=progress)
         res["models"][name] = entry
     write_report(reports, outp)
     base = reports["teacher"]["totals"]["energy_pj_per_token"]
@@ -167,7 +169,7 @@ def write_summary(results: dict, outp: Path) -> None:
              "| model | held-out ppl | firing rate | energy / token (pJ) | energy vs teacher |", "|---|---|---|---|---|"]
     for name, r in results["models"].items():
         fr = f"{r['firing_rate']:.3f}" if "firing_rate" in r else "-"
-        lines.append(f"| {name} | {r['ppl']['ppl']:.2f} | {fr} | {r['energy_pj_per_token']:.3g} | "
+        lines.append(f"| {name} | {r['ppl']['token_ppl']:.2f} | {fr} | {r['energy_pj_per_token']:.3g} | "
                      f"{r['energy_ratio_vs_teacher']:.3f} |")
     lines += ["", f"Stage steps: {results['steps']}; wall time {results['total_s'] / 60:.1f} min "
               f"({', '.join(f'{k} {v:.0f}s' for k, v in results['timings_s'].items())}).",

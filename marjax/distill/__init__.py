@@ -1,0 +1,1 @@
+"""Distillation: attention->SSM init, losses (chunked KL, features, matrix orientation), stages."""

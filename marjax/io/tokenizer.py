@@ -1,0 +1,413 @@
+"""Tokenizers with one interface: byte-level BPE (from GGUF metadata or a tokenizer.json, run by
+the `tokenizers` package) and a dependency-free `ByteTokenizer` for the tiny presets and tests.
+
+    tok.encode("text")            -> list[int]   (BOS prepended only when tok.add_bos)
+    tok.decode(ids)               -> str
+    tok.apply_chat_template(msgs, add_generation_prompt=True) -> str (ChatML)
+    tok.stop_ids                  -> ids that end a generation (eos, <|im_end|>, ...)
+    s = tok.decode_stream(); s.put(id) -> new text (holds back incomplete UTF-8); s.flush()
+
+Chat templates are rendered without a jinja engine: marjax recognises ChatML templates (the
+SmolLM2 family), including a default system prompt injected when the first message is not a
+system message, and falls back to plain ChatML for anything else.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Iterable, Optional, Sequence
+
+from marjax.errors import CheckpointError, MarjaxError
+
+__all__ = ["Tokenizer", "ByteTokenizer", "StreamDecoder", "ChatTemplate", "from_gguf_fields",
+           "from_tokenizer_json", "load_tokenizer_dir", "PRETOKENIZER_REGEX"]
+
+# Split regexes of llama.cpp's pre-tokenizer types (llama-vocab.cpp), applied before byte-level BPE.
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+          r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# pre name -> (split digits one by one first, regex). "smollm" is StarCoder's: digits split
+# individually, then the GPT-2 regex (SmolLM2's tokenizer.json: Digits + ByteLevel).
+PRETOKENIZER_REGEX = {
+    "default": (False, _GPT2), "gpt2": (False, _GPT2), "gpt-2": (False, _GPT2),
+    "smollm": (True, _GPT2), "starcoder": (True, _GPT2), "refact": (True, _GPT2),
+    "codeshell": (True, _GPT2), "command-r": (True, _GPT2),
+    "llama-bpe": (False, _LLAMA3), "llama3": (False, _LLAMA3), "smaug-bpe": (False, _LLAMA3),
+    "qwen2": (False, _QWEN2),
+}
+
+_CHATML_TURN = "<|im_start|>{role}\n{content}<|im_end|>\n"
+_CHATML_GEN = "<|im_start|>assistant\n"
+_STOP_NAMES = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>")
+
+
+class ChatTemplate:
+    """ChatML rendering; `default_system` is injected when the first message is not 'system'."""
+
+    def __init__(self, default_system: Optional[str] = None, source: Optional[str] = None):
+        self.default_system = default_system
+        self.source = source
+
+    @classmethod
+    def from_jinja(cls, template: Optional[str]) -> "ChatTemplate":
+        """Recognise a ChatML jinja template (and the default system prompt it may inject);
+        anything else (or None) becomes plain ChatML."""
+        if not template or "<|im_start|>" not in template or "<|im_end|>" not in template:
+            return cls(None, template)
+        default = None
+        m = re.search(r"""!=\s*['"]system['"]\s*%\}\s*\{\{\s*(['"])<\|im_start\|>system(?:\n|\\n)(.*?)<\|im_end\|>""",
+                      template, flags=re.S)
+        if m:
+            default = m.group(2).replace("\\n", "\n")  # a jinja-escaped newline in the literal
+        return cls(default, template)
+
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+            raise MarjaxError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
+        out = []
+        for i, msg in enumerate(messages):
+            if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+                raise MarjaxError(f"messages[{i}] must be a dict with 'role' and 'content', got {msg!r}")
+            if i == 0 and msg["role"] != "system" and self.default_system is not None:
+                out.append(_CHATML_TURN.format(role="system", content=self.default_system))
+            out.append(_CHATML_TURN.format(role=msg["role"], content=msg["content"]))
+        if add_generation_prompt:
+            out.append(_CHATML_GEN)
+        return "".join(out)
+
+
+class StreamDecoder:
+    """Incremental detokenisation: `put(id)` returns only text that is final. Text is decoded
+    over a sliding window of ids (so tokenizers whose pieces depend on their left context stay
+    right) and held back while it ends in an incomplete UTF-8 sequence (U+FFFD)."""
+
+    def __init__(self, tokenizer, skip_special: bool = False):
+        self._tok = tokenizer
+        self._skip = skip_special
+        self.ids: list[int] = []
+        self._prefix = 0   # window start
+        self._read = 0     # ids up to here have been emitted
+        self.text = ""
+
+    def _dec(self, ids):
+        return self._tok.decode(ids, skip_special=self._skip)
+
+    def put(self, token_id) -> str:
+        ids = [int(token_id)] if not isinstance(token_id, Iterable) else [int(t) for t in token_id]
+        self.ids.extend(ids)
+        prefix_text = self._dec(self.ids[self._prefix:self._read])
+        new_text = self._dec(self.ids[self._prefix:])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            delta = new_text[len(prefix_text):]
+            self._prefix, self._read = self._read, len(self.ids)
+            self.text += delta
+            return delta
+        return ""
+
+    step = put  # alias: one generated id in, final text out
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete sequence decodes to U+FFFD)."""
+        prefix_text = self._dec(self.ids[self._prefix:self._read])
+        delta = self._dec(self.ids[self._prefix:])[len(prefix_text):]
+        self._prefix = self._read = len(self.ids)
+        self.text += delta
+        return delta
+
+
+class _Base:
+    bos_id: Optional[int]
+    eos_id: Optional[int]
+    add_bos: bool
+    chat: ChatTemplate
+
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+        return self.chat.render(messages, add_generation_prompt)
+
+    @property
+    def stop_ids(self) -> list[int]:
+        ids = [] if self.eos_id is None else [self.eos_id]
+        for name in _STOP_NAMES:
+            i = self.token_to_id(name)
+            if i is not None and i not in ids:
+                ids.append(i)
+        return ids
+
+    def decode_stream(self, skip_special: bool = False) -> StreamDecoder:
+        return StreamDecoder(self, skip_special)
+
+    def _check_ids(self, ids) -> list[int]:
+        out = [int(i) for i in ids]
+        bad = [i for i in out if not 0 <= i < self.vocab_size]
+        if bad:
+            raise MarjaxError(f"token ids out of range [0, {self.vocab_size}): {bad[:8]}")
+        return out
+
+    def __call__(self, text: str, add_special: bool = True) -> list[int]:
+        return self.encode(text, add_special)
+
+
+class Tokenizer(_Base):
+    """A `tokenizers.Tokenizer` plus what marjax needs around it (BOS policy, stops, chat)."""
+
+    def __init__(self, backend, *, bos_id: Optional[int], eos_id: Optional[int], add_bos: bool,
+                 chat_template: Optional[str] = None, pre: str = "", name: str = ""):
+        self.backend = backend
+        self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, bool(add_bos)
+        self.chat_template = chat_template
+        self.chat = ChatTemplate.from_jinja(chat_template)
+        self.pre = pre
+        self.name = name
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise MarjaxError(f"encode expects a str, got {type(text).__name__}")
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if add_special and self.add_bos and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        return self.backend.decode(self._check_ids(ids), skip_special_tokens=skip_special)
+
+    def token_to_id(self, token: str) -> Optional[int]:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, i: int) -> Optional[str]:
+        return self.backend.id_to_token(int(i))
+
+    def bpe_vocab_and_merges(self) -> tuple[list[str], list[str]]:
+        """Token strings by id and merges as 'a b' strings (what GGUF stores)."""
+        model = json.loads(self.backend.to_str())["model"]
+        if model.get("type") != "BPE":
+            raise MarjaxError(f"only BPE tokenizers can be exported to GGUF, this one is {model.get('type')!r}")
+        n = self.vocab_size
+        tokens = [self.backend.id_to_token(i) for i in range(n)]
+        if any(t is None for t in tokens):
+            raise MarjaxError("tokenizer ids are not contiguous; cannot export a token list")
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+        return tokens, merges
+
+    def special_ids(self) -> set[int]:
+        return {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+
+    def save_dir(self, path: str) -> None:
+        """tokenizer.json + tokenizer_config.json (the HF layout load_tokenizer_dir reads)."""
+        self.backend.save(os.path.join(path, "tokenizer.json"))
+        cfg = {"add_bos_token": self.add_bos,
+               "bos_token": None if self.bos_id is None else self.id_to_token(self.bos_id),
+               "eos_token": None if self.eos_id is None else self.id_to_token(self.eos_id),
+               "chat_template": self.chat_template, "tokenizer_class": "PreTrainedTokenizerFast"}
+        if self.pre:
+            cfg["marjax_pre"] = self.pre
+        with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+            json.dump(cfg, f, indent=1, ensure_ascii=False)
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
+                f"eos_id={self.eos_id}, add_bos={self.add_bos})")
+
+
+class ByteTokenizer(_Base):
+    """UTF-8 bytes as ids 0..255. The special tokens live on byte values that never occur in
+    valid UTF-8 (0xF5..0xFF), so the vocabulary stays 256 and fits the tiny presets:
+    255 <|endoftext|> (bos/eos), 254 <|im_start|>, 253 <|im_end|>, 252 <|pad|>."""
+
+    SPECIALS = {"<|endoftext|>": 255, "<|im_start|>": 254, "<|im_end|>": 253, "<|pad|>": 252}
+
+    def __init__(self, add_bos: bool = False):
+        self.bos_id = self.eos_id = self.SPECIALS["<|endoftext|>"]
+        self.pad_id = self.SPECIALS["<|pad|>"]
+        self.add_bos = bool(add_bos)
+        self.chat = ChatTemplate(None)
+        self.chat_template = None
+        self.name = "bytes"
+        self._by_id = {v: k for k, v in self.SPECIALS.items()}
+        self._split = re.compile("(" + "|".join(re.escape(s) for s in self.SPECIALS) + ")")
+
+    vocab_size = 256
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise MarjaxError(f"encode expects a str, got {type(text).__name__}")
+        ids = [self.bos_id] if add_special and self.add_bos else []
+        for part in self._split.split(text):
+            if part in self.SPECIALS:
+                ids.append(self.SPECIALS[part])
+            elif part:
+                ids.extend(part.encode("utf-8"))
+        return ids
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        out, buf = [], bytearray()
+        for i in self._check_ids(ids):
+            if i in self._by_id:
+                out.append(buf.decode("utf-8", errors="replace"))
+                buf = bytearray()
+                if not skip_special:
+                    out.append(self._by_id[i])
+            else:
+                buf.append(i)
+        out.append(buf.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+    def token_to_id(self, token: str) -> Optional[int]:
+        if token in self.SPECIALS:
+            return self.SPECIALS[token]
+        b = token.encode("utf-8")
+        return b[0] if len(b) == 1 else None
+
+    def id_to_token(self, i: int) -> Optional[str]:
+        i = int(i)
+        return self._by_id.get(i, bytes([i]).decode("latin-1"))
+
+    def special_ids(self) -> set[int]:
+        return set(self.SPECIALS.values())
+
+    def save_dir(self, path: str) -> None:
+        with open(os.path.join(path, "marjax_tokenizer.json"), "w") as f:
+            json.dump({"type": "bytes", "add_bos": self.add_bos}, f)
+
+    def __repr__(self) -> str:
+        return f"ByteTokenizer(vocab_size=256, add_bos={self.add_bos})"
+
+
+def _byte_level_pretokenizer(pre: str):
+    from tokenizers import Regex, pre_tokenizers
+    digits, regex = PRETOKENIZER_REGEX[pre]
+    if regex == _GPT2:  # ByteLevel's built-in regex is exactly GPT-2's
+        steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    else:
+        steps = [pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    if digits:
+        steps.insert(0, pre_tokenizers.Digits(individual_digits=True))
+    return pre_tokenizers.Sequence(steps)
+
+
+def from_gguf_fields(fields: dict, source: str = "<gguf>"):
+    """Build the tokenizer from GGUF `tokenizer.ggml.*` metadata (values already decoded).
+    Returns None (with a warning) for tokenizer models marjax does not implement."""
+    import warnings
+
+    from tokenizers import AddedToken, decoders, models
+    from tokenizers import Tokenizer as HFTokenizer
+
+    kind = fields.get("tokenizer.ggml.model")
+    if kind is None:   # a weights-only file
+        return None
+    if kind == "marjax-bytes":
+        return ByteTokenizer(add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", False)))
+    if kind != "gpt2":
+        warnings.warn(f"{source}: tokenizer model {kind!r} is not supported (only byte-level BPE 'gpt2'); "
+                      "loading weights without a tokenizer", stacklevel=3)
+        return None
+    tokens = fields.get("tokenizer.ggml.tokens")
+    merges = fields.get("tokenizer.ggml.merges")
+    if not tokens or merges is None:
+        raise CheckpointError(f"{source}: GGUF tokenizer metadata lacks "
+                              f"{'tokenizer.ggml.tokens' if not tokens else 'tokenizer.ggml.merges'}")
+    types = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    pre = fields.get("tokenizer.ggml.pre", "default")
+    if pre not in PRETOKENIZER_REGEX:
+        warnings.warn(f"{source}: unknown pre-tokenizer {pre!r}; using GPT-2's split regex "
+                      f"(known: {sorted(PRETOKENIZER_REGEX)})", stacklevel=3)
+        pre = "default"
+    vocab = {t: i for i, t in enumerate(tokens)}
+    pairs = []
+    for m in merges:
+        a, sep, b = m.partition(" ")
+        if not sep:
+            raise CheckpointError(f"{source}: malformed BPE merge {m!r} (expected 'left right')")
+        pairs.append((a, b))
+    tok = HFTokenizer(models.BPE(vocab, pairs, fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = _byte_level_pretokenizer(pre)
+    tok.decoder = decoders.ByteLevel()
+    control = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3]
+    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == 4]
+    if control:
+        tok.add_special_tokens(control)
+    if user:
+        tok.add_tokens(user)
+    bos = fields.get("tokenizer.ggml.bos_token_id")
+    eos = fields.get("tokenizer.ggml.eos_token_id")
+    return Tokenizer(tok, bos_id=None if bos is None else int(bos), eos_id=None if eos is None else int(eos),
+                     add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", False)),
+                     chat_template=fields.get("tokenizer.chat_template"), pre=pre, name=source)
+
+
+def _token_content(t) -> Optional[str]:
+    if isinstance(t, dict):
+        return t.get("content")
+    return t
+
+
+def from_tokenizer_json(tokenizer_json: str, tokenizer_config: Optional[str] = None) -> Tokenizer:
+    """A tokenizer.json (+ optional tokenizer_config.json for bos/eos/add_bos/chat_template)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    try:
+        backend = HFTokenizer.from_file(tokenizer_json)
+    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+        raise CheckpointError(f"{tokenizer_json}: not a readable tokenizer.json ({e})") from None
+    conf = {}
+    if tokenizer_config and os.path.exists(tokenizer_config):
+        try:
+            with open(tokenizer_config) as f:
+                conf = json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{tokenizer_config}: invalid JSON ({e})") from None
+    bos_tok, eos_tok = _token_content(conf.get("bos_token")), _token_content(conf.get("eos_token"))
+    bos_id = None if bos_tok is None else backend.token_to_id(bos_tok)
+    eos_id = None if eos_tok is None else backend.token_to_id(eos_tok)
+    if "add_bos_token" in conf:
+        add_bos = bool(conf["add_bos_token"])
+    else:  # e.g. Llama 3: the post-processor adds BOS; detect it from its effect
+        with_sp = backend.encode("a", add_special_tokens=True).ids
+        without = backend.encode("a", add_special_tokens=False).ids
+        add_bos = len(with_sp) > len(without) and bos_id is not None and with_sp[0] == bos_id
+    template = conf.get("chat_template")
+    if isinstance(template, list):  # [{"name": ..., "template": ...}]
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return Tokenizer(backend, bos_id=bos_id, eos_id=eos_id, add_bos=add_bos, chat_template=template,
+                     pre=conf.get("marjax_pre") or _infer_pre(backend),
+                     name=os.path.dirname(os.path.abspath(tokenizer_json)))
+
+
+def _infer_pre(backend) -> str:
+    """The llama.cpp pre-tokenizer name matching a tokenizer.json's pre_tokenizer ('' if none
+    matches): needed to export the tokenizer to GGUF faithfully."""
+    pre = json.loads(backend.to_str()).get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [st.get("type") for st in steps]
+    digits = kinds[:1] == ["Digits"] and steps[0].get("individual_digits")
+    rest = steps[1:] if digits else steps
+    if [st.get("type") for st in rest] == ["ByteLevel"] and rest[0].get("use_regex", True):
+        return "smollm" if digits else "gpt2"
+    if not digits and [st.get("type") for st in rest] == ["Split", "ByteLevel"]:
+        regex = (rest[0].get("pattern") or {}).get("Regex")
+        for name in ("llama-bpe", "qwen2"):
+            if regex == PRETOKENIZER_REGEX[name][1]:
+                return name
+    return ""
+
+
+def load_tokenizer_dir(path: str):
+    """The tokenizer saved next to a model (tokenizer.json or marjax_tokenizer.json), or None."""
+    tj = os.path.join(path, "tokenizer.json")
+    if os.path.exists(tj):
+        return from_tokenizer_json(tj, os.path.join(path, "tokenizer_config.json"))
+    mj = os.path.join(path, "marjax_tokenizer.json")
+    if os.path.exists(mj):
+        with open(mj) as f:
+            conf = json.load(f)
+        if conf.get("type") != "bytes":
+            raise CheckpointError(f"{mj}: unknown tokenizer type {conf.get('type')!r} (expected 'bytes')")
+        return ByteTokenizer(add_bos=bool(conf.get("add_bos", False)))
+    return None

@@ -1,0 +1,266 @@
+"""ATMN: the Adaptive Ternary Multi-step Neuron (MAR_SPEC.md section 3).
+
+For one activation I and micro-steps t = 0 .. T-1 (the neuron's own time axis, reset per token):
+
+    h_t = I * [t == 0] + u_{t-1} / tau        (u_{-1} = 0)
+    s_t = +1 if h_t >= V;  -1 if h_t <= -V (ternary only);  0 otherwise
+    u_t = h_t - s_t * V                        (soft reset by subtraction)
+    V   = exp(a)
+
+The projection after the neuron is linear, so it can consume the decoded value
+y = sum_t c_t V s_t (c_t = 1 for readout "ones", tau^t for "tau_pow") in one matmul, while energy
+is charged per micro-step from the firing rates (marjax/eval/energy.py).
+
+`atmn` is a `jax.custom_vjp` around a `lax.scan` over the T micro-steps. The backward recomputes
+the membrane trajectory (only x and V are saved, so memory does not grow with T) and runs the
+recurrence in reverse, with the configured surrogate for ds/dh and ds/dV:
+
+    g_t    = ct_y * c_t - gu_t                          (gu_t: cotangent of u_t, 0 at t = T-1)
+    gh_t   = gu_t + g_t * V * ds/dh(h_t)
+    gV    += g_t * (s_t + V * ds/dV(h_t))               (threshold comparison + reset + readout)
+    gu_{t-1} = gh_t / tau                               (0 when detach_reset)
+    gx     = gh_0;   ga = sum-to-shape(gV) * V   (V = exp(a), by JAX's chain rule outside)
+
+Granularity of `a`: "channel" -> shape (n_channels,), one threshold per input channel of the
+projection; "site" -> shape (), one threshold per site per layer; "scalar" -> shape (), one
+threshold meant to be shared by every site and layer. At the level of one neuron (this file) site
+and scalar coincide: both are a 0-d `a`. The sharing for "scalar" is the model's business (it
+must tie the four sites' and all layers' `a` to one leaf).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from marjax.config import ATMNConfig
+from marjax.errors import ConfigError, MarjaxError
+from marjax.spiking.surrogates import step_grads
+
+__all__ = ["ATMNParams", "init_atmn", "calibrate_a", "atmn_spikes", "atmn", "atmn_with_stats",
+           "atmn_decode", "readout_coeffs"]
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class ATMNParams:
+    """Log threshold: V = exp(a); shape () or (n_channels,) (see the module docstring)."""
+    a: Float[Array, "..."]
+
+    @property
+    def threshold(self):
+        return jnp.exp(self.a)
+
+
+def readout_coeffs(cfg: ATMNConfig) -> np.ndarray:
+    """c_t, t = 0..T-1: ones, or tau^t (which makes y + tau^{T-1} u_{T-1} = I exactly)."""
+    if cfg.readout == "ones":
+        return np.ones((cfg.T,), np.float32)
+    return (float(cfg.tau) ** np.arange(cfg.T)).astype(np.float32)
+
+
+def _spike(h, V, ternary: bool):
+    s = (h >= V).astype(jnp.float32)
+    if ternary:
+        s = s - (h <= -V).astype(jnp.float32)
+    return s
+
+
+def _trajectory(x32, V, T: int, tau: float, ternary: bool):
+    """Membranes h_t and spikes s_t, each stacked to (T, *x.shape), float32."""
+    def body(h, _):
+        s = _spike(h, V, ternary)
+        return (h - s * V) / tau, (h, s)
+
+    _, (hs, ss) = jax.lax.scan(body, x32, None, length=T)
+    return hs, ss
+
+
+def atmn_spikes(x, threshold, T: int = 4, tau: float = 2.0, ternary: bool = True):
+    """int8 spikes (T, *x.shape) in {-1, 0, 1} ({0, 1} if not ternary); `threshold` = V > 0,
+    broadcastable to x."""
+    if T < 1:
+        raise ConfigError(f"atmn_spikes: T must be >= 1, got {T}")
+    if tau <= 0:
+        raise ConfigError(f"atmn_spikes: tau must be > 0, got {tau}")
+    V = jnp.asarray(threshold, jnp.float32)
+    _check_broadcast(jnp.shape(x), V.shape, "threshold")
+    _, ss = _trajectory(jnp.asarray(x).astype(jnp.float32), V, int(T), float(tau), bool(ternary))
+    return ss.astype(jnp.int8)
+
+
+def atmn_decode(spikes, threshold, cfg: ATMNConfig):
+    """sum_t c_t V s_t from spikes (T, ...) (float32): what the projection sees."""
+    c = jnp.asarray(readout_coeffs(cfg)).reshape((-1,) + (1,) * (spikes.ndim - 1))
+    return jnp.asarray(threshold, jnp.float32) * jnp.sum(c * spikes.astype(jnp.float32), axis=0)
+
+
+def _sum_to(g, shape):
+    """Reduce a broadcast cotangent g back to `shape` (sum over broadcast dims)."""
+    lead = g.ndim - len(shape)
+    g = g.sum(axis=tuple(range(lead))) if lead else g
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
+    return (g.sum(axis=axes, keepdims=True) if axes else g).reshape(shape)
+
+
+# ---- the differentiable core: float32 in, float32 out --------------------------------------
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _core(cfg: ATMNConfig, with_stats: bool, x32, V, w):
+    return _core_fwd(cfg, with_stats, x32, V, w)[0]
+
+
+def _core_fwd(cfg, with_stats, x32, V, w):
+    c = jnp.asarray(readout_coeffs(cfg))
+
+    def body(carry, c_t):
+        h, acc = carry
+        s = _spike(h, V, cfg.ternary)
+        out = (jnp.sum(w * (s > 0)), jnp.sum(w * (s < 0))) if with_stats else None
+        return ((h - s * V) / cfg.tau, acc + c_t * s), out
+
+    (_, acc), counts = jax.lax.scan(body, (x32, jnp.zeros_like(x32)), c)
+    y = V * acc
+    if with_stats:
+        return (y, counts[0], counts[1]), (x32, V, w)
+    return y, (x32, V, w)
+
+
+def _core_bwd(cfg, with_stats, res, ct):
+    x32, V, w = res
+    ct_y = ct[0] if with_stats else ct
+    hs, ss = _trajectory(x32, V, cfg.T, cfg.tau, cfg.ternary)
+    c = jnp.asarray(readout_coeffs(cfg))
+    inv_tau = 0.0 if cfg.detach_reset else 1.0 / cfg.tau
+
+    def body(carry, xs):
+        gh_next, gV = carry
+        h, s, c_t = xs
+        gu = gh_next * inv_tau                      # u_t feeds h_{t+1} = u_t / tau
+        dsdh, dsdV = step_grads(h, V, cfg.surrogate, cfg.width, cfg.ternary)
+        g = ct_y * c_t - gu                          # y gets +c_t V s_t, u_t gets -V s_t
+        gh = gu + g * V * dsdh
+        gV = gV + g * (s + V * dsdV)
+        return (gh, gV), None
+
+    zeros = jnp.zeros(jnp.broadcast_shapes(x32.shape, V.shape), jnp.float32)
+    (gh0, gV), _ = jax.lax.scan(body, (zeros, zeros), (hs, ss, c), reverse=True)
+    return _sum_to(gh0, x32.shape), _sum_to(gV, V.shape), jnp.zeros_like(w)
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+# ---- public API ------------------------------------------------------------------------------
+def _check_broadcast(x_shape, v_shape, name):
+    try:
+        out = jnp.broadcast_shapes(tuple(x_shape), tuple(v_shape))
+    except ValueError:
+        out = None
+    if out != tuple(x_shape):
+        raise MarjaxError(f"ATMN {name} of shape {tuple(v_shape)} does not broadcast to the input shape "
+                          f"{tuple(x_shape)}; expected () or (n_channels,) = ({x_shape[-1] if x_shape else ''},)")
+
+
+def _prepare(x, params: ATMNParams, cfg: ATMNConfig):
+    if not isinstance(cfg, ATMNConfig):
+        raise ConfigError(f"atmn: cfg must be an ATMNConfig, got {type(cfg).__name__}")
+    cfg.validate()
+    a = jnp.asarray(params.a if isinstance(params, ATMNParams) else params)
+    _check_broadcast(jnp.shape(x), a.shape, "parameter `a`")
+    return jnp.asarray(x).astype(jnp.float32), jnp.exp(a.astype(jnp.float32))
+
+
+def atmn(x, params: ATMNParams, cfg: ATMNConfig):
+    """Differentiable decoded output y = sum_t c_t V s_t, same shape and dtype as x (computed in
+    float32). Gradients reach x and params.a through the configured surrogate."""
+    x32, V = _prepare(x, params, cfg)
+    y = _core(cfg, False, x32, V, jnp.ones((), jnp.float32))
+    return y.astype(jnp.asarray(x).dtype)
+
+
+def atmn_with_stats(x, params: ATMNParams, cfg: ATMNConfig, mask=None):
+    """(y, stats): y as `atmn`; stats = {"nonzero", "pos", "neg"}: (T,) float32 fractions of
+    elements spiking (any sign, +1, -1) at each micro-step. `mask` (bool/0-1, shape a prefix of
+    x.shape, e.g. (b, l) for x (b, l, d)) leaves padding tokens out of the fractions. The stats
+    carry no gradient."""
+    x32, V = _prepare(x, params, cfg)
+    if mask is None:
+        w = jnp.ones((), jnp.float32)
+        count = jnp.float32(max(x32.size, 1))
+    else:
+        mask = jnp.asarray(mask)
+        if mask.ndim > x32.ndim or tuple(mask.shape) != tuple(x32.shape[:mask.ndim]):
+            raise MarjaxError(f"atmn_with_stats: mask shape {tuple(mask.shape)} must be a prefix of the input "
+                              f"shape {tuple(x32.shape)}")
+        w = mask.astype(jnp.float32).reshape(mask.shape + (1,) * (x32.ndim - mask.ndim))
+        per_mask = int(np.prod(x32.shape[mask.ndim:], dtype=np.int64))
+        count = jnp.maximum(jnp.sum(w) * per_mask, 1.0)
+    y, pos, neg = _core(cfg, True, x32, V, w)
+    pos, neg = jax.lax.stop_gradient(pos / count), jax.lax.stop_gradient(neg / count)
+    return y.astype(jnp.asarray(x).dtype), {"nonzero": pos + neg, "pos": pos, "neg": neg}
+
+
+def _decode_values(x32, V, cfg: ATMNConfig):
+    c = jnp.asarray(readout_coeffs(cfg))
+
+    def body(carry, c_t):
+        h, acc = carry
+        s = _spike(h, V, cfg.ternary)
+        return ((h - s * V) / cfg.tau, acc + c_t * s), None
+
+    (_, acc), _ = jax.lax.scan(body, (x32, jnp.zeros_like(x32)), c)
+    return V * acc
+
+
+# Candidate thresholds for calibration: V = m * 2^(j/4), m = mean |x|, from m/64 to 4m; ordered by
+# |j| so that ties (e.g. an all-zero channel) keep V = m.
+_GRID = np.array(sorted(range(-24, 9), key=lambda j: (abs(j), j)), np.float32) / 4.0
+
+
+def calibrate_a(x_calib, cfg: ATMNConfig) -> ATMNParams:
+    """Thresholds from activation statistics. Rule: per channel (granularity "channel", over all
+    leading axes of x_calib (..., n_channels)) or over all elements ("site"/"scalar"), V is the
+    candidate m * 2^(j/4), j = -24..8, m = mean |x| (floored at 1e-3 of the mean over channels),
+    that minimises the mean squared error between the decoded ATMN output and x on x_calib; so
+    the neuron starts as the best quantiser of the activations it will see for this T, tau,
+    readout and spike alphabet, and its firing rate follows from that. Returns ATMNParams(a=log V)."""
+    cfg.validate()
+    x = jnp.asarray(x_calib).astype(jnp.float32)
+    if x.ndim == 0 or x.size == 0:
+        raise MarjaxError(f"calibrate_a: x_calib must be a non-empty array (..., n_channels), got shape {x.shape}")
+    x = x.reshape(-1, x.shape[-1]) if cfg.granularity == "channel" else x.reshape(-1, 1)
+    m = jnp.mean(jnp.abs(x), axis=0)
+    m = jnp.maximum(m, jnp.maximum(1e-3 * jnp.mean(m), 1e-12))
+
+    def err(j):
+        y = _decode_values(x, m * jnp.exp2(j), cfg)
+        return jnp.mean(jnp.square(y - x), axis=0)
+
+    errs = jax.lax.map(err, jnp.asarray(_GRID))                  # (G, channels)
+    V = m * jnp.exp2(jnp.asarray(_GRID)[jnp.argmin(errs, axis=0)])
+    a = jnp.log(V)
+    return ATMNParams(a=a if cfg.granularity == "channel" else a.reshape(()))
+
+
+def init_atmn(key, n_channels: int, cfg: ATMNConfig, stats=None) -> ATMNParams:
+    """Fresh neuron params. `a` has shape (n_channels,) for granularity "channel", () for "site"
+    and "scalar". With cfg.init == "stats" and calibration activations `stats` (..., n_channels),
+    `a` comes from `calibrate_a`; without `stats` (or with init == "constant") a = init_value (the
+    model calibrates stats-initialised sites later). `key` is accepted for a uniform init
+    signature; the init is deterministic."""
+    del key
+    cfg.validate()
+    if int(n_channels) < 1:
+        raise ConfigError(f"init_atmn: n_channels must be >= 1, got {n_channels}")
+    if cfg.init == "stats" and stats is not None:
+        stats = jnp.asarray(stats)
+        if stats.ndim == 0 or stats.shape[-1] != n_channels:
+            raise MarjaxError(f"init_atmn: stats must have shape (..., {n_channels}), got {tuple(stats.shape)}")
+        return calibrate_a(stats, cfg)
+    shape = (int(n_channels),) if cfg.granularity == "channel" else ()
+    return ATMNParams(a=jnp.full(shape, cfg.init_value, jnp.float32))

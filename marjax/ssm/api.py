@@ -1,0 +1,191 @@
+"""The SSD scan: one API (`ssd`), four implementations, a decode step and the mixing matrix.
+
+Contract (per batch element and head, state h of shape (p, n)):
+    h_t = exp(log_a_t) h_{t-1} + x_t B_t^T,    y_t = h_t C_t (+ D x_t)
+Inputs may be float32 or bfloat16 (mixed is fine, e.g. float32 log_a with bfloat16 x); all
+implementations accumulate in float32, return y in x's dtype and states in float32.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from marjax.errors import MarjaxError
+from marjax.ssm.associative import ssd_associative
+from marjax.ssm.chunked import INTER_CHUNK, segsum, ssd_chunked
+from marjax.ssm.reference import ssd_reference
+from marjax.ssm.reference import step as _reference_step
+
+IMPLS = ("reference", "chunked", "associative", "pallas", "auto")
+DEFAULT_CHUNK = 128
+
+# What impl="auto" runs, per backend. CPU: from experiments/results/ssd_cpu.md (2-core CPU,
+# b2 h8 p64 n64): chunked + lax.scan is faster than the token scan in the forward and much faster
+# with the backward, at every measured length. Accelerators: the chunked form is matmul-bound
+# (0.18 ms vs 23 ms for the token scan on an H100 at L=1024 per docs/GPU.md); the Pallas kernel
+# is not auto-selected until it has been measured there.
+AUTO_IMPL = {"cpu": "chunked"}
+AUTO_IMPL_ACCELERATOR = "chunked"
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (int(v) - 1).bit_length())
+
+
+def effective_chunk(length: int, chunk_size: int = DEFAULT_CHUNK) -> int:
+    """The chunk size to use for a sequence of `length` tokens: `chunk_size`, lowered to the
+    sequence length rounded up to a power of two (a 5-token prompt with chunk 128 runs in one
+    chunk of 8). Always accepted by `ssd`."""
+    return min(int(chunk_size), _next_pow2(max(1, int(length))))
+
+
+def resolve_impl(impl: str) -> str:
+    """Map "auto" to the implementation used on the default backend."""
+    if impl != "auto":
+        return impl
+    return AUTO_IMPL.get(jax.default_backend(), AUTO_IMPL_ACCELERATOR)
+
+
+def _is_concrete(a) -> bool:
+    return not isinstance(a, jax.core.Tracer)
+
+
+def _check_float(name: str, a) -> None:
+    if not jnp.issubdtype(jnp.result_type(a), jnp.floating):
+        raise MarjaxError(f"{name} must be a floating array (float32 or bfloat16), got dtype {jnp.result_type(a)}")
+
+
+def _validate(x, log_a, B, C, D, initial_state):
+    shapes = {k: tuple(jnp.shape(v)) for k, v in dict(x=x, log_a=log_a, B=B, C=C).items()}
+    if len(shapes["x"]) != 4:
+        raise MarjaxError(f"x must have shape (batch, length, heads, head_dim), got {shapes['x']}")
+    b, l, h, p = shapes["x"]
+    if l < 1:
+        raise MarjaxError(f"x must have at least one token (length >= 1), got shape {shapes['x']}")
+    if shapes["log_a"] != (b, l, h):
+        raise MarjaxError(f"log_a must have shape (batch, length, heads) = {(b, l, h)} to match x {shapes['x']}, "
+                          f"got {shapes['log_a']}")
+    if len(shapes["B"]) != 4 or shapes["B"][:3] != (b, l, h):
+        raise MarjaxError(f"B must have shape (batch, length, heads, state) = {(b, l, h)} + (n,) to match x "
+                          f"{shapes['x']}, got {shapes['B']}")
+    n = shapes["B"][3]
+    if shapes["C"] != (b, l, h, n):
+        raise MarjaxError(f"C must have the shape of B {(b, l, h, n)}, got {shapes['C']}")
+    for name, a in (("x", x), ("log_a", log_a), ("B", B), ("C", C)):
+        _check_float(name, a)
+    if D is not None:
+        _check_float("D", D)
+        if tuple(jnp.shape(D)) != (h,):
+            raise MarjaxError(f"D must have shape (heads,) = {(h,)}, got {tuple(jnp.shape(D))}")
+    if initial_state is not None:
+        _check_float("initial_state", initial_state)
+        if tuple(jnp.shape(initial_state)) != (b, h, p, n):
+            raise MarjaxError(f"initial_state must have shape (batch, heads, head_dim, state) = {(b, h, p, n)}, "
+                              f"got {tuple(jnp.shape(initial_state))}")
+    # Positive log decay makes the recurrence blow up. Checked only on concrete (eager) inputs:
+    # under jit/grad/vmap the values are unknown and a host check would need a callback.
+    if _is_concrete(log_a) and bool(jnp.any(jnp.asarray(log_a) > 0)):
+        raise MarjaxError(f"log_a must be <= 0 (a log decay), got max {float(jnp.max(jnp.asarray(log_a)))}")
+    return b, l, h, p, n
+
+
+def ssd(x: Float[Array, "b l h p"], log_a: Float[Array, "b l h"], B: Float[Array, "b l h n"],
+        C: Float[Array, "b l h n"], *, D: Optional[Float[Array, "h"]] = None,
+        initial_state: Optional[Float[Array, "b h p n"]] = None, return_final_state: bool = False,
+        impl: str = "auto", chunk_size: Optional[int] = None, inter_chunk: str = "scan"):
+    """SSD scan: y_t = h_t C_t (+ D x_t) with h_t = exp(log_a_t) h_{t-1} + x_t B_t^T.
+
+    Args:
+      x (b, l, h, p), log_a (b, l, h) with log_a <= 0, B and C (b, l, h, n): any length l.
+      D: optional (h,) skip, y += D[h] * x.
+      initial_state: optional (b, h, p, n) state before the first token (continue a sequence).
+      return_final_state: also return the state after the last token, float32 (b, h, p, n).
+      impl: "reference" (token-by-token lax.scan, the oracle), "chunked" (SSD block form),
+        "associative" (per-token associative scan; small states only, memory-guarded),
+        "pallas" (pallas_kernels, interpret mode on CPU) or "auto" (see AUTO_IMPL).
+      chunk_size: power of two. None means effective_chunk(l, 128). An explicit chunk_size larger
+        than l rounded up to a power of two (more than half padding) is rejected for the
+        chunked/pallas/auto impls; pass effective_chunk(l, chunk_size) to clamp it instead.
+        reference and associative ignore it.
+      inter_chunk: "scan" or "associative": how the chunked impl combines chunk states.
+
+    Static (under jit): impl, chunk_size, inter_chunk, return_final_state.
+    Validation: shapes, float dtypes, impl, chunk_size always; log_a <= 0 only when log_a is a
+    concrete array (eager calls), not under jit/grad/vmap tracing.
+    Returns y (b, l, h, p) in x's dtype, or (y, final_state) with return_final_state=True.
+    """
+    if impl not in IMPLS:
+        raise MarjaxError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if inter_chunk not in INTER_CHUNK:
+        raise MarjaxError(f"inter_chunk must be one of {INTER_CHUNK}, got {inter_chunk!r}")
+    b, l, h, p, n = _validate(x, log_a, B, C, D, initial_state)
+    if chunk_size is None:
+        chunk_size = effective_chunk(l, DEFAULT_CHUNK)
+    else:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1 \
+                or chunk_size & (chunk_size - 1):
+            raise MarjaxError(f"chunk_size must be a positive power of two, got {chunk_size!r}")
+        if impl in ("chunked", "pallas", "auto") and chunk_size > _next_pow2(l):
+            raise MarjaxError(
+                f"chunk_size={chunk_size} is larger than the sequence (length {l}, at most {_next_pow2(l)} "
+                f"after rounding up to a power of two); use chunk_size=effective_chunk({l}, {chunk_size}) "
+                f"= {effective_chunk(l, chunk_size)}")
+
+    h0 = jnp.zeros((b, h, p, n), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
+    which = resolve_impl(impl)
+    if which == "reference":
+        y, final = ssd_reference(x, log_a, B, C, h0)
+    elif which == "chunked":
+        y, final = ssd_chunked(x, log_a, B, C, h0, chunk_size, inter_chunk)
+    elif which == "associative":
+        y, final = ssd_associative(x, log_a, B, C, h0)
+    else:
+        from pallas_kernels.ssd import ssd_pallas   # imported lazily: pallas import is slow
+        y, final = ssd_pallas(x, log_a, B, C, h0, chunk_size)
+    if D is not None:
+        y = y + D.astype(jnp.float32)[:, None] * x.astype(jnp.float32)
+    y = y.astype(x.dtype)
+    return (y, final) if return_final_state else y
+
+
+def ssd_step(state: Float[Array, "b h p n"], x_t: Float[Array, "b h p"], log_a_t: Float[Array, "b h"],
+             B_t: Float[Array, "b h n"], C_t: Float[Array, "b h n"], D: Optional[Float[Array, "h"]] = None):
+    """One decode step of the recurrence -> (y_t (b, h, p) in x_t's dtype, new_state float32).
+
+    Iterating it over a sequence equals `ssd(..., return_final_state=True)`."""
+    if len(jnp.shape(state)) != 4:
+        raise MarjaxError(f"state must have shape (batch, heads, head_dim, state), got {tuple(jnp.shape(state))}")
+    b, h, p, n = jnp.shape(state)
+    for name, a, want in (("x_t", x_t, (b, h, p)), ("log_a_t", log_a_t, (b, h)), ("B_t", B_t, (b, h, n)),
+                          ("C_t", C_t, (b, h, n))):
+        if tuple(jnp.shape(a)) != want:
+            raise MarjaxError(f"{name} must have shape {want} to match state {(b, h, p, n)}, "
+                              f"got {tuple(jnp.shape(a))}")
+        _check_float(name, a)
+    _check_float("state", state)
+    if D is not None and tuple(jnp.shape(D)) != (h,):
+        raise MarjaxError(f"D must have shape (heads,) = {(h,)}, got {tuple(jnp.shape(D))}")
+    y, new = _reference_step(state, x_t, log_a_t, B_t, C_t)
+    if D is not None:
+        y = y + D.astype(jnp.float32)[:, None] * x_t.astype(jnp.float32)
+    return y.astype(x_t.dtype), new
+
+
+def materialize_mixer(log_a: Float[Array, "b l h"], B: Float[Array, "b l h n"],
+                      C: Float[Array, "b l h n"]) -> Float[Array, "b h l l"]:
+    """The per-head (l x l) mixing matrix, float32: M[t, s] = C_t . B_s exp(sum_{s<r<=t} log_a_r)
+    for s <= t, else 0. Then ssd(x, ...) == einsum("bhts,bshp->bthp", M, x) (+ D x)."""
+    if len(jnp.shape(log_a)) != 3:
+        raise MarjaxError(f"log_a must have shape (batch, length, heads), got {tuple(jnp.shape(log_a))}")
+    b, l, h = jnp.shape(log_a)
+    if len(jnp.shape(B)) != 4 or tuple(jnp.shape(B))[:3] != (b, l, h) or jnp.shape(C) != jnp.shape(B):
+        raise MarjaxError(f"B and C must both have shape (batch, length, heads, state) with (b, l, h) = "
+                          f"{(b, l, h)} from log_a, got B {tuple(jnp.shape(B))} and C {tuple(jnp.shape(C))}")
+    for name, a in (("log_a", log_a), ("B", B), ("C", C)):
+        _check_float(name, a)
+    f32 = jnp.float32
+    decay = jnp.exp(segsum(jnp.moveaxis(log_a.astype(f32), 1, 2)))            # (b, h, l, l)
+    return jnp.einsum("bthn,bshn->bhts", C.astype(f32), B.astype(f32)) * decay

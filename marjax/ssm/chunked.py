@@ -1,0 +1,99 @@
+"""SSD block (chunked) form: matmuls inside chunks of Q tokens, a pass over chunk states between.
+
+Within a chunk the output is attention-like, y = (C B^T * L) x with L[t, s] = exp(sum_{s<r<=t} a_r)
+(causal), plus the contribution of the state entering the chunk. Each chunk also produces its own
+end state; the pass across chunks (lax.scan, or lax.associative_scan with log depth) combines them.
+Only chunk-level states (l / Q of them) are ever materialised, never per-token (p, n) states.
+Memory is O(b h l Q) for the in-chunk matrices plus O(b h (l/Q) p n) for the chunk states: linear
+in l. Everything runs in float32; callers cast the output back.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Float
+
+INTER_CHUNK = ("scan", "associative")
+
+
+def segsum(a: Float[Array, "... t"]) -> Float[Array, "... t t"]:
+    """out[..., t, s] = sum_{s<r<=t} a_r for s <= t, -inf above the diagonal.
+
+    Built by a masked cumsum rather than cumsum differences, which cancel badly when the decays
+    are large (a difference of two big cumulative sums loses the small segment in between)."""
+    t = a.shape[-1]
+    rep = jnp.broadcast_to(a[..., :, None], a.shape + (t,))          # rep[..., i, s] = a_i
+    strictly_below = jnp.tril(jnp.ones((t, t), bool), -1)
+    cs = jnp.cumsum(jnp.where(strictly_below, rep, 0.0), axis=-2)    # sum_{s<i<=t} a_i
+    return jnp.where(jnp.tril(jnp.ones((t, t), bool)), cs, -jnp.inf)
+
+
+def pad_time(length: int, multiple: int, *arrays):
+    """Zero-pad axis 1 of each array up to a multiple of `multiple`. Zero x and zero log decay
+    (decay 1) leave the state unchanged, so outputs at real positions and the final state are
+    exactly those of the unpadded sequence."""
+    pad = (-length) % multiple
+    if pad == 0:
+        return arrays
+    return tuple(jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)) for a in arrays)
+
+
+def exclusive_reverse_cumsum(a: Float[Array, "... t"]) -> Float[Array, "... t"]:
+    """out[..., s] = sum_{r>s} a_r, summed directly (no total-minus-prefix cancellation)."""
+    rev = jnp.cumsum(a[..., ::-1], axis=-1)[..., ::-1]
+    return jnp.concatenate([rev[..., 1:], jnp.zeros_like(a[..., :1])], axis=-1)
+
+
+def _combine(left, right):
+    """Associative composition of two affine state maps h -> exp(la) h + s (left applied first)."""
+    la1, s1 = left
+    la2, s2 = right
+    return la1 + la2, jnp.exp(la2)[..., None, None] * s1 + s2
+
+
+def ssd_chunked(x: Float[Array, "b l h p"], log_a: Float[Array, "b l h"], B: Float[Array, "b l h n"],
+                C: Float[Array, "b l h n"], h0: Float[Array, "b h p n"], chunk_size: int,
+                inter_chunk: str = "scan"):
+    """-> (y float32 (b, l, h, p), final state float32 (b, h, p, n))."""
+    f32 = jnp.float32
+    b, l, h, p = x.shape
+    n = B.shape[-1]
+    q = chunk_size
+    x, log_a, B, C = pad_time(l, q, x.astype(f32), log_a.astype(f32), B.astype(f32), C.astype(f32))
+    c = x.shape[1] // q
+    x = x.reshape(b, c, q, h, p)
+    B = B.reshape(b, c, q, h, n)
+    C = C.reshape(b, c, q, h, n)
+    a = jnp.moveaxis(log_a.reshape(b, c, q, h), 3, 1)                # (b, h, c, q)
+    a_cs = jnp.cumsum(a, axis=-1)                                      # decay from chunk start
+
+    # 1. within chunks: (C B^T * L) x
+    L = jnp.exp(segsum(a))                                             # (b, h, c, q, q)
+    G = jnp.einsum("bclhn,bcshn->bhcls", C, B)
+    y_diag = jnp.einsum("bhcls,bcshp->bclhp", G * L, x)
+
+    # 2. each chunk's own end state (starting from zero)
+    to_end = jnp.exp(exclusive_reverse_cumsum(a))                      # (b, h, c, q)
+    states = jnp.einsum("bclhn,bclhp->bchpn", B * jnp.moveaxis(to_end, 1, 3)[..., None], x)
+
+    # 3. across chunks: h_end[c] = exp(total[c]) h_end[c-1] + states[c], h_end[-1] = h0
+    total = a_cs[..., -1]                                              # (b, h, c)
+    if inter_chunk == "scan":
+        def body(carry, inp):
+            tot, st = inp
+            return jnp.exp(tot)[..., None, None] * carry + st, carry
+        final, prev = lax.scan(body, h0.astype(f32), (jnp.moveaxis(total, 2, 0), jnp.moveaxis(states, 1, 0)))
+        prev = jnp.moveaxis(prev, 0, 1)                                # (b, c, h, p, n): state entering chunk
+    elif inter_chunk == "associative":
+        first = states[:, 0] + jnp.exp(total[..., 0])[..., None, None] * h0.astype(f32)
+        states = states.at[:, 0].set(first)
+        _, ends = lax.associative_scan(_combine, (jnp.moveaxis(total, 2, 1), states), axis=1)
+        final = ends[:, -1]
+        prev = jnp.concatenate([h0.astype(f32)[:, None], ends[:, :-1]], axis=1)
+    else:
+        raise ValueError(f"inter_chunk must be one of {INTER_CHUNK}, got {inter_chunk!r}")
+
+    # 4. contribution of the state entering each chunk
+    y_off = jnp.einsum("bclhn,bchpn->bclhp", C, prev) * jnp.moveaxis(jnp.exp(a_cs), 1, 3)[..., None]
+    y = (y_diag + y_off).reshape(b, c * q, h, p)[:, :l]
+    return y, final

@@ -1,0 +1,1 @@
+"""Training: data pipeline (Grain), embedded corpus, train state, step and loop."""

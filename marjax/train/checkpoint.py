@@ -1,0 +1,349 @@
+"""Training checkpoints (Orbax CheckpointManager) and loading a trained model from one.
+
+A run directory:
+
+    out_dir/
+      marjax_checkpoint.json      {"format", "version", "stage", "model_kind", "model_config",
+                                   "latest_step", "tokenizer_source"?, ...}
+      metrics.jsonl               (written by the loop)
+      <step>/params               student params          (Orbax StandardSave)
+      <step>/train                {opt_state, step, rng}  (Orbax StandardSave)
+      <step>/data                 data iterator state     (JSON; {} for plain iterators)
+      <step>/meta                 the metadata above      (JSON)
+
+Trees are stored as nested dicts keyed by field names (`params/blocks/mixer/wq`), so a checkpoint
+does not depend on Python classes, and restore rebuilds the caller's pytree from a target of
+`jax.ShapeDtypeStruct(shape, dtype, sharding=...)`: Orbax reads each array straight into the
+target sharding, so a checkpoint saved on 8 devices restores onto 1 (or any mesh).
+
+    ck = Checkpointer(out_dir, keep=2)
+    ck.save(step, state, data_state, meta); ck.wait(); ck.close()
+    state, data_state, meta = ck.restore(abstract_state(state))
+    cfg, params, tokenizer = load_model_dir(out_dir)
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+
+from marjax.config import ModelConfig, model_config_from_dict, to_dict
+from marjax.errors import CheckpointError
+
+__all__ = ["Checkpointer", "load_model_dir", "check_compatible", "read_run_meta", "make_meta", "model_kind",
+           "RUN_META", "FORMAT", "tree_to_dict", "dict_to_tree"]
+
+RUN_META = "marjax_checkpoint.json"
+FORMAT, VERSION = "marjax-checkpoint", 1
+
+
+def model_kind(cfg: ModelConfig) -> str:
+    return "spiking" if cfg.is_spiking else ("ssm" if cfg.is_ssm else "attention")
+
+
+def make_meta(stage: str, model_cfg: Optional[ModelConfig] = None, **extra) -> dict:
+    """Checkpoint metadata: stage, model kind and config (as a plain dict), plus JSON-able extras."""
+    meta = {"format": FORMAT, "version": VERSION, "stage": stage}
+    if model_cfg is not None:
+        meta["model_config"] = to_dict(model_cfg)
+        meta["model_kind"] = model_kind(model_cfg)
+    meta.update(extra)
+    return meta
+
+
+def _normalise_meta(meta: dict) -> dict:
+    """Fill format/model_kind for metadata built by hand (e.g. {'stage', 'model_config'})."""
+    meta = json.loads(json.dumps(meta, default=str))
+    meta.setdefault("format", FORMAT)
+    meta.setdefault("version", VERSION)
+    if "model_config" in meta and "model_kind" not in meta:
+        mc = meta["model_config"]
+        meta["model_kind"] = "spiking" if mc.get("atmn") else ("ssm" if mc.get("mixer") == "ssm" else "attention")
+    return meta
+
+
+# ----------------------------------------------------------------------------- tree <-> dict
+
+def _key_name(k) -> str:
+    for attr in ("name", "key", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def tree_to_dict(tree) -> dict:
+    """Nested dict {field: ...} of the tree's array leaves (None / empty nodes vanish)."""
+    out: dict = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        d = out
+        names = [_key_name(k) for k in path]
+        for n in names[:-1]:
+            d = d.setdefault(n, {})
+        d[names[-1]] = leaf
+    return out
+
+
+def _lookup(d: dict, names: list, what: str):
+    cur = d
+    for i, n in enumerate(names):
+        if not isinstance(cur, dict) or n not in cur:
+            raise CheckpointError(f"checkpoint {what} has no entry {'/'.join(names[:i + 1])}: it was saved from a "
+                                  "different model or optimizer structure")
+        cur = cur[n]
+    return cur
+
+
+def dict_to_tree(d: dict, target, what: str = "tree"):
+    """Rebuild `target`'s pytree structure from a nested dict made by tree_to_dict."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(target)
+    leaves = [_lookup(d, [_key_name(k) for k in path], what) for path, _ in flat]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _check_shapes(restored: dict, target: dict, what: str) -> None:
+    for (path, a), (_, t) in zip(jax.tree_util.tree_flatten_with_path(restored)[0],
+                                 jax.tree_util.tree_flatten_with_path(target)[0]):
+        if tuple(a.shape) != tuple(t.shape):
+            raise CheckpointError(f"checkpoint {what} {jax.tree_util.keystr(path)} has shape {tuple(a.shape)}, "
+                                  f"expected {tuple(t.shape)}")
+
+
+def _abstract(tree):
+    def one(x):
+        sharding = getattr(x, "sharding", None)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    return jax.tree.map(one, tree)
+
+
+# ----------------------------------------------------------------------------- manager
+
+class Checkpointer:
+    """Orbax CheckpointManager over the run directory: keep the latest `keep` steps (or, with
+    `best_metric`, the best `keep` by that metric -- Orbax also never deletes the latest),
+    asynchronous saves (the next save or `wait()` waits for the previous one)."""
+
+    def __init__(self, directory, *, keep: int = 2, best_metric: Optional[str] = None, best_mode: str = "min",
+                 async_save: bool = True, read_only: bool = False):
+        # read_only: only open an existing directory (Orbax's own read_only mode logs warnings)
+        import orbax.checkpoint as ocp
+        self._ocp = ocp
+        if keep is not None and keep < 1:
+            raise CheckpointError(f"keep must be >= 1 (checkpoints to keep), got {keep}")
+        if best_mode not in ("min", "max"):
+            raise CheckpointError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
+        self.directory = Path(directory).absolute()
+        self.read_only = read_only
+        self.best_metric = best_metric
+        opts = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=not read_only,
+            enable_async_checkpointing=async_save,
+            best_fn=(lambda m: float(m[best_metric])) if best_metric else None, best_mode=best_mode,
+            keep_checkpoints_without_metrics=False if best_metric else True)
+        self.mgr = ocp.CheckpointManager(self.directory, options=opts)
+
+    # -- queries
+    def latest_step(self) -> Optional[int]:
+        return self.mgr.latest_step()
+
+    def all_steps(self) -> list:
+        return sorted(self.mgr.all_steps())
+
+    # -- save / restore
+    def save(self, step: int, state, data_state: Optional[dict], meta: dict, metrics: Optional[dict] = None) -> None:
+        """Save the train state (params separately from opt_state/step/rng), the data iterator
+        state and the metadata at `step`; updates marjax_checkpoint.json."""
+        ocp = self._ocp
+        if self.read_only:
+            raise CheckpointError(f"checkpoint directory {self.directory} was opened read-only")
+        meta = dict(_normalise_meta(meta), latest_step=int(step))
+        train = {"opt_state": tree_to_dict(state.opt_state), "step": state.step, "rng": state.rng}
+        args = ocp.args.Composite(params=ocp.args.StandardSave(tree_to_dict(state.params)),
+                                  train=ocp.args.StandardSave(train),
+                                  data=ocp.args.JsonSave(data_state if data_state is not None else {}),
+                                  meta=ocp.args.JsonSave(meta))
+        if self.best_metric and (metrics is None or self.best_metric not in metrics):
+            raise CheckpointError(f"best_metric {self.best_metric!r} missing from the save metrics {sorted(metrics or {})}")
+        self.mgr.save(int(step), args=args, metrics=metrics)
+        self._write_run_meta(meta)
+
+    def restore(self, target_state, step: Optional[int] = None):
+        """(state, data_state, meta) at `step` (default: latest) onto `target_state`'s structure,
+        dtypes and shardings (a TrainState of arrays or of ShapeDtypeStructs)."""
+        ocp = self._ocp
+        step = self._resolve_step(step)
+        target = _abstract(target_state)
+        t_params = tree_to_dict(target.params)
+        t_train = {"opt_state": tree_to_dict(target.opt_state), "step": target.step, "rng": target.rng}
+        try:
+            got = self.mgr.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(t_params), train=ocp.args.StandardRestore(t_train),
+                data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            raise CheckpointError(f"cannot restore step {step} from {self.directory}: {e}") from e
+        _check_shapes(got["params"], t_params, "params")
+        _check_shapes(got["train"], t_train, "optimizer state")
+        from marjax.train.state import TrainState
+        state = TrainState(step=got["train"]["step"], params=dict_to_tree(got["params"], target.params, "params"),
+                           opt_state=dict_to_tree(got["train"]["opt_state"], target.opt_state, "optimizer state"),
+                           rng=got["train"]["rng"])
+        return state, (got["data"] or None), got["meta"]
+
+    def restore_params(self, target_params, step: Optional[int] = None):
+        """Only the params item (no optimizer state is read)."""
+        ocp = self._ocp
+        step = self._resolve_step(step)
+        target = _abstract(target_params)
+        t_params = tree_to_dict(target)
+        try:
+            got = self.mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(t_params)))
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            raise CheckpointError(f"cannot restore params of step {step} from {self.directory}: {e}") from e
+        _check_shapes(got["params"], t_params, "params")
+        return dict_to_tree(got["params"], target, "params")
+
+    def restore_meta(self, step: Optional[int] = None) -> dict:
+        step = self._resolve_step(step)
+        return self.mgr.restore(step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))["meta"]
+
+    def delete_all(self) -> None:
+        """Remove every saved step (a fresh run reusing the directory)."""
+        for s in self.all_steps():
+            self.mgr.delete(s)
+
+    def wait(self) -> None:
+        self.mgr.wait_until_finished()
+        self._refresh_run_meta()
+
+    def close(self) -> None:
+        self.mgr.wait_until_finished()
+        self._refresh_run_meta()
+        self.mgr.close()
+
+    # -- internals
+    def _resolve_step(self, step: Optional[int]) -> int:
+        steps = self.all_steps()
+        if not steps:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        if step is None:
+            return steps[-1]
+        if step not in steps:
+            raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; saved steps: {steps}")
+        return int(step)
+
+    def _write_run_meta(self, meta: dict) -> None:
+        if jax.process_index() != 0:
+            return
+        run = {k: v for k, v in meta.items()}
+        # latest finished step (an async save in flight is not restorable yet)
+        done = self.mgr.latest_step()
+        run["latest_step"] = None if done is None else int(done)
+        run["saving_step"] = meta.get("latest_step")
+        tmp = self.directory / (RUN_META + ".tmp")
+        tmp.write_text(json.dumps(run, indent=1))
+        os.replace(tmp, self.directory / RUN_META)
+
+    def _refresh_run_meta(self) -> None:
+        path = self.directory / RUN_META
+        if not path.is_file() or jax.process_index() != 0:
+            return
+        run = json.loads(path.read_text())
+        done = self.mgr.latest_step()
+        run["latest_step"] = None if done is None else int(done)
+        run.pop("saving_step", None)
+        path.write_text(json.dumps(run, indent=1))
+
+
+# ----------------------------------------------------------------------------- model loading
+
+def read_run_meta(path) -> dict:
+    """marjax_checkpoint.json of a run directory."""
+    p = Path(path) / RUN_META
+    if not p.is_file():
+        raise CheckpointError(f"{path} is not a marjax checkpoint directory (no {RUN_META})")
+    try:
+        meta = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{p} is not valid JSON: {e}") from e
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{p} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+_STRUCTURAL = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "mixer", "ssm",
+               "atmn", "tie_embeddings", "rope_layout")
+
+
+def check_compatible(meta: dict, expected_stage: Optional[str] = None, expected_model=None) -> None:
+    """Refuse a checkpoint from another stage, or of another model (a ModelConfig, a config
+    dict, or a model kind 'attention' | 'ssm' | 'spiking'), with a CheckpointError."""
+    if not isinstance(meta, dict) or meta.get("format", FORMAT) != FORMAT:
+        raise CheckpointError(f"not marjax checkpoint metadata: {meta!r:.200}")
+    if expected_stage is not None and meta.get("stage") != expected_stage:
+        raise CheckpointError(f"checkpoint is from stage {meta.get('stage')!r}, expected stage {expected_stage!r}; "
+                              "use the output directory of that stage (or a new directory without resume)")
+    if expected_model is None:
+        return
+    meta = _normalise_meta(meta)
+    if isinstance(expected_model, str):
+        if meta.get("model_kind") != expected_model:
+            raise CheckpointError(f"checkpoint holds a {meta.get('model_kind')!r} model, expected {expected_model!r}")
+        return
+    want = to_dict(expected_model) if isinstance(expected_model, ModelConfig) else dict(expected_model)
+    have = meta.get("model_config")
+    if have is None:
+        raise CheckpointError("checkpoint metadata has no model_config to check against the expected model")
+    want, have = json.loads(json.dumps(want, default=str)), json.loads(json.dumps(have, default=str))
+    diff = {k: (have.get(k), want.get(k)) for k in _STRUCTURAL if have.get(k) != want.get(k)}
+    if diff:
+        raise CheckpointError(f"checkpoint model ({have.get('name')!r}) differs from the expected model "
+                              f"({want.get('name')!r}) in {sorted(diff)}; (checkpoint, expected): {diff}")
+
+
+def load_model_dir(path, *, step: Optional[int] = None, mesh=None, rules=None):
+    """(ModelConfig, params, tokenizer or None) from a marjax run directory (latest step by
+    default). Params land on the default device, or sharded by `rules` on `mesh` when given.
+    The tokenizer comes from the metadata's "tokenizer_source" (a model name/path)."""
+    from marjax.models.lm import init_params
+    run = read_run_meta(path)
+    ck = Checkpointer(path, read_only=True, async_save=False, keep=None)
+    try:
+        meta = ck.restore_meta(step)
+        if "model_config" not in meta:
+            raise CheckpointError(f"checkpoint {path} has no model_config in its metadata")
+        try:
+            cfg = model_config_from_dict(meta["model_config"])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {path}: bad model_config in metadata: {e}") from e
+        shapes = jax.eval_shape(lambda: init_params(jax.random.PRNGKey(0), cfg))
+        if mesh is not None:
+            from marjax.train.mesh import param_shardings
+            sh = param_shardings(shapes, mesh, rules)
+        else:
+            dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            sh = jax.tree.map(lambda _: dev, shapes)
+        target = jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d), shapes, sh)
+        params = ck.restore_params(target, step)
+    finally:
+        ck.mgr.close()    # read-only: nothing to wait for, no run metadata to rewrite
+    tok = _load_tokenizer(meta.get("tokenizer_source") or run.get("tokenizer_source"))
+    return cfg, params, tok
+
+
+def _load_tokenizer(src: Optional[str]):
+    if not src:
+        return None
+    try:
+        from marjax.io.resolve import resolve_model
+    except ImportError:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")        # a preset source warns about random weights
+            return resolve_model(src)[2]
+    except Exception as e:  # noqa: BLE001 - the params are still usable without a tokenizer
+        warnings.warn(f"checkpoint tokenizer source {src!r} could not be loaded ({e}); no tokenizer", stacklevel=3)
+        return None

@@ -1,0 +1,283 @@
+"""The generic training loop: sharded student + teacher, accumulation, logging, checkpoints,
+divergence stop and exact resume.
+
+    params, history = train(loss_fn, student_params, teacher_params, data_iter, tcfg, out_dir,
+                            trainable=mask, model_meta={"stage": "kd", "model_config": asdict(cfg)})
+
+- loss_fn(student, teacher, batch, rng) -> (loss_sum, count, {name: (sum, count)}); see
+  marjax.train.step for the contract (the teacher forward must use stop_gradient(teacher)).
+- data_iter yields micro-batches (dicts of arrays, leading dim = TrainConfig.micro_batch);
+  each update consumes `accum_steps(tcfg)` of them. An iterator with get_state()/set_state()
+  (Grain DatasetIterator, marjax.train.data.PackedBatches) is checkpointed with the run and
+  resume replays the exact data order. A plain Python iterator is not: on resume it continues
+  from wherever it is (a fresh iterator restarts its data), which the loop warns about.
+- out_dir/metrics.jsonl: one JSON record per log point: step, loss, each metric, lr,
+  grad_norm, tokens, tokens_per_s, time (and eval_* from eval_fn at save points).
+- A non-finite loss or gradient stops the run before anything is applied or saved: the last
+  good checkpoint stays the latest, and TrainingDiverged (a MarjaxError) names the step.
+- resume=True restores params, optimizer state, step, rng and the data iterator state from the
+  latest checkpoint, so 3 steps + resume 3 steps equals 6 straight steps bit for bit. Without
+  resume, checkpoints already in out_dir are deleted (a fresh run owns its directory).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+
+from marjax.config import TrainConfig
+from marjax.errors import ConfigError, DataError, MarjaxError
+from marjax.train.checkpoint import Checkpointer, check_compatible
+from marjax.train.mesh import ShardingRules, make_mesh, shard_params
+from marjax.train.optim import accum_steps as _accum_steps, lr_schedule, make_optimizer
+from marjax.train.state import abstract_state, init_state
+from marjax.train.step import make_step_shardings, make_train_step, stack_micro_batches
+
+__all__ = ["train", "TrainingDiverged", "read_metrics", "METRICS_FILE"]
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class TrainingDiverged(MarjaxError):
+    """A step produced a non-finite loss or gradient. Attributes: step (the failing update,
+    1-based), last_good_step (the latest checkpoint, or None), out_dir, params (the last good
+    params, in memory), history."""
+
+    def __init__(self, step: int, last_good_step: Optional[int], out_dir: str, loss: float, grad_norm: float,
+                 params=None, history=None):
+        self.step, self.last_good_step, self.out_dir = step, last_good_step, out_dir
+        self.params, self.history = params, history
+        where = (f"the last good checkpoint is step {last_good_step} in {out_dir} (resume=True continues from it)"
+                 if last_good_step is not None else f"no checkpoint was saved in {out_dir}")
+        super().__init__(f"training diverged at step {step}: loss {loss}, grad_norm {grad_norm} (not finite); "
+                         f"nothing from that step was applied or saved; {where}. Lower TrainConfig.lr or "
+                         "clip_norm, or check the data")
+
+
+def read_metrics(out_dir) -> list:
+    """The records of out_dir/metrics.jsonl."""
+    p = Path(out_dir) / METRICS_FILE
+    if not p.is_file():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def _check_tcfg(tcfg: TrainConfig) -> int:
+    for name in ("steps", "log_every", "save_every"):
+        v = getattr(tcfg, name)
+        if not isinstance(v, int) or v < 1:
+            raise ConfigError(f"TrainConfig.{name} must be an integer >= 1, got {v!r}")
+    return _accum_steps(tcfg)
+
+
+def _check_batch(b, tcfg: TrainConfig) -> None:
+    if not isinstance(b, dict):
+        raise DataError(f"data iterator must yield dicts of arrays, got {type(b).__name__}")
+    if "inputs" in b:
+        shape = tuple(np.shape(b["inputs"]))
+        if shape != (tcfg.micro_batch, tcfg.seq_len):
+            raise DataError(f"batch['inputs'] has shape {shape}, expected (TrainConfig.micro_batch, "
+                            f"TrainConfig.seq_len) = ({tcfg.micro_batch}, {tcfg.seq_len})")
+
+
+def _put(batch, shardings):
+    if jax.process_count() == 1:
+        return jax.device_put(batch, shardings)
+    return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, x), batch, shardings)
+
+
+def _data_state(data_iter) -> Optional[dict]:
+    get = getattr(data_iter, "get_state", None)
+    return get() if callable(get) else None
+
+
+class _Interval:
+    """Exact (sum, count) reduction of loss and metrics between two log points."""
+
+    def __init__(self):
+        self.loss_sum = self.count = 0.0
+        self.metrics: dict = {}
+        self.tokens, self.t0 = 0, time.perf_counter()
+
+    def add(self, out, tokens: int) -> None:
+        self.loss_sum += float(out["loss"]) * float(out["count"])
+        self.count += float(out["count"])
+        for k, (s, c) in out["metrics"].items():
+            s0, c0 = self.metrics.get(k, (0.0, 0.0))
+            self.metrics[k] = (s0 + float(s), c0 + float(c))
+        self.tokens += tokens
+
+    def record(self) -> dict:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        rec = {"loss": self.loss_sum / self.count if self.count else 0.0}
+        for k, (s, c) in sorted(self.metrics.items()):
+            rec[k] = s / c if c else 0.0
+        rec["tokens_per_s"] = self.tokens / dt
+        return rec
+
+
+def train(loss_fn: Callable, student_params, teacher_params, data_iter, tcfg: TrainConfig, out_dir, *,
+          trainable=None, model_meta: Optional[dict] = None, eval_fn: Optional[Callable] = None,
+          resume: bool = False, progress: bool = True, mesh=None, rules: Optional[ShardingRules] = None,
+          compute_dtype: Optional[str] = None, best_metric: Optional[str] = None, best_mode: str = "min",
+          async_save: bool = True):
+    """Train the student for tcfg.steps updates; returns (params, history).
+
+    trainable: pytree of bools like the params (None: all). model_meta: JSON-able dict saved with
+      every checkpoint; "stage" and "model_config" (a dict) are checked on resume.
+    eval_fn(params) -> {name: float}: run at each save; logged as eval_<name>.
+    best_metric: keep the best `tcfg.keep` checkpoints by this logged name (e.g. "eval_ppl" or
+      "loss") instead of the latest ones.
+    compute_dtype: "bfloat16" runs the student in bf16 (float32 master params and optimizer);
+      default TrainConfig.compute_dtype if that field exists, else float32.
+    history: the log records (dicts with step, loss, ...), including earlier ones on resume.
+    """
+    n_micro = _check_tcfg(tcfg)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(model_meta or {})
+    meta.setdefault("stage", "train")
+    meta["train_config"] = json.loads(json.dumps(dataclasses.asdict(tcfg), default=str))
+    if compute_dtype is None:
+        compute_dtype = getattr(tcfg, "compute_dtype", None)
+
+    mesh = mesh if mesh is not None else make_mesh(tcfg.mesh)
+    params = shard_params(student_params, mesh, rules, copy=True)   # the state is donated: never alias the caller's
+    teacher = None if teacher_params is None else shard_params(teacher_params, mesh, rules)
+    tx = make_optimizer(tcfg, params, trainable)
+    state = init_state(params, tx, tcfg.seed, mesh, rules)
+    del params
+    schedule = lr_schedule(tcfg)
+
+    ck = Checkpointer(out, keep=tcfg.keep, best_metric=best_metric, best_mode=best_mode, async_save=async_save)
+    history: list = []
+    metrics_path = out / METRICS_FILE
+    latest = ck.latest_step()
+    if resume and latest is not None:
+        saved_meta = ck.restore_meta(latest)
+        check_compatible(saved_meta, expected_stage=meta["stage"], expected_model=meta.get("model_config"))
+        state, data_state, _ = ck.restore(abstract_state(state), latest)
+        if data_state and callable(getattr(data_iter, "set_state", None)):
+            data_iter.set_state(data_state)
+        else:
+            warnings.warn("resuming with a data iterator that has no saved state (no get_state/set_state): "
+                          "the data order is not replayed", stacklevel=2)
+        history = [r for r in read_metrics(out) if r.get("step", 0) <= latest and "status" not in r]
+    else:
+        if latest is not None:
+            warnings.warn(f"{out} holds checkpoints {ck.all_steps()} from an earlier run; starting fresh (resume=False) "
+                          "and deleting them", stacklevel=2)
+            ck.delete_all()
+        elif resume:
+            warnings.warn(f"resume=True but {out} has no checkpoint; starting from step 0", stacklevel=2)
+    _rewrite_metrics(metrics_path, history)
+    start = int(jax.device_get(state.step))
+    if start >= tcfg.steps:
+        ck.close()
+        return state.params, history
+
+    step_fn = None
+    bar = _progress(progress, tcfg.steps, start, meta["stage"])
+    iv, t_run, tokens_total = _Interval(), time.perf_counter(), int(history[-1]["tokens"]) if history else 0
+    last_saved = latest if resume else None
+    try:
+        for i in range(start, tcfg.steps):
+            micro = []
+            for _ in range(n_micro):
+                try:
+                    b = next(data_iter)
+                except StopIteration:
+                    b = None
+                    break
+                _check_batch(b, tcfg)
+                micro.append(b)
+            if len(micro) < n_micro:
+                warnings.warn(f"data iterator exhausted after step {i}; stopping early", stacklevel=2)
+                if i > start and last_saved != i:
+                    _save(ck, i, state, data_iter, meta, _ckpt_metrics(history, best_metric))
+                break
+            batch = stack_micro_batches(micro)
+            if step_fn is None:
+                sh = make_step_shardings(state, teacher, batch, mesh, rules)
+                step_fn = make_train_step(loss_fn, tx, mesh, sh, n_micro, trainable=trainable,
+                                          compute_dtype=compute_dtype)
+            state, res = step_fn(state, teacher, _put(batch, sh.batch))
+            res = jax.device_get(res)
+            s = i + 1
+            if not bool(res["finite"]):
+                _append(metrics_path, {"step": s, "status": "diverged", "loss": _f(res["loss"]),
+                                       "grad_norm": _f(res["grad_norm"])})
+                ck.wait()
+                raise TrainingDiverged(s, ck.latest_step(), str(out), _f(res["loss"]), _f(res["grad_norm"]),
+                                       params=state.params, history=history)
+            n_tok = int(np.prod(np.shape(batch["inputs"]))) if "inputs" in batch else \
+                int(np.prod(np.shape(jax.tree.leaves(batch)[0])[:2]))
+            iv.add(res, n_tok)
+            tokens_total += n_tok
+            save_now = s % tcfg.save_every == 0 or s == tcfg.steps
+            if s % tcfg.log_every == 0 or save_now or s == 1:
+                rec = {"step": s, **iv.record(), "lr": float(schedule(i)), "grad_norm": _f(res["grad_norm"]),
+                       "tokens": tokens_total, "time": time.perf_counter() - t_run}
+                if save_now and eval_fn is not None:
+                    rec.update({f"eval_{k}": float(v) for k, v in eval_fn(state.params).items()})
+                history.append(rec)
+                _append(metrics_path, rec)
+                iv = _Interval()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{_f(res['loss']):.4f}", tok_s=f"{history[-1]['tokens_per_s']:.0f}"
+                                if history else "-")
+            if save_now:
+                _save(ck, s, state, data_iter, meta, _ckpt_metrics(history, best_metric))
+                last_saved = s
+    finally:
+        if bar is not None:
+            bar.close()
+        ck.close()     # waits for the async save in flight
+    return state.params, history
+
+
+def _f(x) -> float:
+    v = float(x)
+    return v if math.isfinite(v) else str(v)  # JSON has no nan/inf literals
+
+
+def _ckpt_metrics(history: list, best_metric: Optional[str]) -> Optional[dict]:
+    if not best_metric:
+        return None
+    rec = history[-1] if history else {}
+    if best_metric not in rec:
+        raise ConfigError(f"best_metric {best_metric!r} is not a logged value; logged: {sorted(rec)}")
+    return {best_metric: float(rec[best_metric])}
+
+
+def _save(ck: Checkpointer, step: int, state, data_iter, meta: dict, metrics) -> None:
+    ck.save(step, state, _data_state(data_iter), meta, metrics=metrics)
+
+
+def _append(path: Path, rec: dict) -> None:
+    if jax.process_index() != 0:
+        return
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def _rewrite_metrics(path: Path, records: list) -> None:
+    """Keep only the records up to the resumed step (a crashed run may have logged past it)."""
+    if jax.process_index() != 0:
+        return
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _progress(enabled: bool, total: int, initial: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)

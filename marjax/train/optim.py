@@ -1,0 +1,101 @@
+"""Optimizer: AdamW with linear warmup + cosine decay, global-norm clipping, weight decay only
+on matrices, and a trainable mask (frozen leaves get zero updates and no optimizer state).
+
+    tx = make_optimizer(tcfg, params, trainable=mask)     # mask: pytree of bools or None (all)
+    n_micro = accum_steps(tcfg)                            # micro-batches per update
+
+Batch size is counted in tokens per update: `TrainConfig.batch_tokens` tokens are split into
+`accum_steps` micro-batches of `micro_batch x seq_len` tokens.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from marjax.config import TrainConfig
+from marjax.errors import ConfigError
+from marjax.train.mesh import logical_axes
+
+__all__ = ["make_optimizer", "lr_schedule", "decay_mask", "accum_steps", "check_trainable",
+           "trainable_leaves", "FINAL_LR_FRACTION", "ADAM_B1", "ADAM_B2"]
+
+FINAL_LR_FRACTION = 0.1    # cosine decays to 10% of the peak learning rate
+ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.95, 1e-8
+
+
+def accum_steps(tcfg: TrainConfig) -> int:
+    """Micro-batches per optimizer update: batch_tokens / (micro_batch * seq_len)."""
+    per_micro = tcfg.micro_batch * tcfg.seq_len
+    if tcfg.micro_batch < 1 or tcfg.seq_len < 1:
+        raise ConfigError(f"TrainConfig.micro_batch and seq_len must be >= 1, got {tcfg.micro_batch}, {tcfg.seq_len}")
+    if tcfg.batch_tokens < per_micro or tcfg.batch_tokens % per_micro:
+        raise ConfigError(f"TrainConfig.batch_tokens ({tcfg.batch_tokens}) must be a positive multiple of "
+                          f"micro_batch x seq_len = {tcfg.micro_batch} x {tcfg.seq_len} = {per_micro}")
+    return tcfg.batch_tokens // per_micro
+
+
+def lr_schedule(tcfg: TrainConfig) -> optax.Schedule:
+    """lr * (s+1)/(warmup+1) for s < warmup (no wasted zero-lr first step), then a cosine from lr
+    down to FINAL_LR_FRACTION * lr at s = steps."""
+    lr, warmup, total = float(tcfg.lr), int(tcfg.warmup), int(tcfg.steps)
+    if lr <= 0:
+        raise ConfigError(f"TrainConfig.lr must be > 0, got {lr}")
+    if warmup < 0:
+        raise ConfigError(f"TrainConfig.warmup must be >= 0, got {warmup}")
+    decay = max(total - warmup, 1)
+
+    def schedule(step):
+        s = jnp.asarray(step, jnp.float32)
+        warm = lr * (s + 1.0) / (warmup + 1.0)
+        frac = jnp.clip((s - warmup) / decay, 0.0, 1.0)
+        cos = lr * (FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + jnp.cos(jnp.pi * frac)))
+        return jnp.where(s < warmup, warm, cos)
+    return schedule
+
+
+def decay_mask(tree) -> Any:
+    """True for weight matrices (>= 2 dims besides the stacked `layers` axis): embeddings,
+    projections, conv taps. False for norms, biases, D, ATMN thresholds `a`."""
+    axes = logical_axes(tree)
+    return jax.tree.map(lambda a: sum(n != "layers" for n in a) >= 2, axes, is_leaf=lambda x: type(x) is tuple)
+
+
+def check_trainable(params, trainable) -> Any:
+    """A pytree of Python bools matching `params` (None: all True)."""
+    if trainable is None:
+        return jax.tree.map(lambda _: True, params)
+    try:
+        mask = jax.tree.map(lambda _, m: bool(m), params, trainable)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"trainable mask must be a pytree of bools with the structure of the params: {e}") from e
+    if not any(jax.tree.leaves(mask)):
+        raise ConfigError("trainable mask selects no parameter: nothing to train")
+    return mask
+
+
+def trainable_leaves(tree, mask) -> list:
+    """The leaves of `tree` whose mask is True (static selection: frozen leaves are dead code)."""
+    return [x for x, m in zip(jax.tree.leaves(tree), jax.tree.leaves(mask)) if m]
+
+
+def make_optimizer(tcfg: TrainConfig, params, trainable=None) -> optax.GradientTransformation:
+    """AdamW(b1=0.9, b2=0.95) on the trainable leaves; clipping by the global norm of the
+    trainable gradients (TrainConfig.clip_norm <= 0 disables it); frozen leaves: zero updates."""
+    if tcfg.weight_decay < 0:
+        raise ConfigError(f"TrainConfig.weight_decay must be >= 0, got {tcfg.weight_decay}")
+    parts = []
+    if tcfg.clip_norm and tcfg.clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(float(tcfg.clip_norm)))
+    parts.append(optax.adamw(lr_schedule(tcfg), b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS,
+                             weight_decay=float(tcfg.weight_decay), mask=decay_mask))
+    tx = optax.chain(*parts)
+    mask = check_trainable(params, trainable)
+    if all(jax.tree.leaves(mask)):
+        return tx
+    # multi_transform hides frozen leaves from `tx` (MaskedNode): no Adam moments for them, and
+    # they do not enter the clipping norm.
+    labels = jax.tree.map(lambda m: "train" if m else "freeze", mask)
+    return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)

@@ -1,0 +1,132 @@
+"""The jitted train step: gradient accumulation over micro-batches, exact (sum, count) metrics,
+a finite check, and explicit in/out shardings with the student state donated.
+
+Loss contract (what a stage's loss function returns):
+
+    loss_sum, count, metrics = loss_fn(student_params, teacher_params, batch, rng)
+
+`loss_sum` is the loss summed over `count` units (usually tokens), so the update minimises
+sum(loss_sum) / sum(count) over all micro-batches: accumulation equals one big batch.
+`metrics` is a dict name -> (sum, count), reduced the same way. The step differentiates only
+the student; teacher params arrive wrapped in `lax.stop_gradient`, but a loss_fn should still
+run its teacher forward on `stop_gradient(teacher_params)` itself (it is the loss owner's
+contract, and keeps the teacher out of any gradient if the loss is reused elsewhere).
+
+    step = make_train_step(loss_fn, tx, mesh, shardings, accum_steps=2)
+    state, out = step(state, teacher_params, batch)   # batch leaves: (accum_steps, micro_batch, ...)
+    out = {"loss", "count", "metrics", "grad_norm", "finite"}
+
+When the loss or a trainable gradient is not finite the returned state is the input state
+(nothing applied), so the last good state survives donation; `finite` tells the loop to stop.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from marjax.errors import ConfigError
+from marjax.train.mesh import ShardingRules, batch_shardings, param_shardings, replicated
+from marjax.train.optim import trainable_leaves
+from marjax.train.state import TrainState, state_shardings
+
+__all__ = ["StepShardings", "make_step_shardings", "make_train_step", "stack_micro_batches", "cast_floating"]
+
+
+class StepShardings(NamedTuple):
+    state: Any       # TrainState of NamedShardings
+    teacher: Any     # pytree of NamedShardings (or None)
+    batch: Any       # pytree (or prefix) of NamedShardings for (accum, micro_batch, ...) leaves
+
+
+def make_step_shardings(state: TrainState, teacher_params, batch, mesh: Mesh,
+                        rules: Optional[ShardingRules] = None) -> StepShardings:
+    """Shardings for the step's arguments from example (or abstract) values; `batch` leaves
+    have the leading accumulation axis."""
+    return StepShardings(state=state_shardings(state, mesh, rules),
+                         teacher=None if teacher_params is None else param_shardings(teacher_params, mesh, rules),
+                         batch=batch_shardings(batch, mesh, rules, leading=1))
+
+
+def stack_micro_batches(batches: list) -> Any:
+    """[micro_batch pytrees] -> one pytree with a leading accumulation axis (host numpy)."""
+    import numpy as np
+    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *batches)
+
+
+def cast_floating(tree, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, mesh: Mesh,
+                    shardings: StepShardings, accum_steps: int = 1, *, trainable=None,
+                    compute_dtype: Optional[str] = None, donate: bool = True) -> Callable:
+    """Jitted `step(state, teacher_params, batch) -> (state, out)`.
+
+    trainable: pytree of bools (None: all) -- the grad norm and finite check cover trainable
+      leaves only, so frozen gradients are dead code XLA removes.
+    compute_dtype: e.g. "bfloat16": the student forward/backward runs on params cast to it;
+      gradients, the optimizer and the master params stay float32.
+    """
+    if not isinstance(accum_steps, int) or accum_steps < 1:
+        raise ConfigError(f"accum_steps must be an integer >= 1, got {accum_steps!r}")
+    cdtype = None if compute_dtype in (None, "float32") else jnp.dtype(compute_dtype)
+
+    def micro_loss(params, teacher, mb, key):
+        p = params if cdtype is None else cast_floating(params, cdtype)
+        loss_sum, count, metrics = loss_fn(p, teacher, mb, key)
+        metrics = {k: (jnp.asarray(s, jnp.float32), jnp.asarray(c, jnp.float32)) for k, (s, c) in metrics.items()}
+        return jnp.asarray(loss_sum, jnp.float32), (jnp.asarray(count, jnp.float32), metrics)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def step(state: TrainState, teacher, batch):
+        teacher = jax.lax.stop_gradient(teacher)
+        rng, step_key = jax.random.split(state.rng)
+        n_micro = jax.tree.leaves(batch)[0].shape[0]
+        if n_micro != accum_steps:
+            raise ConfigError(f"batch has {n_micro} micro-batches on its leading axis, the step expects "
+                              f"accum_steps={accum_steps}")
+
+        def body(carry, xs):
+            g_acc, l_acc, c_acc, m_acc = carry
+            mb, i = xs
+            (ls, (cnt, mets)), g = grad_fn(state.params, teacher, mb, jax.random.fold_in(step_key, i))
+            g_acc = jax.tree.map(jnp.add, g_acc, g)
+            m_acc = jax.tree.map(jnp.add, m_acc, mets)
+            return (g_acc, l_acc + ls, c_acc + cnt, m_acc), None
+
+        first = jax.tree.map(lambda x: x[0], batch)
+        _, (_, m_shape) = jax.eval_shape(micro_loss, state.params, teacher, first, step_key)
+        zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), t)  # noqa: E731
+        g0 = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        g0 = jax.lax.with_sharding_constraint(g0, shardings.state.params)   # accumulate sharded like params
+        init = (g0, jnp.float32(0), jnp.float32(0), zeros(m_shape))
+        (g_sum, loss_sum, count, metrics), _ = jax.lax.scan(body, init, (batch, jnp.arange(accum_steps)))
+
+        # d(sum loss)/d(params) over all micro-batches, divided by the total count: one big batch.
+        safe = jnp.maximum(count, 1e-9)
+        grads = jax.tree.map(lambda g, p: (g / safe).astype(p.dtype), g_sum, state.params)
+        loss = jnp.where(count > 0, loss_sum / safe, 0.0)
+        grad_norm = optax.global_norm(trainable_leaves(grads, mask))
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                         opt_state=opt_state, rng=rng)
+        # a non-finite step leaves the state untouched (the loop stops on `finite`)
+        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+        out = {"loss": loss, "count": count, "metrics": metrics, "grad_norm": grad_norm, "finite": finite}
+        return new, out
+
+    mask = trainable if trainable is not None else None
+    if mask is None:
+        mask = jax.tree.map(lambda _: True, shardings.state.params)
+    else:
+        mask = jax.tree.map(lambda m: bool(m), mask)
+    return jax.jit(step, in_shardings=(shardings.state, shardings.teacher, shardings.batch),
+                   out_shardings=(shardings.state, replicated(mesh)),
+                   donate_argnums=(0,) if donate else ())

@@ -1,0 +1,310 @@
+"""ATMN neuron: spikes against a plain numpy loop, surrogate gradients against hand-derived values
+and against an independent autodiff oracle (an unrolled loop with the straight-through trick)."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from marjax.config import ATMNConfig
+from marjax.errors import MarjaxError
+from marjax.spiking import (ATMNParams, atmn, atmn_decode, atmn_spikes, atmn_with_stats, calibrate_a, init_atmn,
+                            readout_coeffs)
+
+
+def np_spikes(x, V, T, tau, ternary=True):
+    """The MAR_SPEC.md section 3 recurrence, written out with numpy float32."""
+    x = np.asarray(x, np.float32)
+    V = np.broadcast_to(np.asarray(V, np.float32), x.shape)
+    tau = np.float32(tau)
+    u = np.zeros_like(x)
+    out = []
+    for t in range(T):
+        h = x if t == 0 else u / tau
+        s = (h >= V).astype(np.float32)
+        if ternary:
+            s -= (h <= -V).astype(np.float32)
+        u = h - s * V
+        out.append(s)
+    return np.stack(out).astype(np.int8)
+
+
+# ---- forward --------------------------------------------------------------------------------
+@pytest.mark.parametrize("T", [1, 2, 4, 8])
+@pytest.mark.parametrize("tau", [0.5, 1.0, 2.0])
+def test_spikes_match_numpy_loop(T, tau):
+    rng = np.random.default_rng(T * 10 + int(tau * 2))
+    x = (rng.standard_normal((6, 7)) * 2.0).astype(np.float32)
+    V = np.exp(rng.uniform(-1.0, 0.5, (7,))).astype(np.float32)     # per-channel thresholds
+    for ternary in (True, False):
+        got = np.asarray(atmn_spikes(jnp.asarray(x), jnp.asarray(V), T=T, tau=tau, ternary=ternary))
+        assert got.dtype == np.int8 and got.shape == (T, 6, 7)
+        np.testing.assert_array_equal(got, np_spikes(x, V, T, tau, ternary))
+
+
+def test_spikes_hand_case():
+    # V = 1, tau = 1: I = 2.5 fires +1, +1 then rests (u = 0.5); I = -1.2 fires -1 once.
+    s = np.asarray(atmn_spikes(jnp.array([2.5, -1.2, 0.3]), 1.0, T=4, tau=1.0))
+    np.testing.assert_array_equal(s[:, 0], [1, 1, 0, 0])
+    np.testing.assert_array_equal(s[:, 1], [-1, 0, 0, 0])
+    np.testing.assert_array_equal(s[:, 2], [0, 0, 0, 0])
+
+
+def test_binary_never_negative():
+    x = jax.random.normal(jax.random.key(1), (64, 16)) * 3
+    s = atmn_spikes(x, 0.5, T=8, tau=0.5, ternary=False)
+    assert int(s.min()) == 0 and int(s.max()) == 1
+    cfg = ATMNConfig(T=8, tau=0.5, ternary=False)
+    y, st = atmn_with_stats(x, ATMNParams(a=jnp.log(jnp.full((16,), 0.5))), cfg)
+    assert float(y.min()) >= 0.0 and float(st["neg"].sum()) == 0.0
+
+
+@pytest.mark.parametrize("readout", ["ones", "tau_pow"])
+@pytest.mark.parametrize("tau", [0.5, 2.0])
+def test_atmn_equals_explicit_reconstruction(readout, tau):
+    cfg = ATMNConfig(T=4, tau=tau, readout=readout)
+    x = jax.random.normal(jax.random.key(2), (5, 8)) * 2
+    a = jax.random.uniform(jax.random.key(3), (8,), minval=-1.0, maxval=0.5)
+    V = np.exp(np.asarray(a))
+    s = np_spikes(np.asarray(x), V, 4, tau).astype(np.float32)
+    c = np.array([1.0] * 4 if readout == "ones" else [tau ** t for t in range(4)], np.float32)
+    want = V * np.einsum("t,t...->...", c, s)
+    np.testing.assert_allclose(np.asarray(atmn(x, ATMNParams(a), cfg)), want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(atmn_decode(atmn_spikes(x, V, 4, tau), V, cfg)), want, rtol=1e-6,
+                               atol=1e-6)
+
+
+def test_tau_pow_unrolling_identity():
+    # I = V sum_t tau^t s_t + tau^{T-1} u_{T-1}: so with tau < 1 the error shrinks like tau^{T-1}.
+    cfg = ATMNConfig(T=8, tau=0.5, readout="tau_pow")
+    x = jax.random.uniform(jax.random.key(4), (200,), minval=-1.9, maxval=1.9)
+    y = atmn(x, ATMNParams(jnp.zeros(())), cfg)
+    assert float(jnp.max(jnp.abs(y - x))) <= 0.5 ** 7 * 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_tau1_ones_error_below_threshold(seed):
+    T = 1 + seed
+    rng = np.random.default_rng(seed)
+    V = np.exp(rng.uniform(-2, 1, (9,))).astype(np.float32)
+    x = (rng.uniform(-0.999, 0.999, (50, 9)) * T * V).astype(np.float32)
+    cfg = ATMNConfig(T=T, tau=1.0, readout="ones")
+    y = np.asarray(atmn(jnp.asarray(x), ATMNParams(jnp.log(jnp.asarray(V))), cfg))
+    assert np.all(np.abs(y - x) <= V * (1 + 1e-6))
+
+
+def test_dtype_and_stats_with_mask():
+    cfg = ATMNConfig(T=4, tau=1.0)
+    x = jax.random.normal(jax.random.key(5), (2, 6, 8))
+    p = ATMNParams(jnp.full((8,), -0.3))
+    yb, _ = atmn_with_stats(x.astype(jnp.bfloat16), p, cfg)
+    assert yb.dtype == jnp.bfloat16
+    mask = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], bool)
+    y, st = atmn_with_stats(x, p, cfg, mask=jnp.asarray(mask))
+    s = np_spikes(np.asarray(x), np.exp(-0.3), 4, 1.0)[:, mask]          # (T, n_valid, 8)
+    np.testing.assert_allclose(np.asarray(st["pos"]), (s > 0).mean(axis=(1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(st["neg"]), (s < 0).mean(axis=(1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(st["nonzero"]), (s != 0).mean(axis=(1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(atmn(x, p, cfg)))
+    with pytest.raises(MarjaxError, match="mask"):
+        atmn_with_stats(x, p, cfg, mask=jnp.ones((6,)))
+
+
+def test_shape_errors():
+    cfg = ATMNConfig()
+    with pytest.raises(MarjaxError, match="does not broadcast"):
+        atmn(jnp.ones((3, 8)), ATMNParams(jnp.zeros((5,))), cfg)
+
+
+# ---- gradients ------------------------------------------------------------------------------
+def _bump_np(z, V, kind, w):
+    wv = w * V
+    if kind == "rectangular":
+        return np.where(np.abs(z) < wv / 2, 1 / wv, 0.0)
+    if kind == "triangular":
+        return 2 / wv * np.maximum(0, 1 - 2 * np.abs(z) / wv)
+    k = 4 / wv
+    sg = 1 / (1 + np.exp(-k * z))
+    return k * sg * (1 - sg)
+
+
+@pytest.mark.parametrize("kind", ["rectangular", "triangular", "sigmoid"])
+@pytest.mark.parametrize("x", [1.2, -0.9, 0.4])
+def test_grad_T1_hand(kind, x):
+    # y = V s(x):  dy/dx = V (sg(x - V) + sg(-x - V));  dy/dV = s + V (sg(-x - V) - sg(x - V)).
+    a, w = 0.1, 2.0
+    V = np.exp(a)
+    cfg = ATMNConfig(T=1, tau=2.0, surrogate=kind, width=w)
+    gx, ga = jax.grad(lambda x, a: atmn(x, ATMNParams(a), cfg), argnums=(0, 1))(jnp.float32(x), jnp.float32(a))
+    up, dn = _bump_np(x - V, V, kind, w), _bump_np(-x - V, V, kind, w)
+    s = float(x >= V) - float(x <= -V)
+    np.testing.assert_allclose(float(gx), V * (up + dn), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(float(ga), (s + V * (dn - up)) * V, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("detach", [False, True])
+@pytest.mark.parametrize("readout", ["ones", "tau_pow"])
+@pytest.mark.parametrize("x", [1.3, 2.1, -1.6])
+def test_grad_T2_hand(detach, readout, x):
+    # h0 = x; s0; h1 = (x - s0 V)/tau; s1; y = V (s0 + c1 s1).
+    a, w, tau, kind = -0.05, 1.5, 0.5, "sigmoid"
+    V = np.exp(a)
+    c1 = 1.0 if readout == "ones" else tau
+    cfg = ATMNConfig(T=2, tau=tau, surrogate=kind, width=w, readout=readout, detach_reset=detach)
+
+    def parts(h):
+        s = float(h >= V) - float(h <= -V)
+        up, dn = _bump_np(h - V, V, kind, w), _bump_np(-h - V, V, kind, w)
+        return s, up + dn, dn - up                       # s, ds/dh, ds/dV
+
+    s0, dh0, dV0 = parts(x)
+    h1 = (x - s0 * V) / tau
+    s1, dh1, dV1 = parts(h1)
+    dh1_dx = 0.0 if detach else (1 - V * dh0) / tau
+    dh1_dV = 0.0 if detach else (-s0 - V * dV0) / tau
+    gx_want = V * dh0 + c1 * V * dh1 * dh1_dx
+    gV_want = (s0 + V * dV0) + c1 * (s1 + V * (dV1 + dh1 * dh1_dV))
+    gx, ga = jax.grad(lambda x, a: atmn(x, ATMNParams(a), cfg), argnums=(0, 1))(jnp.float32(x), jnp.float32(a))
+    np.testing.assert_allclose(float(gx), gx_want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(ga), gV_want * V, rtol=1e-5, atol=1e-6)
+
+
+def _soft(h, V, kind, w, ternary):
+    """Antiderivative of the surrogate with its width frozen (so d/dV is only the shift)."""
+    wv = w * jax.lax.stop_gradient(V)
+    if kind == "straight_through":
+        return (h if ternary else jax.nn.relu(h)) / jax.lax.stop_gradient(V)
+
+    def F(z):
+        if kind == "rectangular":
+            return jnp.clip(z / wv + 0.5, 0.0, 1.0)
+        if kind == "triangular":
+            r = jnp.clip(2 * z / wv, -1.0, 1.0)
+            return 0.5 + 0.5 * r * (2 - jnp.abs(r))
+        return jax.nn.sigmoid(4 * z / wv)
+    return F(h - V) - F(-h - V) if ternary else F(h - V)
+
+
+def oracle(x, a, cfg):
+    """Unrolled ATMN whose spikes are exact forward and surrogate backward (straight-through
+    trick), so plain autodiff gives the reference gradient."""
+    V = jnp.exp(a)
+    u = jnp.zeros_like(x)
+    y = 0.0
+    c = readout_coeffs(cfg)
+    for t in range(cfg.T):
+        h = x if t == 0 else (jax.lax.stop_gradient(u) if cfg.detach_reset else u) / cfg.tau
+        hard = (h >= V).astype(jnp.float32) - ((h <= -V).astype(jnp.float32) if cfg.ternary else 0.0)
+        soft = _soft(h, V, cfg.surrogate, cfg.width, cfg.ternary)
+        s = soft + jax.lax.stop_gradient(hard - soft)
+        u = h - s * V
+        y = y + c[t] * V * s
+    return y
+
+
+@pytest.mark.parametrize("kind", ["rectangular", "triangular", "sigmoid", "straight_through"])
+@pytest.mark.parametrize("variant", [dict(), dict(detach_reset=True), dict(readout="tau_pow", tau=0.5),
+                                     dict(ternary=False, tau=1.0), dict(T=8, tau=1.0, width=0.7)])
+def test_grad_matches_autodiff_oracle(kind, variant):
+    cfg = dataclasses.replace(ATMNConfig(T=4, tau=2.0, surrogate=kind, width=1.3), **variant)
+    x = jax.random.normal(jax.random.key(7), (6, 5)) * 2.5
+    a = jax.random.uniform(jax.random.key(8), (5,), minval=-0.8, maxval=0.3)
+    ct = jax.random.normal(jax.random.key(9), (6, 5))
+    f = lambda x, a: jnp.sum(ct * atmn(x, ATMNParams(a), cfg))
+    g = lambda x, a: jnp.sum(ct * oracle(x, a, cfg))
+    np.testing.assert_allclose(np.asarray(atmn(x, ATMNParams(a), cfg)), np.asarray(oracle(x, a, cfg)), atol=1e-5)
+    got, want = jax.grad(f, (0, 1))(x, a), jax.grad(g, (0, 1))(x, a)
+    for gg, ww in zip(got, want):
+        np.testing.assert_allclose(np.asarray(gg), np.asarray(ww), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("gran", ["channel", "site", "scalar"])
+def test_grads_finite_nonzero(gran):
+    cfg = ATMNConfig(T=4, tau=2.0, granularity=gran, surrogate="triangular")
+    x = jax.random.normal(jax.random.key(10), (4, 8, 16))
+    p = jax.jit(lambda x: calibrate_a(x, cfg))(x)
+    assert p.a.shape == ((16,) if gran == "channel" else ())
+    gx, gp = jax.grad(lambda x, p: jnp.sum(atmn(x, p, cfg) ** 2), argnums=(0, 1))(x, p)
+    assert gp.a.shape == p.a.shape
+    for g in (gx, gp.a):
+        assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).sum()) > 0
+    if gran != "channel":
+        return
+    # bf16 input: gradient comes back in bf16
+    gb = jax.grad(lambda x: jnp.sum(atmn(x, p, cfg).astype(jnp.float32)))(x.astype(jnp.bfloat16))
+    assert gb.dtype == jnp.bfloat16
+
+
+def test_jit_vmap_and_scan_over_layers():
+    cfg = ATMNConfig(T=4, tau=1.0, surrogate="sigmoid")
+    L, C = 3, 8
+    a = jax.random.uniform(jax.random.key(11), (L, C), minval=-1, maxval=0.5)
+    x = jax.random.normal(jax.random.key(12), (4, C))
+    w = jax.random.normal(jax.random.key(13), (L, C, C)) * 0.5
+
+    def scanned(x, a):
+        def body(h, layer):
+            al, wl = layer
+            y, st = atmn_with_stats(h, ATMNParams(al), cfg)
+            return jnp.tanh(y @ wl), st["nonzero"]
+        h, rates = jax.lax.scan(body, x, (a, w))
+        return jnp.sum(h), rates
+
+    def looped(x, a):
+        h = x
+        for l in range(L):
+            h = jnp.tanh(oracle(h, a[l], cfg) @ w[l])
+        return jnp.sum(h)
+
+    (v, rates), g = jax.jit(jax.value_and_grad(scanned, (0, 1), has_aux=True))(x, a)
+    v2, g2 = jax.jit(jax.value_and_grad(looped, (0, 1)))(x, a)
+    assert rates.shape == (L, 4)
+    np.testing.assert_allclose(float(v), float(v2), rtol=1e-5)
+    for gg, ww in zip(g, g2):
+        np.testing.assert_allclose(np.asarray(gg), np.asarray(ww), rtol=1e-4, atol=1e-5)
+    # vmap over a batch of per-example thresholds
+    ys = jax.jit(jax.vmap(lambda xx, aa: atmn(xx, ATMNParams(aa), cfg)))(jnp.stack([x] * L), a)
+    for l in range(L):
+        np.testing.assert_allclose(np.asarray(ys[l]), np.asarray(atmn(x, ATMNParams(a[l]), cfg)))
+
+
+# ---- init and calibration -------------------------------------------------------------------
+def test_init_shapes_and_constant():
+    assert init_atmn(None, 12, ATMNConfig(init_value=0.3)).a.shape == (12,)
+    assert float(init_atmn(None, 12, ATMNConfig(init_value=0.3)).a[0]) == pytest.approx(0.3)
+    assert init_atmn(None, 12, ATMNConfig(granularity="site")).a.shape == ()
+    assert init_atmn(None, 12, ATMNConfig(granularity="scalar")).a.shape == ()
+    with pytest.raises(MarjaxError):
+        init_atmn(None, 12, ATMNConfig(init="stats"), stats=jnp.ones((4, 5)))
+
+
+def _mse(x, a, cfg):
+    return np.asarray(jnp.mean((atmn(x, ATMNParams(a), cfg) - x) ** 2, axis=0))
+
+
+@pytest.mark.parametrize("variant", [dict(tau=1.0), dict(tau=2.0), dict(tau=0.5, readout="tau_pow")])
+def test_calibration_beats_neighbours_and_fires(variant):
+    cfg = ATMNConfig(T=4, init="stats", **variant)
+    scale = jnp.array([0.1, 1.0, 5.0, 0.0])        # includes an all-zero channel
+    x = jax.random.normal(jax.random.key(14), (512, 4)) * scale
+    p = jax.jit(lambda x: init_atmn(None, 4, cfg, stats=x))(x)
+    assert bool(jnp.all(jnp.isfinite(p.a)))
+    best = _mse(x, p.a, cfg)
+    for d in (-0.5, -0.25, 0.25, 0.5, 2.0, -2.0):   # neighbours on (and off) the grid
+        assert np.all(best[:3] <= _mse(x, p.a + d * np.log(2), cfg)[:3] + 1e-7)
+    # the calibrated neuron actually fires on the non-zero channels, neither never nor always
+    _, st = atmn_with_stats(x[:, :3], ATMNParams(p.a[:3]), cfg)
+    assert 0.05 < float(st["nonzero"][0]) < 0.95
+    # and it tracks scale: thresholds grow with the channel's magnitude
+    assert float(p.a[0]) < float(p.a[1]) < float(p.a[2])
+
+
+def test_calibrate_under_vmap_over_layers():
+    cfg = ATMNConfig(T=2, tau=1.0)
+    xs = jax.random.normal(jax.random.key(15), (3, 64, 6)) * jnp.array([0.5, 1.0, 2.0])[:, None, None]
+    batched = jax.vmap(lambda x: calibrate_a(x, cfg))(xs)
+    assert batched.a.shape == (3, 6)
+    one = jax.jit(lambda x: calibrate_a(x, cfg))
+    for l in range(3):
+        np.testing.assert_allclose(np.asarray(batched.a[l]), np.asarray(one(xs[l]).a), rtol=1e-6)
