@@ -126,13 +126,17 @@ def generate(m: Model, prompt: str, max_new_tokens: int = 32, *, temperature: fl
              stream: Optional[Callable[[str], None]] = None) -> str:
     """Greedy by default. `chat=True` wraps the prompt in the model's chat template. `stream`
     receives text pieces as they are decoded."""
+    stop = set(getattr(m.tokenizer, "stop_ids", ()) or ())
     on_token = None
     if stream is not None:
         dec = m.tokenizer.decode_stream()
-        on_token = lambda t: (lambda s: s and stream(s))(dec.step(t))  # noqa: E731
+
+        def on_token(t: int) -> None:
+            piece = "" if t in stop else dec.step(t)   # stop tokens end the text, never shown
+            if piece:
+                stream(piece)
     ids = generate_ids(m, _prompt_ids(m, prompt, chat), max_new_tokens, temperature, top_p, seed,
                        on_token=on_token)
-    stop = set(getattr(m.tokenizer, "stop_ids", ()) or ())
     return m.tokenizer.decode([t for t in ids if t not in stop])
 
 

@@ -82,7 +82,7 @@ def bench_one(name: str, args, chunk: int, repeats: int) -> dict:
 
 
 def _fmt_mib(v):
-    return "-" if v is None else f"{v:.0f}"
+    return "-" if v is None else f"{v:.1f}"
 
 
 def main(argv=None) -> int:

@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
 from marjax.config import ModelConfig
@@ -190,7 +191,8 @@ def _check_ids(ids, cfg: ModelConfig):
     if ids.shape[1] == 0:
         raise MarjaxError("token ids are empty (length 0): nothing to run")
     if not isinstance(ids, jax.core.Tracer):
-        lo, hi = int(jnp.min(ids)), int(jnp.max(ids))
+        host = np.asarray(ids)  # concrete here; numpy so an enclosing jit trace does not capture it
+        lo, hi = int(host.min()), int(host.max())
         if lo < 0 or hi >= cfg.vocab_size:
             raise MarjaxError(f"token ids out of range: min {lo}, max {hi}, vocab_size {cfg.vocab_size}")
 

@@ -1,0 +1,172 @@
+"""Mesh, logical axes and sharding rules; the sharded train step equals the unsharded one."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AbstractMesh, PartitionSpec as P
+
+from marjax.config import MeshConfig, preset
+from marjax.errors import ConfigError
+from marjax.models.lm import SpikeSites, init_params
+from marjax.train.mesh import (AXES, DEFAULT_RULES, ShardingRules, batch_shardings, logical_axes, make_mesh,
+                               partition_spec)
+from marjax.train.optim import decay_mask
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _is_axes(x):
+    return type(x) is tuple and all(a is None or isinstance(a, str) for a in x)
+
+
+def _flat(tree):
+    return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_axes)[0]}
+
+
+def test_logical_axes_attention_and_ssm():
+    att = _flat(logical_axes(jax.eval_shape(lambda: init_params(jax.random.PRNGKey(0), preset("tiny")))))
+    assert att[".embed"] == ("vocab", "embed")
+    assert att[".blocks.mixer.wq"] == ("layers", "embed", "heads")
+    assert att[".blocks.mixer.wo"] == ("layers", "heads", "embed")
+    assert att[".blocks.mlp.gate"] == ("layers", "embed", "mlp")
+    assert att[".blocks.mlp.down"] == ("layers", "mlp", "embed")
+    assert att[".blocks.mixer_norm"] == ("layers", "embed")
+    assert att[".final_norm"] == ("embed",)
+    ssm = _flat(logical_axes(jax.eval_shape(lambda: init_params(jax.random.PRNGKey(0), preset("tiny-ssm")))))
+    assert ssm[".blocks.mixer.in_proj"] == ("layers", "embed", "ssm_inner")
+    assert ssm[".blocks.mixer.out_proj"] == ("layers", "ssm_inner", "embed")
+    assert ssm[".blocks.mixer.conv_w"] == ("layers", None, "ssm_inner")
+
+
+def test_logical_axes_spike_sites_and_optimizer_state():
+    # ATMN thresholds: per-channel (layers, width) or per-site scalar (layers,)
+    @jax.tree_util.register_dataclass
+    @dataclasses.dataclass
+    class A:  # stands in for marjax.spiking.ATMNParams(a)
+        a: jax.Array
+    params = init_params(jax.random.PRNGKey(0), preset("tiny-ssm"))
+    blocks = dataclasses.replace(params.blocks, spikes=SpikeSites(in_proj=A(jnp.zeros((2, 64))),
+                                                                  mlp_down=A(jnp.zeros((2,)))))
+    params = dataclasses.replace(params, blocks=blocks)
+    ax = _flat(logical_axes(params))
+    assert ax[".blocks.spikes.in_proj.a"] == ("layers", "act")
+    assert ax[".blocks.spikes.mlp_down.a"] == ("layers",)
+    dm = _flat(decay_mask(params))
+    assert dm[".blocks.spikes.in_proj.a"] is False and dm[".blocks.mixer_norm"] is False
+    assert dm[".blocks.mixer.z_bias"] is False and dm[".blocks.mixer.in_proj"] is True and dm[".embed"] is True
+    # Adam moments mirror the params, so they get the same names through their field paths
+    opt = _flat(logical_axes(optax.adam(1e-3).init(params)))
+    assert opt["[0].mu.blocks.mixer.in_proj"] == ("layers", "embed", "ssm_inner")
+    assert opt["[0].nu.embed"] == ("vocab", "embed")
+    assert opt["[0].count"] == ()
+
+
+def test_partition_spec_rules_and_divisibility_fallback():
+    mesh = AbstractMesh((2, 2, 2), AXES)
+    assert partition_spec(("layers", "embed", "heads"), (2, 64, 64), mesh) == P(None, "fsdp", "tensor")
+    # 3 is not divisible by the tensor axis (2): replicated, the rest still sharded
+    assert partition_spec(("layers", "embed", "heads"), (2, 64, 3), mesh) == P(None, "fsdp")
+    assert partition_spec(("vocab", "embed"), (5, 7), mesh) == P()
+    # a mesh axis is used once per array
+    rules = ShardingRules().replace(mlp="fsdp")
+    assert partition_spec(("embed", "mlp"), (8, 8), mesh, rules) == P("fsdp")
+    # the batch over data x fsdp, a prefix when only that divides, else replicated
+    sh = batch_shardings({"a": np.zeros((1, 8, 3)), "b": np.zeros((1, 2, 3)), "c": np.zeros((1, 3))},
+                         mesh, leading=1)
+    assert sh["a"].spec == P(None, ("data", "fsdp")) and sh["b"].spec == P(None, ("data",))
+    assert sh["c"].spec == P()
+    assert DEFAULT_RULES.mesh_axes("layers") == ()
+
+
+def test_make_mesh_errors_name_the_fields():
+    n = len(jax.devices())
+    with pytest.raises(ConfigError, match="does not divide the device count"):
+        make_mesh(MeshConfig(data=-1, fsdp=n + 1, tensor=1))
+    with pytest.raises(ConfigError, match="MeshConfig.tensor"):
+        make_mesh(MeshConfig(tensor=0))
+    with pytest.raises(ConfigError, match="MeshConfig.data"):
+        make_mesh(MeshConfig(data=0))
+    m = make_mesh(MeshConfig())
+    assert m.axis_names == AXES and m.shape["data"] == n
+
+
+_SHARDED_VS_SINGLE = textwrap.dedent("""
+    import json, jax, jax.numpy as jnp, numpy as np, optax
+    from marjax.config import MeshConfig, preset
+    from marjax.models.lm import forward, init_params
+    from marjax.train.mesh import make_mesh, init_sharded
+    from marjax.train.optim import decay_mask
+    from marjax.train.state import init_state
+    from marjax.train.step import make_step_shardings, make_train_step
+    assert len(jax.devices()) == 8
+
+    def ce_loss(cfg):
+        def loss_fn(student, teacher, batch, rng):
+            logp = jax.nn.log_softmax(forward(student, batch["inputs"], cfg)[0], -1)
+            nll = -jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+            s, n = jnp.sum(nll * batch["mask"]), jnp.sum(batch["mask"])
+            return s, n, {"ce": (s, n)}
+        return loss_fn
+    out = {}
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 256, (2, 8, 17)).astype(np.int32)        # 2 micro-batches of 8 sequences
+    batch = {"inputs": ids[..., :-1], "targets": ids[..., 1:], "mask": np.ones((2, 8, 16), np.float32)}
+    batch["mask"][1, :, 10:] = 0.0                                   # unequal token counts
+    for name in ("tiny", "tiny-ssm"):
+        cfg = preset(name)
+        tx = optax.adamw(1e-2, eps=1e-3, weight_decay=0.1, mask=decay_mask)  # eps: no sign(~0 grad) flips
+        res = {}
+        for tag, mesh in (("single", make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])),
+                          ("sharded", make_mesh(MeshConfig(2, 2, 2)))):
+            params = init_sharded(lambda: init_params(jax.random.PRNGKey(0), cfg), mesh)
+            state = init_state(params, tx, 0, mesh)
+            sh = make_step_shardings(state, None, batch, mesh)
+            step = make_train_step(ce_loss(cfg), tx, mesh, sh, accum_steps=2)
+            losses = []
+            for _ in range(2):
+                state, o = step(state, None, jax.device_put(batch, sh.batch))
+                losses.append(float(o["loss"]))
+            leaves = jax.tree_util.tree_flatten_with_path(state.params)[0]
+            res[tag] = {"loss": losses, "gn": float(o["grad_norm"]),
+                        "params": {jax.tree_util.keystr(k): np.asarray(v).tolist() for k, v in leaves},
+                        "specs": {jax.tree_util.keystr(k): str(v.sharding.spec) for k, v in leaves},
+                        "n_shards": {jax.tree_util.keystr(k): len({str(s.index) for s in v.addressable_shards})
+                                     for k, v in leaves}}
+        out[name] = res
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def _run8(code: str, tmp_path) -> str:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return r.stdout
+
+
+def test_sharded_step_equals_single_device(tmp_path):
+    out = _run8(_SHARDED_VS_SINGLE, tmp_path)
+    res = json.loads(out.split("RESULT", 1)[1])
+    for name, r in res.items():
+        single, sharded = r["single"], r["sharded"]
+        np.testing.assert_allclose(sharded["loss"], single["loss"], rtol=1e-5, err_msg=name)
+        assert sharded["loss"][1] < sharded["loss"][0]
+        np.testing.assert_allclose(sharded["gn"], single["gn"], rtol=1e-4, err_msg=name)
+        for k, v in single["params"].items():
+            np.testing.assert_allclose(np.array(sharded["params"][k]), np.array(v), rtol=1e-4, atol=1e-5,
+                                       err_msg=f"{name} {k}")
+        # the params really were split over the mesh
+        assert "fsdp" in sharded["specs"][".embed"] and "tensor" in sharded["specs"][".embed"]
+        assert sharded["n_shards"][".embed"] == 4 and single["n_shards"][".embed"] == 1
+        assert sharded["n_shards"][".blocks.mlp.gate"] == 4
