@@ -21,7 +21,7 @@ from marjax import ssm
 from marjax.errors import MarjaxError
 from marjax.ssm import associative as assoc_mod
 
-__all__ = ["main", "bench_one"]
+__all__ = ["main", "bench_length", "compile_one"]
 
 ALL_IMPLS = ("reference", "chunked", "chunked-assoc", "associative", "pallas", "auto")
 
@@ -41,14 +41,10 @@ def _inputs(b, l, h, p, n, dtype):
     return x, log_a, B, C
 
 
-def _median_time(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))          # warm-up (after compile)
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+def _time_once(fn, args) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - t0
 
 
 def _memory_mib(compiled) -> float | None:
@@ -61,8 +57,8 @@ def _memory_mib(compiled) -> float | None:
     return (ma.temp_size_in_bytes + ma.output_size_in_bytes) / 2**20
 
 
-def bench_one(name: str, args, chunk: int, repeats: int) -> dict:
-    """Forward and forward+backward of one impl on one input set -> seconds and MiB."""
+def compile_one(name: str, args, chunk: int) -> dict:
+    """Compiled forward and forward+backward (grads of sum(y) for x, log_a, B, C) of one impl."""
     kw = _impl_kwargs(name)
     l = args[0].shape[1]
     if kw["impl"] != "reference":
@@ -73,12 +69,24 @@ def bench_one(name: str, args, chunk: int, repeats: int) -> dict:
         return jnp.sum(fwd(x, log_a, B, C).astype(jnp.float32))
 
     both = jax.grad(loss, argnums=(0, 1, 2, 3))
-    out = {}
-    for tag, fn in (("fwd", fwd), ("fwd_bwd", both)):
-        compiled = jax.jit(fn).lower(*args).compile()
-        out[f"{tag}_s"] = _median_time(compiled, args, repeats)
-        out[f"{tag}_mib"] = _memory_mib(compiled)
-    return out
+    return {tag: jax.jit(fn).lower(*args).compile() for tag, fn in (("fwd", fwd), ("fwd_bwd", both))}
+
+
+def bench_length(names, args, chunk: int, repeats: int) -> dict:
+    """Median seconds and compiled MiB per impl. Calls are interleaved round-robin (one call of
+    each impl per round), so load from other processes hits all impls alike and the ratios
+    measured in one run hold even when absolute times drift."""
+    compiled = {name: compile_one(name, args, chunk) for name in names}
+    times = {(name, tag): [] for name in names for tag in ("fwd", "fwd_bwd")}
+    for rnd in range(repeats + 1):                 # round 0 is the warm-up
+        for (name, tag), ts in times.items():
+            t = _time_once(compiled[name][tag], args)
+            if rnd:
+                ts.append(t)
+    return {name: {"fwd_s": statistics.median(times[(name, "fwd")]),
+                   "fwd_bwd_s": statistics.median(times[(name, "fwd_bwd")]),
+                   "fwd_mib": _memory_mib(compiled[name]["fwd"]),
+                   "fwd_bwd_mib": _memory_mib(compiled[name]["fwd_bwd"])} for name in names}
 
 
 def _fmt_mib(v):
@@ -124,27 +132,31 @@ def main(argv=None) -> int:
     records, notes = [], []
     for l in lengths:
         args = _inputs(a.batch, l, a.heads, a.head_dim, a.state, dtype)
-        ref = None
+        recs = {}
         for name in impls:
             rec = {"impl": name, "length": l, "batch": a.batch, "heads": a.heads, "head_dim": a.head_dim,
                    "state": a.state, "dtype": a.dtype, "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
-                   "precision": precision}
+                   "precision": precision, "repeats": a.repeats}
             if name == "pallas" and on_cpu and l > a.pallas_interpret_max_len:
                 rec["skipped"] = f"pallas runs interpreted on CPU; skipped above L={a.pallas_interpret_max_len}"
             elif name == "associative" and assoc_mod.state_bytes(a.batch, l, a.heads, a.head_dim,
                                                                  a.state) > assoc_mod.MAX_STATE_BYTES:
                 rec["skipped"] = "per-token states exceed the associative memory guard"
+            recs[name] = rec
+        run_names = [name for name in impls if "skipped" not in recs[name]]
+        for name, res in bench_length(run_names, args, a.chunk, a.repeats).items():
+            recs[name].update(res)
+        ref = recs["reference"]
+        for name in impls:
+            rec = recs[name]
+            if "skipped" in rec:
+                notes.append(f"{name} L={l}: {rec['skipped']}")
             else:
-                rec.update(bench_one(name, args, a.chunk, a.repeats))
-                if name == "reference":
-                    ref = rec
                 rec["fwd_ratio"] = rec["fwd_s"] / ref["fwd_s"]
                 rec["fwd_bwd_ratio"] = rec["fwd_bwd_s"] / ref["fwd_bwd_s"]
             records.append(rec)
             _print_row(rec, on_cpu)
-            sys.stdout.flush()
-            if "skipped" in rec:
-                notes.append(f"{name} L={l}: {rec['skipped']}")
+        sys.stdout.flush()
     if notes:
         print("skipped: " + "; ".join(notes))
     if a.json:

@@ -52,7 +52,7 @@ from typing import Optional
 
 import numpy as np
 
-from marjax.config import PRESETS, SITES, ATMNConfig, ModelConfig, preset, ssm_from_attention
+from marjax.config import PRESETS, ATMNConfig, ModelConfig, preset, ssm_from_attention
 from marjax.errors import ConfigError, DataError, MarjaxError
 
 __all__ = ["EnergyConfig", "Ops", "energy_report", "compare_reports", "related_configs", "uniform_rates",
@@ -134,7 +134,7 @@ def _ssm_mixer_core(cfg: ModelConfig, e: EnergyConfig) -> dict:
     s = cfg.ssm
     h, p, n, di = s.n_heads, s.head_dim, s.state_dim, s.d_inner
     return {"conv": Ops(mac=s.conv_dim * s.conv_kernel, add=s.conv_dim),
-            "ssd": Ops(add=h) + _nonlin(2 * h, e) + Ops(mul=h * p * n, mac=2 * h * p * n + 1) + Ops(mac=di),
+            "ssd": Ops(add=h) + _nonlin(2 * h, e) + Ops(mul=h * p * n, mac=2 * h * p * n) + Ops(mac=di),
             "gate": Ops(add=di, mul=2 * di) + _nonlin(di, e)}
 
 
@@ -188,7 +188,8 @@ def _kind(cfg: ModelConfig) -> str:
 
 
 def energy_report(cfg: ModelConfig, firing: Optional[dict] = None, seq_len: int = 512,
-                  ecfg: EnergyConfig = EnergyConfig(), rate: Optional[float] = None, tokens: Optional[int] = None) -> dict:
+                  ecfg: EnergyConfig = EnergyConfig(), rate: Optional[float] = None,
+                  tokens: Optional[int] = None) -> dict:
     """Per-token energy report of one model. `cfg` decides the kind: attention (teacher), SSM
     (dense), SSM with `atmn` (spiking: needs `firing` {site: {"nonzero": (n_layers, T), ...}} or
     an assumed `rate`). `seq_len` is the context length l (attention cost is averaged over the

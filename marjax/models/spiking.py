@@ -34,9 +34,8 @@ def make_spiking_student(dense_params: LMParams, dense_cfg: ModelConfig, atmn: A
         if calib_ids is None:
             raise ConfigError("ATMNConfig.init='stats' needs a calibration batch (calib_ids)")
         _, aux = forward(dense_params, jnp.asarray(calib_ids), dense_cfg, taps=("site_inputs",), head=False)
-        calibrated = {s: jax.vmap(lambda x: calibrate_a(x, atmn))(aux["site_inputs"][s]) for s in atmn.sites}
-        sites = SpikeSites(**{s: dataclasses.replace(getattr(sites, s), a=calibrated[s].a.astype(getattr(sites, s).a.dtype))
-                              if hasattr(calibrated[s], "a") else dataclasses.replace(getattr(sites, s), a=calibrated[s])
+        # one calibration per layer (vmapped over the stacked layer axis of the site inputs)
+        sites = SpikeSites(**{s: jax.vmap(lambda x: calibrate_a(x, atmn))(aux["site_inputs"][s])
                               for s in atmn.sites})
     blocks = dataclasses.replace(dense_params.blocks, spikes=sites)
     return cfg, dataclasses.replace(dense_params, blocks=blocks)

@@ -7,10 +7,12 @@ implementations accumulate in float32, return y in x's dtype and states in float
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 from marjax.errors import MarjaxError
@@ -22,12 +24,14 @@ from marjax.ssm.reference import step as _reference_step
 IMPLS = ("reference", "chunked", "associative", "pallas", "auto")
 DEFAULT_CHUNK = 128
 
-# What impl="auto" runs, per backend. CPU: from experiments/results/ssd_cpu.md (2-core CPU,
-# b2 h8 p64 n64): chunked + lax.scan is faster than the token scan in the forward and much faster
-# with the backward, at every measured length. Accelerators: the chunked form is matmul-bound
-# (0.18 ms vs 23 ms for the token scan on an H100 at L=1024 per docs/GPU.md); the Pallas kernel
-# is not auto-selected until it has been measured there.
-AUTO_IMPL = {"cpu": "chunked"}
+# What impl="auto" runs, per backend. CPU (experiments/results/ssd_cpu.md, 2-core CPU, b2 h8 p64
+# n64): the token scan is the fastest forward (the chunked form does more flops, which a CPU does
+# not hide), but its backward stores a (p, n) state per token and is 5-7x slower than the chunked
+# backward. "hybrid" takes both: the token scan when only values are needed, and the chunked form
+# (values and vjp) when differentiated, through a custom_vjp. Accelerators: the chunked form is
+# matmul-bound (0.18 ms vs 23 ms for the token scan on an H100 at L=1024, docs/GPU.md); the Pallas
+# kernel is not auto-selected until it has been measured there.
+AUTO_IMPL = {"cpu": "hybrid"}
 AUTO_IMPL_ACCELERATOR = "chunked"
 
 
@@ -49,8 +53,33 @@ def resolve_impl(impl: str) -> str:
     return AUTO_IMPL.get(jax.default_backend(), AUTO_IMPL_ACCELERATOR)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _hybrid(x, log_a, B, C, h0, chunk_size, inter_chunk):
+    """Token scan when not differentiated; chunked forward and backward when differentiated.
+    Reverse mode only (custom_vjp): jax.jvp of it raises; use impl="chunked" for forward mode."""
+    return ssd_reference(x, log_a, B, C, h0)
+
+
+def _hybrid_fwd(x, log_a, B, C, h0, chunk_size, inter_chunk):
+    # the vjp closure (a Partial pytree of the chunked form's residuals) is the residual
+    return jax.vjp(lambda *a: ssd_chunked(*a, chunk_size, inter_chunk), x, log_a, B, C, h0)
+
+
+def _hybrid_bwd(chunk_size, inter_chunk, vjp_fn, cts):
+    return vjp_fn(cts)
+
+
+_hybrid.defvjp(_hybrid_fwd, _hybrid_bwd)
+
+
+try:
+    _Tracer = jax.core.Tracer
+except AttributeError:          # jax versions that stop re-exporting it
+    from jax._src.core import Tracer as _Tracer
+
+
 def _is_concrete(a) -> bool:
-    return not isinstance(a, jax.core.Tracer)
+    return not isinstance(a, _Tracer)
 
 
 def _check_float(name: str, a) -> None:
@@ -87,8 +116,11 @@ def _validate(x, log_a, B, C, D, initial_state):
                               f"got {tuple(jnp.shape(initial_state))}")
     # Positive log decay makes the recurrence blow up. Checked only on concrete (eager) inputs:
     # under jit/grad/vmap the values are unknown and a host check would need a callback.
-    if _is_concrete(log_a) and bool(jnp.any(jnp.asarray(log_a) > 0)):
-        raise MarjaxError(f"log_a must be <= 0 (a log decay), got max {float(jnp.max(jnp.asarray(log_a)))}")
+    # The (b, l, h) decays are small next to x, so the eager check copies them to the host.
+    if _is_concrete(log_a):
+        host = np.asarray(log_a, np.float32)
+        if np.any(host > 0):
+            raise MarjaxError(f"log_a must be <= 0 (a log decay), got max {float(host.max())}")
     return b, l, h, p, n
 
 
@@ -105,7 +137,9 @@ def ssd(x: Float[Array, "b l h p"], log_a: Float[Array, "b l h"], B: Float[Array
       return_final_state: also return the state after the last token, float32 (b, h, p, n).
       impl: "reference" (token-by-token lax.scan, the oracle), "chunked" (SSD block form),
         "associative" (per-token associative scan; small states only, memory-guarded),
-        "pallas" (pallas_kernels, interpret mode on CPU) or "auto" (see AUTO_IMPL).
+        "pallas" (pallas_kernels, interpret mode on CPU) or "auto" (see AUTO_IMPL: on CPU
+        "hybrid", the token scan for values and the chunked form under differentiation;
+        "chunked" elsewhere).
       chunk_size: power of two. None means effective_chunk(l, 128). An explicit chunk_size larger
         than l rounded up to a power of two (more than half padding) is rejected for the
         chunked/pallas/auto impls; pass effective_chunk(l, chunk_size) to clamp it instead.
@@ -140,6 +174,8 @@ def ssd(x: Float[Array, "b l h p"], log_a: Float[Array, "b l h"], B: Float[Array
         y, final = ssd_reference(x, log_a, B, C, h0)
     elif which == "chunked":
         y, final = ssd_chunked(x, log_a, B, C, h0, chunk_size, inter_chunk)
+    elif which == "hybrid":
+        y, final = _hybrid(x, log_a, B, C, h0, chunk_size, inter_chunk)
     elif which == "associative":
         y, final = ssd_associative(x, log_a, B, C, h0)
     else:

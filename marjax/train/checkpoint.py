@@ -123,8 +123,8 @@ def _abstract(tree):
 
 class Checkpointer:
     """Orbax CheckpointManager over the run directory: keep the latest `keep` steps (or, with
-    `best_metric`, the best `keep` by that metric -- Orbax also never deletes the latest),
-    asynchronous saves (the next save or `wait()` waits for the previous one)."""
+    `best_metric`, the best `keep` by that metric plus the latest step), asynchronous saves
+    (the next save or `wait()` waits for the previous one)."""
 
     def __init__(self, directory, *, keep: int = 2, best_metric: Optional[str] = None, best_mode: str = "min",
                  async_save: bool = True, read_only: bool = False):
@@ -137,12 +137,19 @@ class Checkpointer:
             raise CheckpointError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
         self.directory = Path(directory).absolute()
         self.read_only = read_only
-        self.best_metric = best_metric
+        self.best_metric, self.best_mode = best_metric, best_mode
+        policy, best_fn = None, None
+        if best_metric:
+            from orbax.checkpoint import checkpoint_managers as cm
+            best_fn = lambda m: float(m[best_metric])  # noqa: E731
+            # BestN keeps the last `n` of the ascending sort: reverse=True keeps the smallest.
+            # LatestN(1): the newest step survives too, so resume never loses progress.
+            # (best_fn is still given: Orbax only writes per-step metrics when it is set.)
+            policy = cm.AnyPreservationPolicy([
+                cm.LatestN(n=1), cm.BestN(get_metric_fn=best_fn, reverse=best_mode == "min", n=keep)])
         opts = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=not read_only,
-            enable_async_checkpointing=async_save,
-            best_fn=(lambda m: float(m[best_metric])) if best_metric else None, best_mode=best_mode,
-            keep_checkpoints_without_metrics=False if best_metric else True)
+            max_to_keep=None if best_metric else keep, preservation_policy=policy, best_fn=best_fn,
+            best_mode=best_mode, create=not read_only, enable_async_checkpointing=async_save)
         self.mgr = ocp.CheckpointManager(self.directory, options=opts)
 
     # -- queries
@@ -151,6 +158,10 @@ class Checkpointer:
 
     def all_steps(self) -> list:
         return sorted(self.mgr.all_steps())
+
+    def best_step(self) -> Optional[int]:
+        """The kept step with the best `best_metric` (None without one)."""
+        return self.mgr.best_step() if self.best_metric else None
 
     # -- save / restore
     def save(self, step: int, state, data_state: Optional[dict], meta: dict, metrics: Optional[dict] = None) -> None:

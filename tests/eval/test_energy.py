@@ -166,3 +166,30 @@ def test_measured_rates_through_the_model(tmp_path):
     r = energy_report(cfg, firing=rates, seq_len=16)
     assert r["firing"]["source"] == "measured" and r["totals"]["ac"] > 0
     write_report({"spiking": r}, tmp_path)  # also plots a single model
+
+
+def test_main_measures_rates_of_a_loaded_spiking_model(tmp_path, capsys, monkeypatch):
+    """`marjax energy --model X` on a spiking model with weights measures firing rates on --data."""
+    import jax
+    import marjax
+    from marjax.models.lm import init_params
+
+    class Bytes:
+        def encode(self, text):
+            return list(text.encode("utf-8"))
+
+    cfg = preset("tiny-spiking")
+    model = marjax.Model(config=cfg, params=init_params(jax.random.key(0), cfg), tokenizer=Bytes())
+    monkeypatch.setattr(marjax, "load", lambda name: model)
+    data = tmp_path / "data.txt"
+    data.write_text("The quick brown fox jumps over the lazy dog. " * 4)
+    assert main(["--model", "my-spiking", "--data", str(data), "--tokens", "64", "--seq-len", "32",
+                 "--out", str(tmp_path / "out")]) == 0
+    rep = json.loads((tmp_path / "out" / "energy.json").read_text())["spiking"]
+    assert rep["firing"]["source"] == "measured" and rep["tokens"] == 64 and rep["seq_len"] == 32
+    assert 0 < rep["totals"]["ac"] < energy_report(cfg, rate=1.0)["totals"]["ac"]
+    # without --data: the embedded corpus
+    assert main(["--model", "my-spiking", "--tokens", "32", "--seq-len", "32"]) == 0
+    assert "measured" in capsys.readouterr().out
+    with pytest.raises(MarjaxError, match="no such file"):
+        main(["--model", "my-spiking", "--data", str(tmp_path / "missing.txt")])

@@ -1,0 +1,260 @@
+"""The training loop: loss falls, exact resume, accumulation = one big batch, divergence stop,
+trainable masks, bf16 compute."""
+import dataclasses
+import itertools
+import json
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from marjax.config import MeshConfig, TrainConfig, preset
+from marjax.errors import CheckpointError, ConfigError
+from marjax.models.lm import forward, init_params
+from marjax.train.checkpoint import Checkpointer, load_model_dir
+from marjax.train.loop import TrainingDiverged, read_metrics, train
+from marjax.train.mesh import make_mesh, shard_params
+from marjax.train.optim import accum_steps, lr_schedule, make_optimizer
+from marjax.train.state import init_state
+from marjax.train.step import make_step_shardings, make_train_step, stack_micro_batches
+
+CFG = preset("tiny")
+L = 16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compile_cache(tmp_path_factory):
+    """Identical train steps recompile in every train() call (new closures); XLA's persistent
+    cache turns the repeats into cache hits (results are unchanged)."""
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    old = {n: getattr(jax.config, n) for n in names}
+    jax.config.update(names[0], str(tmp_path_factory.getbasetemp() / "xla_cache"))
+    jax.config.update(names[1], 0)
+    jax.config.update(names[2], 0)
+    yield
+    for n, v in old.items():
+        jax.config.update(n, v)
+
+
+def ce_loss(cfg):
+    def loss_fn(student, teacher, batch, rng):
+        logp = jax.nn.log_softmax(forward(student, batch["inputs"], cfg)[0], -1)
+        nll = -jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+        s, n = jnp.sum(nll * batch["mask"]), jnp.sum(batch["mask"])
+        if "poison" in batch:    # a batch that makes the loss NaN (divergence test)
+            s = s * jnp.where(jnp.any(batch["poison"] > 0), jnp.nan, 1.0)
+        return s, n, {"ce": (s, n), "mask_frac": (n, jnp.float32(batch["mask"].size))}
+    return loss_fn
+
+
+def _sequence(j: int) -> dict:
+    """A learnable toy language: arithmetic progressions mod 32."""
+    r = np.random.default_rng(j)
+    start, stride = r.integers(0, 32), r.integers(1, 4)
+    x = ((start + stride * np.arange(L + 1)) % 32).astype(np.int32)
+    mask = np.ones(L, np.float32)
+    mask[: j % 4] = 0.0                      # unequal token counts per sequence
+    return {"inputs": x[:-1], "targets": x[1:], "mask": mask}
+
+
+def grain_iter(batch_size: int, seed: int = 0):
+    """A real Grain iterator (get_state/set_state)."""
+    ds = grain.MapDataset.range(64).shuffle(seed=seed).repeat().map(_sequence).batch(batch_size, drop_remainder=True)
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
+
+
+class Crashing:
+    """Delegates to an iterator and raises after `n` batches (a simulated kill)."""
+
+    def __init__(self, it, n):
+        self.it, self.n = it, n
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.n == 0:
+            raise RuntimeError("simulated crash")
+        self.n -= 1
+        return next(self.it)
+
+    def get_state(self):
+        return self.it.get_state()
+
+    def set_state(self, s):
+        self.it.set_state(s)
+
+
+def tcfg(**kw):
+    base = dict(steps=6, seq_len=L, micro_batch=4, batch_tokens=4 * L, lr=1e-2, warmup=1, log_every=1,
+                save_every=3, keep=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+META = {"stage": "pretrain", "model_config": dataclasses.asdict(CFG)}
+
+
+def _params():
+    return init_params(jax.random.PRNGKey(0), CFG)
+
+
+def _assert_trees_close(a, b, rtol=1e-6, atol=1e-6):
+    for (k, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(k))
+
+
+def test_accum_steps_and_schedule():
+    assert accum_steps(tcfg(batch_tokens=8 * L)) == 2
+    with pytest.raises(ConfigError, match="batch_tokens"):
+        accum_steps(tcfg(batch_tokens=6 * L))
+    sched = lr_schedule(tcfg(steps=10, warmup=4, lr=1.0))
+    np.testing.assert_allclose([float(sched(s)) for s in (0, 3, 4, 10)], [0.2, 0.8, 1.0, 0.1], rtol=1e-6)
+
+
+def test_loss_falls_and_log(tmp_path):
+    params0 = _params()
+    before = np.asarray(params0.embed).copy()
+    params, hist = train(ce_loss(CFG), params0, None, grain_iter(4), tcfg(log_every=2, save_every=6),
+                         tmp_path, model_meta=META, progress=False)
+    assert hist[-1]["loss"] < 0.5 * hist[0]["loss"], [h["loss"] for h in hist]
+    np.testing.assert_array_equal(np.asarray(params0.embed), before)   # the caller's params are not donated
+    recs = read_metrics(tmp_path)
+    assert [r["step"] for r in recs] == [1, 2, 4, 6]
+    for key in ("loss", "ce", "mask_frac", "lr", "grad_norm", "tokens", "tokens_per_s", "time"):
+        assert key in recs[-1], key
+    assert recs[-1]["tokens"] == 6 * 4 * L
+    # (sum, count) metrics reduce exactly: mask_frac over the log interval (steps 5-6)
+    it = grain_iter(4)
+    masks = [next(it)["mask"] for _ in range(6)][4:]
+    np.testing.assert_allclose(recs[-1]["mask_frac"], sum(m.sum() for m in masks) / (2 * 4 * L), rtol=1e-6)
+    assert json.loads((tmp_path / "marjax_checkpoint.json").read_text())["latest_step"] == 6
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    loss = ce_loss(CFG)
+    p_full, h_full = train(loss, _params(), None, grain_iter(4), tcfg(), tmp_path / "full", model_meta=META,
+                           progress=False)
+    with pytest.raises(RuntimeError, match="simulated crash"):     # dies during step 4, after saving step 3
+        train(loss, _params(), None, Crashing(grain_iter(4), 3), tcfg(), tmp_path / "cut", model_meta=META,
+              progress=False)
+    assert Checkpointer(tmp_path / "cut").all_steps() == [3]
+    # a fresh iterator: resume must restore its position from the checkpoint
+    p_res, h_res = train(loss, _params(), None, grain_iter(4), tcfg(), tmp_path / "cut", model_meta=META,
+                         resume=True, progress=False)
+    _assert_trees_close(p_res, p_full, rtol=0, atol=0)
+    keys = ("step", "loss", "ce", "mask_frac", "lr", "grad_norm", "tokens")
+    assert [{k: r[k] for k in keys} for r in h_res] == [{k: r[k] for k in keys} for r in h_full]
+    assert [r["step"] for r in read_metrics(tmp_path / "cut")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    """accum 2 x 2 sequences == 1 x 4 sequences, with unequal token counts per micro-batch."""
+    mesh = make_mesh(MeshConfig())
+    it = grain_iter(4)
+    big = next(it)
+    big["mask"][:2, :8] = 0.0                      # first micro-batch has far fewer tokens
+    small = [jax.tree.map(lambda x: x[:2], big), jax.tree.map(lambda x: x[2:], big)]
+    params = shard_params(_params(), mesh, copy=True)
+    out = {}
+    for name, micro in (("big", [big]), ("accum", small)):
+        tx = optax.sgd(0.5)                        # updates proportional to the gradients
+        state = init_state(shard_params(params, mesh, copy=True), tx, 0, mesh)
+        batch = stack_micro_batches(micro)
+        step = make_train_step(ce_loss(CFG), tx, mesh, make_step_shardings(state, None, batch, mesh),
+                               accum_steps=len(micro))
+        state, o = step(state, None, batch)
+        out[name] = (state.params, jax.device_get(o))
+    (pa, oa), (pb, ob) = out["accum"], out["big"]
+    np.testing.assert_allclose(oa["loss"], ob["loss"], rtol=1e-6)
+    np.testing.assert_allclose(oa["grad_norm"], ob["grad_norm"], rtol=1e-5)
+    assert oa["count"] == ob["count"] == big["mask"].sum()
+    np.testing.assert_allclose(oa["metrics"]["mask_frac"], ob["metrics"]["mask_frac"])
+    _assert_trees_close(pa, pb, rtol=1e-5, atol=1e-6)
+    # the mean of per-micro-batch means differs: the test can tell the two reductions apart
+    m = [float(jnp.sum(x["mask"])) for x in small]
+    assert abs(m[0] - m[1]) > 10
+
+
+def test_accumulation_in_the_loop_matches_big_batch(tmp_path):
+    cfg_big = tcfg()
+    cfg_acc = tcfg(micro_batch=2)
+    split = ({k: v[h * 2:(h + 1) * 2] for k, v in b.items()} for b in grain_iter(4) for h in (0, 1))
+    p_big, h_big = train(ce_loss(CFG), _params(), None, grain_iter(4), cfg_big, tmp_path / "a", model_meta=META,
+                         progress=False)
+    p_acc, h_acc = train(ce_loss(CFG), _params(), None, split, cfg_acc, tmp_path / "b", model_meta=META,
+                         progress=False)
+    np.testing.assert_allclose([h["loss"] for h in h_acc], [h["loss"] for h in h_big], rtol=1e-5)
+    np.testing.assert_allclose([h["grad_norm"] for h in h_acc], [h["grad_norm"] for h in h_big], rtol=1e-4)
+    # Adam's first steps are ~lr * sign(g): gradients within rounding of 0 may flip sign, so
+    # compare all but a few elements tightly
+    for x, y in zip(jax.tree.leaves(p_acc), jax.tree.leaves(p_big)):
+        close = np.isclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
+        assert close.mean() > 0.999, close.mean()
+
+
+def _poisoned(n_good):
+    it = grain_iter(4)
+    for i, b in enumerate(it):
+        b["poison"] = np.full((4,), float(i >= n_good), np.float32)
+        yield b
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
+    with pytest.raises(TrainingDiverged, match="diverged at step 5") as ei:
+        train(ce_loss(CFG), _params(), None, _poisoned(4), tcfg(save_every=2), tmp_path, model_meta=META,
+              progress=False)
+    e = ei.value
+    assert e.step == 5 and e.last_good_step == 4
+    assert Checkpointer(tmp_path).all_steps() == [2, 4]
+    recs = read_metrics(tmp_path)
+    assert recs[-1]["status"] == "diverged" and recs[-1]["step"] == 5
+    assert all(np.isfinite(r["loss"]) for r in recs[:-1])
+    # the in-memory params are the last good ones, equal to the step-4 checkpoint
+    _, saved, _ = load_model_dir(tmp_path)
+    _assert_trees_close(e.params, saved, rtol=0, atol=0)
+    assert json.loads((tmp_path / "marjax_checkpoint.json").read_text())["latest_step"] == 4
+
+
+def test_wrong_stage_resume_refused(tmp_path):
+    with pytest.warns(UserWarning, match="exhausted after step 2"):   # a 2-batch dataset ends the run early
+        train(ce_loss(CFG), _params(), None, itertools.islice(grain_iter(4), 2), tcfg(save_every=2), tmp_path,
+              model_meta=dict(META, stage="orient"), progress=False)
+    assert Checkpointer(tmp_path).all_steps() == [2]
+    with pytest.raises(CheckpointError, match="stage 'orient', expected stage 'kd'"):
+        train(ce_loss(CFG), _params(), None, grain_iter(4), tcfg(steps=4, save_every=2), tmp_path,
+              model_meta=dict(META, stage="kd"), resume=True, progress=False)
+    other = dataclasses.asdict(dataclasses.replace(CFG, d_ff=64))
+    with pytest.raises(CheckpointError, match="d_ff"):
+        train(ce_loss(CFG), _params(), None, grain_iter(4), tcfg(steps=4, save_every=2), tmp_path,
+              model_meta={"stage": "orient", "model_config": other}, resume=True, progress=False)
+
+
+def test_trainable_mask_freezes_and_skips_state(tmp_path):
+    p0 = _params()
+    mask = jax.tree.map(lambda _: False, p0)
+    mask = dataclasses.replace(mask, blocks=dataclasses.replace(mask.blocks, mlp=jax.tree.map(lambda _: True,
+                                                                                             p0.blocks.mlp)))
+    p, _ = train(ce_loss(CFG), p0, None, grain_iter(4), tcfg(steps=2, save_every=2), tmp_path, trainable=mask,
+                 model_meta=META, progress=False)
+    np.testing.assert_array_equal(np.asarray(p.embed), np.asarray(p0.embed))
+    np.testing.assert_array_equal(np.asarray(p.blocks.mixer.wq), np.asarray(p0.blocks.mixer.wq))
+    assert not np.allclose(np.asarray(p.blocks.mlp.up), np.asarray(p0.blocks.mlp.up))
+    n_state = sum(x.size for x in jax.tree.leaves(make_optimizer(tcfg(), p0, mask).init(p0)))
+    n_mlp = sum(x.size for x in jax.tree.leaves(p0.blocks.mlp))
+    assert n_state <= 2 * n_mlp + 8          # Adam moments for the MLP only (plus counters)
+
+
+def test_bf16_compute_keeps_f32_master(tmp_path):
+    tc = tcfg(steps=6, save_every=6, log_every=1)
+    p32, h32 = train(ce_loss(CFG), _params(), None, grain_iter(4), tc, tmp_path / "a", model_meta=META,
+                     progress=False)
+    p16, h16 = train(ce_loss(CFG), _params(), None, grain_iter(4), tc, tmp_path / "b", model_meta=META,
+                     progress=False, compute_dtype="bfloat16")
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(p16))
+    np.testing.assert_allclose(h16[0]["loss"], h32[0]["loss"], rtol=3e-2)
+    assert h16[0]["loss"] != h32[0]["loss"]       # it really ran in bf16
