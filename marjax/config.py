@@ -150,6 +150,7 @@ class DistillConfig:
     temperature: float = 1.0
     feature_weight: float = 1.0      # weight of L2 relative to L1
     feature: str = "prenorm"         # prenorm | postnorm | both | none
+    feature_norm: str = "relative"   # relative: ||f_t - f_s|| / ||f_t|| ; absolute: the paper's plain L2
     ce_weight: float = 0.0           # optional hard-label CE
     kl_chunk: int = 128              # sequence chunk for the KL (never full b x l x V twice)
     trainable: str = "all"           # all | mixer (MOHAWK freezes MLPs in steps 1-2) | atmn
@@ -161,6 +162,8 @@ class DistillConfig:
         _require(self.temperature > 0, f"DistillConfig.temperature must be > 0, got {self.temperature}")
         _require(self.feature in ("prenorm", "postnorm", "both", "none"),
                  f"DistillConfig.feature unknown: {self.feature!r}")
+        _require(self.feature_norm in ("relative", "absolute"),
+                 f"DistillConfig.feature_norm must be relative|absolute, got {self.feature_norm!r}")
         _require(self.trainable in ("all", "mixer", "atmn"), f"DistillConfig.trainable unknown: {self.trainable!r}")
         return self
 

@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 __all__ = ["ssd_pallas", "kernel_chunk"]
 
 _SQ = pl.squeezed if hasattr(pl, "squeezed") else None
-_GPU_MAX_CHUNK = 64   # a (Q, Q) float32 tile per program; 128x128 spills registers on Triton
+_GPU_MAX_CHUNK = 64   # keeps the per-program (Q, Q) float32 tile at 16 KiB (not yet tuned on a GPU)
 
 
 def _interpret() -> bool:

@@ -249,13 +249,19 @@ def _bl_mask(mask, b: int, l: int, name: str):
     return mask.astype(jnp.float32)
 
 
-def feature_loss(feats_t: Float[Array, "L b l d"], feats_s: Float[Array, "L b l d"], mask: Float[Array, "b l"]):
+def feature_loss(feats_t: Float[Array, "L b l d"], feats_s: Float[Array, "L b l d"], mask: Float[Array, "b l"],
+                 relative: bool = False):
     """SBDS L2: per token and layer ||f_t - f_s||_2 (not squared), averaged over layers per token.
-    Returns (sum over masked tokens, token count): sum / count = 1/(T L) sum_t sum_l L2."""
+    Returns (sum over masked tokens, token count): sum / count = 1/(T L) sum_t sum_l L2.
+    relative=True divides each term by ||f_t||_2 (scale-free: pretrained residual streams carry
+    massive activations, e.g. SmolLM2's reach 1e3-1e4, which would otherwise swamp the KL)."""
     _check(feats_t.shape == feats_s.shape, f"feats_t {feats_t.shape} and feats_s {feats_s.shape} differ")
     _check(feats_s.ndim == 4, f"features must be (L, b, l, d), got {feats_s.shape}")
     m = _bl_mask(mask, feats_s.shape[1], feats_s.shape[2], "feature_loss")
-    per_token = jnp.mean(_safe_norm(feats_t - feats_s, axis=-1), axis=0)          # (b, l)
+    dist = _safe_norm(feats_t - feats_s, axis=-1)                                  # (L, b, l)
+    if relative:
+        dist = dist / (jax.lax.stop_gradient(_safe_norm(feats_t, axis=-1)) + 1e-6)
+    per_token = jnp.mean(dist, axis=0)                                             # (b, l)
     return jnp.sum(m * per_token), jnp.sum(m)
 
 

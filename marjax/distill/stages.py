@@ -86,7 +86,8 @@ def _kl_loss(tcfg, scfg, dcfg, alpha, beta):
         total = kl_s / jnp.maximum(n, 1)
         for f in feats:
             ft, fs = at[f], as_[f]
-            fs_, fc = losses.feature_loss(ft.reshape((-1,) + ft.shape[2:]), fs.reshape((-1,) + fs.shape[2:]), mask)
+            fs_, fc = losses.feature_loss(ft.reshape((-1,) + ft.shape[2:]), fs.reshape((-1,) + fs.shape[2:]), mask,
+                                          relative=dcfg.feature_norm == "relative")
             metrics[f"feat_{f}"] = (fs_, fc)
             total = total + dcfg.feature_weight * fs_ / jnp.maximum(fc, 1)
         if "spikes" in as_:

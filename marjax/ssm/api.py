@@ -26,8 +26,8 @@ DEFAULT_CHUNK = 128
 
 # What impl="auto" runs, per backend. CPU (experiments/results/ssd_cpu.md, 2-core CPU, b2 h8 p64
 # n64): the token scan is the fastest forward (the chunked form does more flops, which a CPU does
-# not hide), but its backward stores a (p, n) state per token and is 5-7x slower than the chunked
-# backward. "hybrid" takes both: the token scan when only values are needed, and the chunked form
+# not hide: 1.2-2.9x slower), but its backward stores a (p, n) state per token, and its fwd+bwd
+# takes 7-8x longer than the chunked one, with 9x the memory. "hybrid" takes both: the token scan when only values are needed, and the chunked form
 # (values and vjp) when differentiated, through a custom_vjp. Accelerators: the chunked form is
 # matmul-bound (0.18 ms vs 23 ms for the token scan on an H100 at L=1024, docs/GPU.md); the Pallas
 # kernel is not auto-selected until it has been measured there.

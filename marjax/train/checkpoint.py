@@ -27,7 +27,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 
@@ -152,6 +152,12 @@ class Checkpointer:
             best_mode=best_mode, create=not read_only, enable_async_checkpointing=async_save)
         self.mgr = ocp.CheckpointManager(self.directory, options=opts)
 
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # -- queries
     def latest_step(self) -> Optional[int]:
         return self.mgr.latest_step()
@@ -170,14 +176,15 @@ class Checkpointer:
         ocp = self._ocp
         if self.read_only:
             raise CheckpointError(f"checkpoint directory {self.directory} was opened read-only")
+        if self.best_metric and (metrics is None or self.best_metric not in metrics):
+            raise CheckpointError(f"best_metric {self.best_metric!r} missing from the save metrics "
+                                  f"{sorted(metrics or {})}")
         meta = dict(_normalise_meta(meta), latest_step=int(step))
         train = {"opt_state": tree_to_dict(state.opt_state), "step": state.step, "rng": state.rng}
         args = ocp.args.Composite(params=ocp.args.StandardSave(tree_to_dict(state.params)),
                                   train=ocp.args.StandardSave(train),
                                   data=ocp.args.JsonSave(data_state if data_state is not None else {}),
                                   meta=ocp.args.JsonSave(meta))
-        if self.best_metric and (metrics is None or self.best_metric not in metrics):
-            raise CheckpointError(f"best_metric {self.best_metric!r} missing from the save metrics {sorted(metrics or {})}")
         self.mgr.save(int(step), args=args, metrics=metrics)
         self._write_run_meta(meta)
 
@@ -231,7 +238,8 @@ class Checkpointer:
 
     def close(self) -> None:
         self.mgr.wait_until_finished()
-        self._refresh_run_meta()
+        if not self.read_only:
+            self._refresh_run_meta()
         self.mgr.close()
 
     # -- internals
@@ -339,7 +347,7 @@ def load_model_dir(path, *, step: Optional[int] = None, mesh=None, rules=None):
         target = jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d), shapes, sh)
         params = ck.restore_params(target, step)
     finally:
-        ck.mgr.close()    # read-only: nothing to wait for, no run metadata to rewrite
+        ck.close()
     tok = _load_tokenizer(meta.get("tokenizer_source") or run.get("tokenizer_source"))
     return cfg, params, tok
 

@@ -27,7 +27,7 @@ import math
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import jax
 import numpy as np
@@ -157,36 +157,31 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, tcfg: Tr
     schedule = lr_schedule(tcfg)
 
     ck = Checkpointer(out, keep=tcfg.keep, best_metric=best_metric, best_mode=best_mode, async_save=async_save)
-    history: list = []
-    metrics_path = out / METRICS_FILE
-    latest = ck.latest_step()
-    if resume and latest is not None:
-        saved_meta = ck.restore_meta(latest)
-        check_compatible(saved_meta, expected_stage=meta["stage"], expected_model=meta.get("model_config"))
-        state, data_state, _ = ck.restore(abstract_state(state), latest)
-        if data_state and callable(getattr(data_iter, "set_state", None)):
-            data_iter.set_state(data_state)
-        else:
-            warnings.warn("resuming with a data iterator that has no saved state (no get_state/set_state): "
-                          "the data order is not replayed", stacklevel=2)
-        history = [r for r in read_metrics(out) if r.get("step", 0) <= latest and "status" not in r]
-    else:
-        if latest is not None:
-            warnings.warn(f"{out} holds checkpoints {ck.all_steps()} from an earlier run; starting fresh (resume=False) "
-                          "and deleting them", stacklevel=2)
-            ck.delete_all()
-        elif resume:
-            warnings.warn(f"resume=True but {out} has no checkpoint; starting from step 0", stacklevel=2)
-    _rewrite_metrics(metrics_path, history)
+    try:
+        state, history = _start(ck, state, data_iter, meta, resume, out)
+    except BaseException:
+        ck.close()
+        raise
     start = int(jax.device_get(state.step))
     if start >= tcfg.steps:
         ck.close()
         return state.params, history
 
-    step_fn = None
+    step_fn, metrics_path = None, out / METRICS_FILE
     bar = _progress(progress, tcfg.steps, start, meta["stage"])
-    iv, t_run, tokens_total = _Interval(), time.perf_counter(), int(history[-1]["tokens"]) if history else 0
-    last_saved = latest if resume else None
+    iv, t_run = _Interval(), time.perf_counter()
+    tokens_total = int(history[-1]["tokens"]) if history else start * tcfg.batch_tokens
+    last_saved, last_grad_norm = (start if start > 0 else None), None
+
+    def log(s: int, i: int, with_eval: bool = False) -> dict:
+        """The record for update s (0-based index i: its learning rate)."""
+        rec = {"step": s, **iv.record(), "lr": float(schedule(i)), "grad_norm": last_grad_norm,
+               "tokens": tokens_total, "time": time.perf_counter() - t_run}
+        if with_eval and eval_fn is not None:
+            rec.update({f"eval_{k}": float(v) for k, v in eval_fn(state.params).items()})
+        _append(metrics_path, rec)
+        return rec
+
     try:
         for i in range(start, tcfg.steps):
             micro = []
@@ -200,6 +195,8 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, tcfg: Tr
                 micro.append(b)
             if len(micro) < n_micro:
                 warnings.warn(f"data iterator exhausted after step {i}; stopping early", stacklevel=2)
+                if iv.count:                       # log the steps since the last record
+                    history.append(log(i, i - 1))
                 if i > start and last_saved != i:
                     _save(ck, i, state, data_iter, meta, _ckpt_metrics(history, best_metric))
                 break
@@ -222,13 +219,9 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, tcfg: Tr
             iv.add(res, n_tok)
             tokens_total += n_tok
             save_now = s % tcfg.save_every == 0 or s == tcfg.steps
+            last_grad_norm = _f(res["grad_norm"])
             if s % tcfg.log_every == 0 or save_now or s == 1:
-                rec = {"step": s, **iv.record(), "lr": float(schedule(i)), "grad_norm": _f(res["grad_norm"]),
-                       "tokens": tokens_total, "time": time.perf_counter() - t_run}
-                if save_now and eval_fn is not None:
-                    rec.update({f"eval_{k}": float(v) for k, v in eval_fn(state.params).items()})
-                history.append(rec)
-                _append(metrics_path, rec)
+                history.append(log(s, i, with_eval=save_now))
                 iv = _Interval()
             if bar is not None:
                 bar.update(1)
@@ -242,6 +235,31 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, tcfg: Tr
             bar.close()
         ck.close()     # waits for the async save in flight
     return state.params, history
+
+
+def _start(ck: Checkpointer, state, data_iter, meta: dict, resume: bool, out: Path):
+    """(state, history) to continue from: restored from the latest checkpoint when resuming,
+    else the fresh state (and stale checkpoints in out_dir are deleted)."""
+    history: list = []
+    latest = ck.latest_step()
+    if resume and latest is not None:
+        saved_meta = ck.restore_meta(latest)
+        check_compatible(saved_meta, expected_stage=meta["stage"], expected_model=meta.get("model_config"))
+        state, data_state, _ = ck.restore(abstract_state(state), latest)
+        if data_state and callable(getattr(data_iter, "set_state", None)):
+            data_iter.set_state(data_state)
+        else:
+            warnings.warn("resuming with a data iterator that has no saved state (no get_state/set_state): "
+                          "the data order is not replayed", stacklevel=3)
+        history = [r for r in read_metrics(out) if r.get("step", 0) <= latest and "status" not in r]
+    elif latest is not None:
+        warnings.warn(f"{out} holds checkpoints {ck.all_steps()} from an earlier run; starting fresh (resume=False) "
+                      "and deleting them", stacklevel=3)
+        ck.delete_all()
+    elif resume:
+        warnings.warn(f"resume=True but {out} has no checkpoint; starting from step 0", stacklevel=3)
+    _rewrite_metrics(out / METRICS_FILE, history)
+    return state, history
 
 
 def _f(x) -> float:

@@ -9,7 +9,7 @@ Batch size is counted in tokens per update: `TrainConfig.batch_tokens` tokens ar
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -219,3 +219,16 @@ def test_chunked_never_builds_full_logits():
     assert _max_logits(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(hs, ws).jaxpr) == B * 4 * V   # one chunk
     g = lambda hs, ws: dense_kd_loss(ht @ wt, hs @ ws, mask, alpha=0.2, beta=0.7)[0]
     assert _max_logits(jax.make_jaxpr(jax.grad(g, argnums=(0, 1)))(hs, ws).jaxpr) == B * L * V
+
+
+def test_relative_feature_loss_is_scale_free():
+    from marjax.distill.losses import feature_loss
+    k1, k2 = jax.random.split(jax.random.PRNGKey(7))
+    ft = jax.random.normal(k1, (3, 2, 5, 8))
+    fs = ft + 0.1 * jax.random.normal(k2, ft.shape)
+    m = jnp.ones((2, 5))
+    s1, n1 = feature_loss(ft, fs, m, relative=True)
+    s2, n2 = feature_loss(1000.0 * ft, 1000.0 * fs, m, relative=True)
+    np.testing.assert_allclose(s1 / n1, s2 / n2, rtol=1e-5)
+    expect = np.mean(np.linalg.norm(np.asarray(ft - fs), axis=-1) / np.linalg.norm(np.asarray(ft), axis=-1))
+    np.testing.assert_allclose(s1 / n1, expect, rtol=1e-5)

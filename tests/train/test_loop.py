@@ -25,6 +25,11 @@ CFG = preset("tiny")
 L = 16
 
 
+def _steps(path) -> list:
+    with Checkpointer(path) as ck:
+        return ck.all_steps()
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _compile_cache(tmp_path_factory):
     """Identical train steps recompile in every train() call (new closures); XLA's persistent
@@ -32,9 +37,10 @@ def _compile_cache(tmp_path_factory):
     names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
              "jax_persistent_cache_min_entry_size_bytes")
     old = {n: getattr(jax.config, n) for n in names}
-    jax.config.update(names[0], str(tmp_path_factory.getbasetemp() / "xla_cache"))
-    jax.config.update(names[1], 0)
-    jax.config.update(names[2], 0)
+    if not old[names[0]]:            # CI may already run with a persistent cache: keep it
+        jax.config.update(names[0], str(tmp_path_factory.getbasetemp() / "xla_cache"))
+        jax.config.update(names[1], 0)
+        jax.config.update(names[2], 0)
     yield
     for n, v in old.items():
         jax.config.update(n, v)
@@ -142,7 +148,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):     # dies during step 4, after saving step 3
         train(loss, _params(), None, Crashing(grain_iter(4), 3), tcfg(), tmp_path / "cut", model_meta=META,
               progress=False)
-    assert Checkpointer(tmp_path / "cut").all_steps() == [3]
+    assert _steps(tmp_path / "cut") == [3]
     # a fresh iterator: resume must restore its position from the checkpoint
     p_res, h_res = train(loss, _params(), None, grain_iter(4), tcfg(), tmp_path / "cut", model_meta=META,
                          resume=True, progress=False)
@@ -210,7 +216,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
               progress=False)
     e = ei.value
     assert e.step == 5 and e.last_good_step == 4
-    assert Checkpointer(tmp_path).all_steps() == [2, 4]
+    assert _steps(tmp_path) == [2, 4]
     recs = read_metrics(tmp_path)
     assert recs[-1]["status"] == "diverged" and recs[-1]["step"] == 5
     assert all(np.isfinite(r["loss"]) for r in recs[:-1])
@@ -224,7 +230,7 @@ def test_wrong_stage_resume_refused(tmp_path):
     with pytest.warns(UserWarning, match="exhausted after step 2"):   # a 2-batch dataset ends the run early
         train(ce_loss(CFG), _params(), None, itertools.islice(grain_iter(4), 2), tcfg(save_every=2), tmp_path,
               model_meta=dict(META, stage="orient"), progress=False)
-    assert Checkpointer(tmp_path).all_steps() == [2]
+    assert _steps(tmp_path) == [2]
     with pytest.raises(CheckpointError, match="stage 'orient', expected stage 'kd'"):
         train(ce_loss(CFG), _params(), None, grain_iter(4), tcfg(steps=4, save_every=2), tmp_path,
               model_meta=dict(META, stage="kd"), resume=True, progress=False)
