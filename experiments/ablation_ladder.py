@@ -39,7 +39,8 @@ def main(argv=None) -> int:
         "Mean ± std over seeds. Agreement / KL: student vs its dense-SSM teacher on held-out tokens "
         "(top-1 agreement; KL(p_SSM || q_student), nats/token). Energy: analytic 45 nm estimate with the "
         "measured firing rates (marjax.eval.energy). Zero-shot acc: average of the six tasks (chance is "
-        "~36% on this mix: piqa/winogrande 50%, the other four 25%).", "",
+        "33.3% on this mix: piqa/winogrande 50%, the other four 25%). For acc, 'spread' also includes the "
+        "item-sampling stderr of the average (all seeds score the same items).", "",
         table, "",
         "## Orderings (each step of the ladder; 'reproduces' = better, and by more than the seed spread)", "",
         C.ordering_section(res, pairs, PAPER), "",

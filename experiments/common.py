@@ -430,8 +430,13 @@ def provenance(exp: ExperimentConfig, setup: Setup, wall_s: float, cfg_path: str
             f"(a seed sets the SBDS data order and the ATMN calibration batch; the teacher/SSM are shared). "
             f"Eval: {exp.eval.heldout_tokens} held-out tokens (window {exp.eval.window}); zero-shot "
             f"{', '.join(exp.eval.tasks)} at {exp.eval.limit} items each (acc, dev subsets). "
-            f"Config `{cfg_path}`; wall time of this script {wall_s / 60:.1f} min "
+            f"Config `{_rel(cfg_path)}`; wall time of this script {wall_s / 60:.1f} min "
             f"(setup when first built: {sum(setup.timings.values()):.0f}s).")
+
+
+def _rel(path: str) -> str:
+    p = Path(path).resolve()
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p)
 
 
 # ----------------------------------------------------------------------------- CLI helpers
@@ -528,6 +533,10 @@ def compare(results: dict, a: str, b: str, key: str, higher_is_better: bool, dig
     mb, sb, _ = aggregate(results[b], key)
     d = mb - ma
     spread = math.sqrt(sa ** 2 + sb ** 2)
+    if key == "acc_avg":
+        # every seed scores the same few items: add their sampling stderr, which the seed std misses
+        se = [aggregate(results[n], "acc_avg_stderr")[0] for n in (a, b)]
+        spread = math.sqrt(spread ** 2 + sum(x ** 2 for x in se if not math.isnan(x)))
     better = (d > 0) == higher_is_better and d != 0
     beyond = abs(d) > spread
     txt = (f"{key}: {ma:.{digits}f} -> {mb:.{digits}f} ({'better' if better else 'worse'}, "

@@ -189,6 +189,7 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 50
     keep: int = 2
+    compute_dtype: str = "float32"   # bfloat16: student forward/backward in bf16, f32 master params
     mesh: MeshConfig = field(default_factory=MeshConfig)
 
 

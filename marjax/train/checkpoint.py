@@ -104,12 +104,25 @@ def dict_to_tree(d: dict, target, what: str = "tree"):
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def _check_shapes(restored: dict, target: dict, what: str) -> None:
-    for (path, a), (_, t) in zip(jax.tree_util.tree_flatten_with_path(restored)[0],
-                                 jax.tree_util.tree_flatten_with_path(target)[0]):
-        if tuple(a.shape) != tuple(t.shape):
-            raise CheckpointError(f"checkpoint {what} {jax.tree_util.keystr(path)} has shape {tuple(a.shape)}, "
-                                  f"expected {tuple(t.shape)}")
+def _flat_shapes(tree) -> dict:
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {"/".join(_key_name(k) for k in path): tuple(x.shape) for path, x in flat if hasattr(x, "shape")}
+
+
+def _check_against(saved_tree, target: dict, what: str) -> None:
+    """Compare the saved arrays' paths and shapes with the restore target before reading, so a
+    mismatch is one clear CheckpointError (not failed reads inside Orbax)."""
+    saved, want = _flat_shapes(saved_tree), _flat_shapes(target)
+    missing = sorted(set(want) - set(saved))
+    extra = sorted(set(saved) - set(want))
+    if missing or extra:
+        raise CheckpointError(f"checkpoint {what} were saved from a different model or optimizer structure: "
+                              f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, unexpected "
+                              f"{extra[:5]}{' ...' if len(extra) > 5 else ''}")
+    bad = {k: (saved[k], want[k]) for k in want if saved[k] != want[k]}
+    if bad:
+        raise CheckpointError(f"checkpoint {what} shapes differ from the model's; (saved, expected): "
+                              f"{dict(list(bad.items())[:5])}")
 
 
 def _abstract(tree):
@@ -150,7 +163,9 @@ class Checkpointer:
         opts = ocp.CheckpointManagerOptions(
             max_to_keep=None if best_metric else keep, preservation_policy=policy, best_fn=best_fn,
             best_mode=best_mode, create=not read_only, enable_async_checkpointing=async_save)
-        self.mgr = ocp.CheckpointManager(self.directory, options=opts)
+        handlers = {"params": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
+                    "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        self.mgr = ocp.CheckpointManager(self.directory, options=opts, item_handlers=handlers)
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -196,14 +211,15 @@ class Checkpointer:
         target = _abstract(target_state)
         t_params = tree_to_dict(target.params)
         t_train = {"opt_state": tree_to_dict(target.opt_state), "step": target.step, "rng": target.rng}
+        saved = self.mgr.item_metadata(step)
+        _check_against(saved["params"], t_params, "params")
+        _check_against(saved["train"], t_train, "optimizer state")
         try:
             got = self.mgr.restore(step, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(t_params), train=ocp.args.StandardRestore(t_train),
                 data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
         except (ValueError, KeyError, FileNotFoundError) as e:
             raise CheckpointError(f"cannot restore step {step} from {self.directory}: {e}") from e
-        _check_shapes(got["params"], t_params, "params")
-        _check_shapes(got["train"], t_train, "optimizer state")
         from marjax.train.state import TrainState
         state = TrainState(step=got["train"]["step"], params=dict_to_tree(got["params"], target.params, "params"),
                            opt_state=dict_to_tree(got["train"]["opt_state"], target.opt_state, "optimizer state"),
@@ -216,11 +232,11 @@ class Checkpointer:
         step = self._resolve_step(step)
         target = _abstract(target_params)
         t_params = tree_to_dict(target)
+        _check_against(self.mgr.item_metadata(step)["params"], t_params, "params")
         try:
             got = self.mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(t_params)))
         except (ValueError, KeyError, FileNotFoundError) as e:
             raise CheckpointError(f"cannot restore params of step {step} from {self.directory}: {e}") from e
-        _check_shapes(got["params"], t_params, "params")
         return dict_to_tree(got["params"], target, "params")
 
     def restore_meta(self, step: Optional[int] = None) -> dict:

@@ -77,7 +77,14 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
 
     def micro_loss(params, teacher, mb, key):
         p = params if cdtype is None else cast_floating(params, cdtype)
-        loss_sum, count, metrics = loss_fn(p, teacher, mb, key)
+        out = loss_fn(p, teacher, mb, key)
+        if not (isinstance(out, tuple) and len(out) == 3 and isinstance(out[2], dict)):
+            raise ConfigError("loss_fn must return (loss_sum, count, {name: (sum, count)}), got "
+                              f"{type(out).__name__} {out!r:.120}")
+        loss_sum, count, metrics = out
+        bad = [k for k, v in metrics.items() if not (isinstance(v, tuple) and len(v) == 2)]
+        if bad:
+            raise ConfigError(f"loss_fn metrics must be (sum, count) pairs; not pairs: {bad}")
         metrics = {k: (jnp.asarray(s, jnp.float32), jnp.asarray(c, jnp.float32)) for k, (s, c) in metrics.items()}
         return jnp.asarray(loss_sum, jnp.float32), (jnp.asarray(count, jnp.float32), metrics)
 
@@ -122,11 +129,9 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
         out = {"loss": loss, "count": count, "metrics": metrics, "grad_norm": grad_norm, "finite": finite}
         return new, out
 
-    mask = trainable if trainable is not None else None
-    if mask is None:
-        mask = jax.tree.map(lambda _: True, shardings.state.params)
-    else:
-        mask = jax.tree.map(lambda m: bool(m), mask)
+    # static Python bools: the grad norm selects trainable leaves at trace time
+    mask = jax.tree.map(lambda _: True, shardings.state.params) if trainable is None else \
+        jax.tree.map(lambda m: bool(m), trainable)
     return jax.jit(step, in_shardings=(shardings.state, shardings.teacher, shardings.batch),
                    out_shardings=(shardings.state, replicated(mesh)),
                    donate_argnums=(0,) if donate else ())

@@ -112,11 +112,11 @@ def test_restore_refuses_other_structure(tmp_path):
     ck.save(1, _state(trainable="all"), None, make_meta("kd", CFG))
     ck.close()
     other = _state(preset("tiny"), trainable="all")          # attention params, not SSM
-    with pytest.raises(CheckpointError, match="different model|cannot restore"):
+    with pytest.raises(CheckpointError, match="different model or optimizer structure"):
         with Checkpointer(tmp_path) as ck:
             ck.restore(abstract_state(other))
     bigger = _state(dataclasses.replace(CFG, d_ff=256), trainable="all")
-    with pytest.raises(CheckpointError, match="shape|cannot restore"):
+    with pytest.raises(CheckpointError, match="shapes differ"):
         with Checkpointer(tmp_path) as ck:
             ck.restore(abstract_state(bigger))
     with pytest.raises(CheckpointError, match="no checkpoint for step 9"):

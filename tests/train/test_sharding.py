@@ -100,7 +100,7 @@ def test_make_mesh_errors_name_the_fields():
 
 
 _SHARDED_VS_SINGLE = textwrap.dedent("""
-    import json, jax, jax.numpy as jnp, numpy as np, optax
+    import json, sys, jax, jax.numpy as jnp, numpy as np, optax
     from marjax.config import MeshConfig, preset
     from marjax.models.lm import forward, init_params
     from marjax.train.mesh import make_mesh, init_sharded
@@ -121,7 +121,7 @@ _SHARDED_VS_SINGLE = textwrap.dedent("""
     ids = rng.integers(0, 256, (2, 8, 17)).astype(np.int32)        # 2 micro-batches of 8 sequences
     batch = {"inputs": ids[..., :-1], "targets": ids[..., 1:], "mask": np.ones((2, 8, 16), np.float32)}
     batch["mask"][1, :, 10:] = 0.0                                   # unequal token counts
-    for name in ("tiny", "tiny-ssm"):
+    for name in sys.argv[1:]:
         cfg = preset(name)
         tx = optax.adamw(1e-2, eps=1e-3, weight_decay=0.1, mask=decay_mask)  # eps: no sign(~0 grad) flips
         res = {}
@@ -146,17 +146,20 @@ _SHARDED_VS_SINGLE = textwrap.dedent("""
 """)
 
 
-def _run8(code: str, tmp_path) -> str:
+def _run8(code: str, tmp_path, *args) -> str:
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+    r = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=300,
                        cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]
     return r.stdout
 
 
-def test_sharded_step_equals_single_device(tmp_path):
-    out = _run8(_SHARDED_VS_SINGLE, tmp_path)
+@pytest.mark.parametrize("model", ["tiny", pytest.param("tiny-ssm", marks=pytest.mark.slow)])
+def test_sharded_step_equals_single_device(tmp_path, model):
+    """2 steps (2 micro-batches each, unequal token counts) on a 2x2x2 mesh of 8 CPU devices
+    equal the same steps on 1 device."""
+    out = _run8(_SHARDED_VS_SINGLE, tmp_path, model)
     res = json.loads(out.split("RESULT", 1)[1])
     for name, r in res.items():
         single, sharded = r["single"], r["sharded"]
@@ -170,3 +173,5 @@ def test_sharded_step_equals_single_device(tmp_path):
         assert "fsdp" in sharded["specs"][".embed"] and "tensor" in sharded["specs"][".embed"]
         assert sharded["n_shards"][".embed"] == 4 and single["n_shards"][".embed"] == 1
         assert sharded["n_shards"][".blocks.mlp.gate"] == 4
+        mixer = ".blocks.mixer.in_proj" if name == "tiny-ssm" else ".blocks.mixer.wq"
+        assert sharded["n_shards"][mixer] == 4
