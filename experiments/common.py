@@ -256,7 +256,7 @@ def run_variant(setup: Setup, v: Variant, seed: int, sb: SBDSConfig, ev: EvalCon
     from marjax.distill.run import RunConfig, RunSection, make_data
     from marjax.models.spiking import make_spiking_student
     # keyed by content, not by name: experiments that share a variant share its run
-    out = setup.dir / "sbds" / f"{_key(v.atmn, v.distill, sb)}-s{seed}"
+    out = setup.dir / "sbds" / f"{_key(v.atmn, _effective(v.distill), sb)}-s{seed}"
     mpath = out / f"metrics-{_key(ev)}.json"
     if mpath.is_file():
         return dict(json.loads(mpath.read_text()), variant=v.name)
@@ -285,8 +285,14 @@ def run_variant(setup: Setup, v: Variant, seed: int, sb: SBDSConfig, ev: EvalCon
     return res
 
 
-def _slug(s: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in s.lower()).strip("-")[:40]
+def _effective(d) -> dict:
+    """The DistillConfig fields that change an SBDS run (the cache key): without a feature loss,
+    its weight and norm do nothing."""
+    out = dataclasses.asdict(d)
+    if d.feature == "none":
+        out.pop("feature_weight")
+        out.pop("feature_norm", None)
+    return out
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -448,6 +454,7 @@ def base_argparser(prog: str, default_cfg: str, doc: str) -> argparse.ArgumentPa
     ap.add_argument("--steps", type=int, default=0, help="SBDS steps per run (override)")
     ap.add_argument("--limit", type=int, default=-1, help="zero-shot items per task (override; 0 skips)")
     ap.add_argument("--max-variants", type=int, default=0, help="run only the first N variants (smoke tests)")
+    ap.add_argument("--only", default="", help="run only these variants (names, separated by ';')")
     ap.add_argument("--runs-dir", default=str(DEFAULT_RUNS), help="cache of setups and runs")
     ap.add_argument("--results-dir", default=str(RESULTS), help="where the table (.md/.json) and plot go")
     ap.add_argument("--smoke", action="store_true",
@@ -471,6 +478,13 @@ def config_from_args(a: argparse.Namespace) -> ExperimentConfig:
         exp = dataclasses.replace(exp, sbds=dataclasses.replace(exp.sbds, steps=a.steps))
     if a.limit >= 0:
         exp = dataclasses.replace(exp, eval=dataclasses.replace(exp.eval, limit=a.limit))
+    if a.only:
+        from marjax.errors import ConfigError
+        names = [n.strip() for n in a.only.split(";") if n.strip()]
+        known = [v.name for v in exp.variants]
+        if any(n not in known for n in names):
+            raise ConfigError(f"--only: unknown variants {[n for n in names if n not in known]}; known: {known}")
+        exp = dataclasses.replace(exp, variants=tuple(v for v in exp.variants if v.name in names))
     if a.max_variants > 0:
         exp = dataclasses.replace(exp, variants=exp.variants[:a.max_variants])
     return dataclasses.replace(exp, runs_dir=a.runs_dir)

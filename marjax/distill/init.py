@@ -19,7 +19,7 @@ from marjax.models.lm import BlockParams, LMParams
 from marjax.nn.layers import AttnParams
 from marjax.nn.mamba2 import MixerParams
 
-__all__ = ["student_config", "init_from_attention", "mixer_from_attention", "GATE_BIAS"]
+__all__ = ["student_config", "init_from_attention", "mixer_from_attention", "fit_mixer_scale", "GATE_BIAS"]
 
 GATE_BIAS = 1.0   # z_bias at init; out_proj is divided by silu(GATE_BIAS) so the gate is neutral
 
@@ -65,3 +65,27 @@ def init_from_attention(teacher: LMParams, tcfg: ModelConfig, scfg: ModelConfig 
     blocks = dataclasses.replace(teacher.blocks, mixer=mixers, spikes=None)
     assert isinstance(blocks, BlockParams)
     return scfg, dataclasses.replace(teacher, blocks=blocks)
+
+
+def fit_mixer_scale(student: LMParams, scfg: ModelConfig, teacher: LMParams, tcfg: ModelConfig, ids,
+                    min_scale: float = 1e-4) -> LMParams:
+    """One-shot matrix orientation: per layer and head, scale C by the least-squares factor
+    s = <M, A> / <M, M> between the student's materialised mixing matrix M and the teacher's
+    attention matrix A (both on the teacher's layer inputs for `ids`). Unnormalised linear
+    attention is orders of magnitude larger than softmax attention, so this removes most of the
+    initial gap that MOHAWK's orient step would otherwise spend its first steps on."""
+    from marjax.models.lm import forward
+    from marjax.nn import mamba2
+    _, aux = forward(teacher, jnp.asarray(ids), tcfg, taps=("mixer_io", "attn"), head=False)
+    M = jax.vmap(lambda p, u: mamba2.materialize(p, u, scfg.ssm))(student.blocks.mixer, aux["mixer_io"]["input"])
+    A = aux["attn"]                                                         # (L, b, h, l, l)
+    s = jnp.sum(M * A, axis=(1, 3, 4)) / jnp.maximum(jnp.sum(M * M, axis=(1, 3, 4)), 1e-30)   # (L, h)
+    s = jnp.maximum(s, min_scale)
+    sc = scfg.ssm
+    c0 = sc.d_inner + sc.n_heads * sc.state_dim                              # C columns of in_proj
+    col_scale = jnp.ones((scfg.n_layers, mamba2.in_proj_width(sc)), jnp.float32)
+    col_scale = col_scale.at[:, c0:c0 + sc.n_heads * sc.state_dim].set(jnp.repeat(s, sc.state_dim, axis=1))
+    mixer = student.blocks.mixer
+    in_proj = (mixer.in_proj * col_scale[:, None, :]).astype(mixer.in_proj.dtype)
+    mixer = dataclasses.replace(mixer, in_proj=in_proj)
+    return dataclasses.replace(student, blocks=dataclasses.replace(student.blocks, mixer=mixer))

@@ -91,3 +91,27 @@ def test_stage_config_errors():
         make_loss("kd", tcfg, dataclasses.replace(scfg, vocab_size=300), DistillConfig())
     with pytest.raises(ConfigError, match="attention teacher"):
         make_loss("orient", scfg, scfg, DistillConfig())
+
+
+def test_fit_mixer_scale_reduces_orientation_error():
+    from marjax.distill.init import fit_mixer_scale
+    from marjax.distill.losses import matrix_orientation_loss
+    from marjax.models.lm import forward
+    tcfg, tp = _teacher()
+    scfg, sp = init_from_attention(tp, tcfg)
+    ids = _batch(tcfg)["inputs"]
+
+    def orient_err(p):
+        _, aux = forward(tp, ids, tcfg, taps=("mixer_io", "attn"), head=False)
+        M = jax.vmap(lambda m, u: mamba2.materialize(m, u, scfg.ssm))(p.blocks.mixer, aux["mixer_io"]["input"])
+        s, c = matrix_orientation_loss(M, aux["attn"])
+        return float(s / c)
+
+    before = orient_err(sp)
+    sp2 = fit_mixer_scale(sp, scfg, tp, tcfg, ids)
+    after = orient_err(sp2)
+    assert after < 0.8 * before, (before, after)
+    # only the C columns of in_proj change
+    np.testing.assert_array_equal(sp2.blocks.mixer.out_proj, sp.blocks.mixer.out_proj)
+    d = scfg.ssm.d_inner + scfg.ssm.n_heads * scfg.ssm.state_dim
+    np.testing.assert_array_equal(sp2.blocks.mixer.in_proj[..., :d], sp.blocks.mixer.in_proj[..., :d])

@@ -19,9 +19,11 @@ def dirs(tmp_path_factory):
     return root / "runs", root / "results"
 
 
-def _args(dirs, n):
+def _args(dirs, only):
+    """Smoke flags; `only` picks variants so that the scripts share most runs through the cache
+    (main's spiking row = grid's (0.2, 0.7) = sweep's T=4; main's binary row = the ladder's)."""
     runs, results = dirs
-    return ["--smoke", "--runs-dir", str(runs), "--results-dir", str(results), "--max-variants", str(n)]
+    return ["--smoke", "--runs-dir", str(runs), "--results-dir", str(results), "--only", only]
 
 
 def _check_outputs(results: Path, stem: str, n_rows: int):
@@ -36,29 +38,29 @@ def _check_outputs(results: Path, stem: str, n_rows: int):
 
 
 def test_ladder_and_cache(dirs):
-    assert ablation_ladder.main(_args(dirs, 2)) == 0
+    assert ablation_ladder.main(_args(dirs, "binary spikes;+ ATMN (ternary)")) == 0
     md, payload = _check_outputs(dirs[1], "ablation_ladder", 2)
     r = payload["results"]["binary spikes"][0]
     assert 0.0 <= r["agreement"] <= 1.0 and r["kl"] >= 0.0 and 0.0 <= r["firing_rate"] <= 1.0
     assert r["atmn"]["ternary"] is False and payload["results"]["+ ATMN (ternary)"][0]["atmn"]["ternary"] is True
     assert "binary spikes -> + ATMN (ternary)" in md
     # a second run reuses the cached runs and metrics: identical numbers
-    assert ablation_ladder.main(_args(dirs, 2)) == 0
+    assert ablation_ladder.main(_args(dirs, "binary spikes;+ ATMN (ternary)")) == 0
     again = json.loads((dirs[1] / "ablation_ladder.json").read_text())
     assert again["results"]["binary spikes"][0]["ppl"] == r["ppl"]
 
 
 def test_grid_and_sweep(dirs):
-    assert alpha_beta_grid.main(_args(dirs, 2)) == 0
-    _check_outputs(dirs[1], "alpha_beta_grid", 2)
-    assert atmn_sweep.main(_args(dirs, 2)) == 0
+    assert alpha_beta_grid.main(_args(dirs, "(0.2, 0.7)")) == 0
+    _check_outputs(dirs[1], "alpha_beta_grid", 1)
+    assert atmn_sweep.main(_args(dirs, "T=2;T=4")) == 0
     md, payload = _check_outputs(dirs[1], "atmn_sweep", 2)
-    assert [r[0]["atmn"]["T"] for r in payload["results"].values()] == [1, 2]
+    assert [r[0]["atmn"]["T"] for r in payload["results"].values()] == [2, 4]
     assert "## T (tau 2, readout ones)" in md
 
 
 def test_main_table(dirs):
-    assert main_table.main(_args(dirs, 2)) == 0
+    assert main_table.main(_args(dirs, "spiking student (MAR);binary-spike baseline")) == 0
     md, payload = _check_outputs(dirs[1], "main_table", 4)
     assert list(payload["results"]) == ["teacher", "dense SSM", "spiking student (MAR)", "binary-spike baseline"]
     assert "firing_rate" not in payload["results"]["teacher"][0]
