@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Callable, Optional
 
 import jax
@@ -127,16 +126,14 @@ def generate(m: Model, prompt: str, max_new_tokens: int = 32, *, temperature: fl
     """Greedy by default. `chat=True` wraps the prompt in the model's chat template. `stream`
     receives text pieces as they are decoded."""
     stop = set(getattr(m.tokenizer, "stop_ids", ()) or ())
-    on_token = None
-    if stream is not None:
-        dec = m.tokenizer.decode_stream()
+    dec = m.tokenizer.decode_stream() if stream is not None else None
 
-        def on_token(t: int) -> None:
-            piece = "" if t in stop else dec.step(t)   # stop tokens end the text, never shown
-            if piece:
-                stream(piece)
+    def on_token(t: int) -> None:
+        piece = "" if t in stop else dec.step(t)   # stop tokens end the text, never shown
+        if piece:
+            stream(piece)
     ids = generate_ids(m, _prompt_ids(m, prompt, chat), max_new_tokens, temperature, top_p, seed,
-                       on_token=on_token)
+                       on_token=on_token if dec is not None else None)
     return m.tokenizer.decode([t for t in ids if t not in stop])
 
 

@@ -67,7 +67,6 @@ def ssd_chunked(x: Float[Array, "b l h p"], log_a: Float[Array, "b l h"], B: Flo
     """-> (y float32 (b, l, h, p), final state float32 (b, h, p, n))."""
     f32 = jnp.float32
     b, l, h, p = x.shape
-    n = B.shape[-1]
     q = chunk_size
     x, log_a, B, C = pad_time(l, q, x.astype(f32), log_a.astype(f32), B.astype(f32), C.astype(f32))
     c = x.shape[1] // q

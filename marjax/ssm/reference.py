@@ -5,7 +5,6 @@ Runs in float32 whatever the input dtype; callers cast the output back.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float
