@@ -136,6 +136,7 @@ def run_stage(stage: str, teacher_model, student_cfg: ModelConfig, student_param
     (for 'pretrain' it may be None: the student trains on the data alone)."""
     from marjax.distill.stages import make_loss, trainable_mask
     from marjax.train.loop import train
+    from marjax.train.memory import check_fits
     if stage == "pretrain":
         loss_fn, teacher_params, teacher_cfg = pretrain_loss(student_cfg), None, None
         trainable = "all"
@@ -143,6 +144,7 @@ def run_stage(stage: str, teacher_model, student_cfg: ModelConfig, student_param
         teacher_cfg, teacher_params = teacher_model.config, teacher_model.params
         loss_fn = make_loss(stage, teacher_cfg, student_cfg, rc.distill)
         trainable = {"orient": "mixer", "align": "mixer"}.get(stage, rc.distill.trainable)
+    check_fits(student_cfg, teacher_cfg, rc.train, stage, rc.distill.kl_chunk)   # fail fast, before any work
     tok = tokenizer if tokenizer is not None else getattr(teacher_model, "tokenizer", None)
     if data_iter is None:
         data_iter = make_data(rc, tok, student_cfg)
