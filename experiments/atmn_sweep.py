@@ -53,6 +53,8 @@ def recommendation(res: dict, sw: dict) -> str:
                 line += f" ({dn} -> {b_ag}: {txt}; {'beyond' if beyond else 'within'} the seed spread)"
             else:
                 line += " (the default is the best here)"
+            e = {n: C.aggregate(res[n], "energy_pj_per_token")[0] / 1e3 for n in (dn, b_ag)}
+            line += f"; energy/token {dn} {e[dn]:.0f} nJ vs {b_ag} {e[b_ag]:.0f} nJ"
         lines.append(line)
     return "\n".join(lines)
 
@@ -95,8 +97,10 @@ def main(argv=None) -> int:
     for sweep, pts in sw.items():
         sub = {n: res[n] for _, n in pts}
         parts += [f"## {sweep}", "", C.markdown_table(sub), ""]
-    if not sw:
-        parts += [C.markdown_table(res), ""]
+    covered = {n for pts in sw.values() for _, n in pts}
+    rest = {n: r for n, r in res.items() if n not in covered}
+    if rest:
+        parts += ["## Other points" if sw else "## Variants", "", C.markdown_table(rest), ""]
     parts += ["## Which defaults the results support", "", recommendation(res, sw) if sw else "-", "",
               C.provenance(exp, setup, wall, a.config), ""]
     md = "\n".join(parts)

@@ -33,7 +33,7 @@ import os
 import time
 import tomllib
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -259,7 +259,8 @@ def run_variant(setup: Setup, v: Variant, seed: int, sb: SBDSConfig, ev: EvalCon
     out = setup.dir / "sbds" / f"{_key(v.atmn, _effective(v.distill), sb)}-s{seed}"
     mpath = out / f"metrics-{_key(ev)}.json"
     if mpath.is_file():
-        return dict(json.loads(mpath.read_text()), variant=v.name)
+        res = dict(json.loads(mpath.read_text()), variant=v.name)
+        return dict(res, train_s=_train_seconds(out, res["train_s"]))
     out.mkdir(parents=True, exist_ok=True)
     (out / "variant.json").write_text(json.dumps({"name": v.name, "atmn": dataclasses.asdict(v.atmn),
                                                   "distill": dataclasses.asdict(v.distill), "seed": seed}, indent=1))
@@ -275,7 +276,7 @@ def run_variant(setup: Setup, v: Variant, seed: int, sb: SBDSConfig, ev: EvalCon
     student = marjax.Model(pcfg, pparams, setup.ssm.tokenizer, str(out))
     t = time.time()
     res = evaluate_model(student, setup, ev, reference=setup.ssm)
-    res.update(variant=v.name, seed=seed, steps=sb.steps, train_s=t_train, eval_s=time.time() - t,
+    res.update(variant=v.name, seed=seed, steps=sb.steps, train_s=_train_seconds(out, t_train), eval_s=time.time() - t,
                atmn=dataclasses.asdict(v.atmn), distill=dataclasses.asdict(v.distill),
                final_loss=hist[-1]["loss"] if hist else None)
     mpath.write_text(json.dumps(res, indent=1, default=float))
@@ -283,6 +284,16 @@ def run_variant(setup: Setup, v: Variant, seed: int, sb: SBDSConfig, ev: EvalCon
         f"fr {res.get('firing_rate', float('nan')):.3f}  acc {res.get('acc_avg', float('nan')):.3f}  "
         f"({t_train:.0f}s train, {res['eval_s']:.0f}s eval)")
     return res
+
+
+def _train_seconds(out: Path, default: float) -> float:
+    """Wall time of the SBDS run that trained this checkpoint (its log's last record, compile
+    included), not of a later restore."""
+    try:
+        recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        return float(recs[-1]["time"])
+    except (OSError, ValueError, KeyError, IndexError):
+        return default
 
 
 def _effective(d) -> dict:
@@ -432,11 +443,14 @@ def provenance(exp: ExperimentConfig, setup: Setup, wall_s: float, cfg_path: str
             f"{s.n_heads} q / {s.n_kv_heads} kv heads x {s.head_dim}, d_ff {s.d_ff}, byte tokenizer (vocab 256), "
             f"pretrained {s.pretrain_steps} steps on `{Path(data).name}` (seq {s.seq_len} x batch {s.micro_batch}, "
             f"seed {s.seed}); stage 1 orient/align/kd {s.orient_steps}/{s.align_steps}/{s.kd_steps} steps. "
-            f"SBDS per row: {sb.steps} steps, lr {sb.lr}, batch {sb.micro_batch} x {sb.seq_len}; seeds {list(exp.seeds)} "
+            f"SBDS per row: {sb.steps} steps, lr {sb.lr}, batch {sb.micro_batch} x {sb.seq_len}; "
+            f"seeds {list(exp.seeds)} "
             f"(a seed sets the SBDS data order and the ATMN calibration batch; the teacher/SSM are shared). "
-            f"Eval: {exp.eval.heldout_tokens} held-out tokens (window {exp.eval.window}); zero-shot "
-            f"{', '.join(exp.eval.tasks)} at {exp.eval.limit} items each (acc, dev subsets). "
-            f"Config `{_rel(cfg_path)}`; wall time of this script {wall_s / 60:.1f} min "
+            f"Eval: {exp.eval.heldout_tokens} held-out tokens (window {exp.eval.window}); "
+            + (f"zero-shot {', '.join(exp.eval.tasks)} at {exp.eval.limit} items each (acc, dev subsets). "
+               if exp.eval.limit > 0 and exp.eval.tasks else "zero-shot tasks skipped. ") +
+            f"Config `{_rel(cfg_path)}`; wall time of this invocation {wall_s / 60:.1f} min (cached runs are restored, "
+            f"not retrained: see the SBDS s/run column and experiments/README.md for the first-run times) "
             f"(setup when first built: {sum(setup.timings.values()):.0f}s).")
 
 
@@ -567,7 +581,8 @@ def ordering_section(results: dict, pairs: Sequence[tuple], paper: dict) -> str:
     lines = []
     for a, b in pairs:
         pa, pb = paper.get(a), paper.get(b)
-        p = f"paper {pa} -> {pb} ({'better' if pb > pa else 'worse'})" if pa is not None and pb is not None else "paper: -"
+        p = (f"paper {pa} -> {pb} ({'better' if pb > pa else 'worse'})" if pa is not None and pb is not None
+             else "paper: -")
         lines.append(f"- **{a} -> {b}** ({p}):")
         for key, hib, dg in KEY_METRICS:
             if aggregate(results[a], key)[2] and aggregate(results[b], key)[2]:

@@ -42,9 +42,9 @@ PIPELINES = {
 def _rc(preset: dict, stage: str, out: Path, data: str, resume: bool, atmn: ATMNConfig, dcfg: DistillConfig):
     from marjax.distill.run import RunConfig, RunSection
     steps = preset["steps"][stage]
-    # one lr for all stages: on SmolLM2 a 3x lr for the mixer-only stages made orient worse
-    # (0.59 -> 0.87 in 10 steps) and sent align from 104 to 346 on its first update
-    lr = preset["lr"]
+    # align trains the mixers alone on a per-layer regression and takes a 3x step; orient starts
+    # at the least-squares scale (fit_mixer_scale) and a 3x step made it worse (0.59 -> 0.87)
+    lr = preset["lr"] * (3.0 if stage == "align" else 1.0)
     tc = TrainConfig(steps=steps, seq_len=preset["seq_len"], micro_batch=preset["micro_batch"],
                      batch_tokens=preset["seq_len"] * preset["micro_batch"], lr=lr,
                      warmup=max(1, steps // 10), log_every=preset["log_every"], save_every=max(steps // 2, 1), keep=1)
