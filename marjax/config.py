@@ -57,7 +57,7 @@ SITES = ("in_proj", "out_proj", "mlp_in", "mlp_down")
 class ATMNConfig:
     """Adaptive Ternary Multi-step Neuron (MAR_SPEC.md section 3)."""
     T: int = 4
-    tau: float = 2.0
+    tau: float = 1.0                 # experiments/results/atmn_sweep.md: tau 1 beat 0.5 and 2 (3 seeds)
     surrogate: str = "rectangular"   # rectangular | triangular | sigmoid | straight_through
     width: float = 1.0               # surrogate support, in units of V
     readout: str = "ones"            # ones | tau_pow  (c_t = 1 or tau^t)

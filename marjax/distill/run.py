@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from marjax.config import ATMNConfig, DistillConfig, ModelConfig, TrainConfig
-from marjax.errors import ConfigError, MarjaxError
+from marjax.errors import ConfigError, DataError, MarjaxError
 
 __all__ = ["RunConfig", "load_run_config", "apply_overrides", "run_stage", "pretrain_loss"]
 
@@ -161,7 +161,12 @@ def make_data(rc: RunConfig, tokenizer, model_cfg: ModelConfig, *, seed_offset: 
     from marjax.distill.teacher_cache import TeacherCache, is_teacher_cache
     from marjax.train.data import load_documents, make_dataset
     if is_teacher_cache(rc.run.data):
-        return TeacherCache(rc.run.data)
+        cache = TeacherCache(rc.run.data)
+        want = {"seq_len": rc.train.seq_len, "batch": rc.train.micro_batch, "vocab_size": model_cfg.vocab_size}
+        got = {k: cache.index.get(k) for k in want}
+        if got != want:
+            raise DataError(f"teacher cache {rc.run.data} does not fit this run: cache {got}, run {want}")
+        return cache
     if tokenizer is None:
         raise MarjaxError("no tokenizer: the teacher model has none; pass a model with a tokenizer")
     if rc.train.seq_len > model_cfg.max_seq_len:

@@ -70,7 +70,9 @@ def _kl_loss(tcfg, scfg, dcfg, alpha, beta):
             _, as_ = forward(student, batch["inputs"], scfg, taps=("hidden",), head=False)
             s, n, m = losses.kd_from_topk(batch["topk_logprobs"], batch["topk_ids"], as_["hidden"],
                                           head_matrix(student), batch["mask"], alpha=alpha, beta=beta,
-                                          temperature=dcfg.temperature, chunk=dcfg.kl_chunk)
+                                          temperature=dcfg.temperature, chunk=dcfg.kl_chunk,
+                                          ce_targets=batch["targets"] if dcfg.ce_weight > 0 else None,
+                                          ce_weight=dcfg.ce_weight)
             return s, n, dict(m, kl=(s, n))
         teacher = jax.lax.stop_gradient(teacher)
         taps = ("hidden",) + feats

@@ -36,9 +36,13 @@ def _topk_fn(cfg, k):
 def cache_teacher_topk(teacher, rc, out_dir: str, k: int = 64, n_batches: int | None = None) -> Path:
     """Run the teacher over `n_batches` (default train.steps) batches of the run's data."""
     from marjax.distill.run import make_data
+    if not 1 <= k <= teacher.config.vocab_size:
+        raise DataError(f"top-k must be in [1, vocab_size={teacher.config.vocab_size}], got {k}")
+    n = rc.train.steps if n_batches is None else n_batches
+    if n < 1:
+        raise DataError(f"n_batches must be >= 1, got {n}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    n = n_batches or rc.train.steps
     it = iter(make_data(rc, teacher.tokenizer, teacher.config))
     f = _topk_fn(teacher.config, k)
     for i in tqdm(range(n), desc="teacher top-k", unit="batch"):

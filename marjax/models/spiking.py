@@ -19,6 +19,10 @@ def spiking_config(dense: ModelConfig, atmn: ATMNConfig) -> ModelConfig:
     if not dense.is_ssm:
         raise ConfigError(f"the spiking student is built on the dense SSM model; {dense.name!r} has mixer "
                           f"{dense.mixer!r} (run stage 1 first)")
+    if atmn.granularity == "scalar":
+        raise ConfigError("ATMNConfig.granularity='scalar' (one threshold shared by all sites and layers) is not "
+                          "supported by the spiking student, whose thresholds are per site and layer; use 'site' "
+                          "(one per site and layer) or 'channel'")
     name = dense.name.replace("-ssm", "") + "-spiking"
     return dataclasses.replace(dense, name=name, atmn=atmn.validate()).validate()
 

@@ -1,5 +1,10 @@
 """Smoke tests of the issue-7 experiment scripts: each main() runs end to end on a tiny setup
-(1-layer d32 teacher, a few steps, 2 zero-shot items) and writes its table, JSON and plot."""
+(1-layer d32 teacher, a few steps, 2 zero-shot items) and writes its table, JSON and plot.
+
+The fast tests pick one variant per script, the same SBDS run everywhere (the ladder's
+"+ pre-norm features" = the grid's (0.2, 0.7) = the sweep's T=4 = the main table's spiking row),
+so after the shared setup only one spiking student is trained; the rest comes from the cache.
+The slow tests run two variants per script (orderings, the binary row, a real T sweep)."""
 import json
 import sys
 from pathlib import Path
@@ -20,8 +25,6 @@ def dirs(tmp_path_factory):
 
 
 def _args(dirs, only):
-    """Smoke flags; `only` picks variants so that the scripts share most runs through the cache
-    (main's spiking row = grid's (0.2, 0.7) = sweep's T=4; main's binary row = the ladder's)."""
     runs, results = dirs
     return ["--smoke", "--runs-dir", str(runs), "--results-dir", str(results), "--only", only]
 
@@ -37,33 +40,45 @@ def _check_outputs(results: Path, stem: str, n_rows: int):
     return md, payload
 
 
-def test_ladder_and_cache(dirs):
+def test_each_script_runs(dirs):
+    assert ablation_ladder.main(_args(dirs, "+ pre-norm features")) == 0
+    _, payload = _check_outputs(dirs[1], "ablation_ladder", 1)
+    r = payload["results"]["+ pre-norm features"][0]
+    assert 0.0 <= r["agreement"] <= 1.0 and r["kl"] >= 0.0 and 0.0 < r["firing_rate"] <= 1.0
+    assert r["energy_pj_per_token"] > 0 and set(r["tasks"]) == {"piqa"}
+    assert r["distill"]["feature"] == "prenorm" and r["atmn"]["T"] == 4
+
+    # the other scripts reuse that run: identical numbers, read from the cache
+    assert alpha_beta_grid.main(_args(dirs, "(0.2, 0.7)")) == 0
+    _, grid = _check_outputs(dirs[1], "alpha_beta_grid", 1)
+    assert grid["results"]["(0.2, 0.7)"][0]["ppl"] == r["ppl"]
+    assert atmn_sweep.main(_args(dirs, "T=4")) == 0
+    _, sweep = _check_outputs(dirs[1], "atmn_sweep", 1)
+    assert sweep["results"]["T=4"][0]["agreement"] == r["agreement"]
+    assert main_table.main(_args(dirs, "spiking student (MAR)")) == 0
+    _, main = _check_outputs(dirs[1], "main_table", 3)
+    assert list(main["results"]) == ["teacher", "dense SSM", "spiking student (MAR)"]
+    assert "firing_rate" not in main["results"]["teacher"][0]
+    assert main["results"]["spiking student (MAR)"][0]["ppl"] == r["ppl"]
+
+
+@pytest.mark.slow
+def test_two_variant_scripts(dirs):
     assert ablation_ladder.main(_args(dirs, "binary spikes;+ ATMN (ternary)")) == 0
     md, payload = _check_outputs(dirs[1], "ablation_ladder", 2)
-    r = payload["results"]["binary spikes"][0]
-    assert 0.0 <= r["agreement"] <= 1.0 and r["kl"] >= 0.0 and 0.0 <= r["firing_rate"] <= 1.0
-    assert r["atmn"]["ternary"] is False and payload["results"]["+ ATMN (ternary)"][0]["atmn"]["ternary"] is True
+    assert payload["results"]["binary spikes"][0]["atmn"]["ternary"] is False
+    assert payload["results"]["+ ATMN (ternary)"][0]["atmn"]["ternary"] is True
     assert "binary spikes -> + ATMN (ternary)" in md
-    # a second run reuses the cached runs and metrics: identical numbers
-    assert ablation_ladder.main(_args(dirs, "binary spikes;+ ATMN (ternary)")) == 0
-    again = json.loads((dirs[1] / "ablation_ladder.json").read_text())
-    assert again["results"]["binary spikes"][0]["ppl"] == r["ppl"]
-
-
-def test_grid_and_sweep(dirs):
-    assert alpha_beta_grid.main(_args(dirs, "(0.2, 0.7)")) == 0
-    _check_outputs(dirs[1], "alpha_beta_grid", 1)
     assert atmn_sweep.main(_args(dirs, "T=2;T=4")) == 0
     md, payload = _check_outputs(dirs[1], "atmn_sweep", 2)
     assert [r[0]["atmn"]["T"] for r in payload["results"].values()] == [2, 4]
     assert "## T (tau 2, readout ones)" in md
 
 
-def test_main_table(dirs):
-    assert main_table.main(_args(dirs, "spiking student (MAR);binary-spike baseline")) == 0
-    md, payload = _check_outputs(dirs[1], "main_table", 4)
-    assert list(payload["results"]) == ["teacher", "dense SSM", "spiking student (MAR)", "binary-spike baseline"]
-    assert "firing_rate" not in payload["results"]["teacher"][0]
+def test_only_rejects_unknown_variant(dirs):
+    from marjax.errors import ConfigError
+    with pytest.raises(ConfigError, match="unknown variants"):
+        ablation_ladder.main(_args(dirs, "no such row"))
 
 
 def test_agreement_and_kl_oracle():
@@ -86,3 +101,15 @@ def test_aggregate_and_compare():
     _, better, _ = C.compare(rows, "a", "b", "x", higher_is_better=False)
     assert not better
     assert C.fmt_pm(rows["a"], "x", 1) == "2.0 ± 1.0"
+
+
+def test_experiment_configs_parse():
+    """The shipped configs parse, and the rows the scripts compare share their SBDS run."""
+    cfgs = {n: C.load_experiment(str(C.ROOT / "configs" / f"{n}.toml"))
+            for n in ("ablation_ladder", "alpha_beta_grid", "atmn_sweep", "main_table")}
+    v = {(n, x.name): x for n, e in cfgs.items() for x in e.variants}
+    mar = v[("ablation_ladder", "+ pre-norm features")]
+    for other in (("alpha_beta_grid", "(0.2, 0.7)"), ("atmn_sweep", "T=4"), ("main_table", "spiking student (MAR)")):
+        assert (v[other].atmn, v[other].distill) == (mar.atmn, mar.distill)
+    assert v[("ablation_ladder", "binary spikes")].atmn.ternary is False
+    assert all(len(e.seeds) == 3 for e in cfgs.values())

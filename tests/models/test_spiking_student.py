@@ -55,6 +55,7 @@ block = jax.jit(lambda p, x, cfg, pos: lm.block(p, x, cfg, pos)[0], static_argnu
 
 
 def _student(variant, init="stats", sites=None):
+    """(cfg, calibrated params, params with jittered thresholds), built once per variant."""
     key = (variant, init, sites)
     if key not in _CACHE:
         dcfg, dp = _dense()
@@ -64,7 +65,7 @@ def _student(variant, init="stats", sites=None):
         at = ATMNConfig(**kw)
         cfg = spiking_config(dcfg, at)
         p = jax.jit(lambda d, i: make_spiking_student(d, dcfg, at, calib_ids=i)[1])(dp, _ids(dcfg, seed=7))
-        _CACHE[key] = (cfg, _jitter(p, jax.random.PRNGKey(3)))
+        _CACHE[key] = (cfg, p, _jitter(p, jax.random.PRNGKey(3)))
     return _CACHE[key]
 
 
@@ -132,7 +133,7 @@ def _manual_block(blk, x, cfg):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_site_decoded_projection_equals_t_pass(variant):
-    cfg, p = _student(variant)
+    cfg, _, p = _student(variant)
     _, aux = forward(p, _ids(cfg), cfg, taps=("site_inputs", "spikes"))
     at = cfg.atmn
     for site in ("in_proj", "out_proj", "mlp_in", "mlp_down"):
@@ -153,7 +154,7 @@ def test_site_decoded_projection_equals_t_pass(variant):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_block_and_model_equal_manual_t_pass(variant):
-    cfg, p = _student(variant)
+    cfg, _, p = _student(variant)
     ids = _ids(cfg)
     logits, aux = forward(p, ids, cfg, taps=("prenorm", "hidden"))
     x = jnp.take(p.embed, ids, axis=0)
@@ -176,7 +177,7 @@ def test_block_and_model_equal_manual_t_pass(variant):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_firing_rate_taps_match_counted_spikes(variant):
-    cfg, p = _student(variant)
+    cfg, _, p = _student(variant)
     _, aux = forward(p, _ids(cfg), cfg, taps=("site_inputs", "spikes"))
     at = cfg.atmn
     assert set(aux["spikes"]) == set(at.sites)
@@ -199,9 +200,9 @@ def test_firing_rate_taps_match_counted_spikes(variant):
 def test_stats_init_calibrates_thresholds():
     dcfg, dp = _dense()
     calib = _ids(dcfg, seed=7)
-    at = ATMNConfig(T=4, tau=2.0, init="stats")
-    cfg, p = make_spiking_student(dp, dcfg, at, calib_ids=calib)
-    assert cfg.is_spiking and cfg.atmn == at
+    at = ATMNConfig(**VARIANTS["ternary-ones"], init="stats")
+    cfg, p, _ = _student("ternary-ones")        # make_spiking_student(dp, dcfg, at, calib), jitted
+    assert cfg.is_spiking and cfg.atmn == at and cfg.name == "tiny-spiking"
     widths = {"in_proj": cfg.d_model, "out_proj": cfg.ssm.d_inner, "mlp_in": cfg.d_model, "mlp_down": cfg.d_ff}
     for site, w in widths.items():
         a = getattr(p.blocks.spikes, site).a
@@ -228,7 +229,7 @@ def test_constant_init_and_granularity():
 
 
 def test_site_subset_runs_and_leaves_others_dense():
-    cfg, p = _student("ternary-ones", sites=("mlp_in", "mlp_down"))
+    cfg, _, p = _student("ternary-ones", sites=("mlp_in", "mlp_down"))
     sp = p.blocks.spikes
     assert sp.in_proj is None and sp.out_proj is None
     assert sp.mlp_in is not None and sp.mlp_down is not None
@@ -246,6 +247,6 @@ def test_site_subset_runs_and_leaves_others_dense():
 
 def test_attention_config_rejected():
     cfg = preset("tiny")
-    p = init_params(jax.random.PRNGKey(0), cfg)
+    p = jax.eval_shape(lambda: init_params(jax.random.PRNGKey(0), cfg))   # shapes suffice: it must fail first
     with pytest.raises(ConfigError, match="attention"):
         make_spiking_student(p, cfg, ATMNConfig())
