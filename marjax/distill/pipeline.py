@@ -32,7 +32,7 @@ MC_TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boo
 # step budgets per stage; train fields shared by all stages of a preset
 PIPELINES = {
     "smollm2": dict(teacher="smollm2-135m-instruct", seq_len=64, micro_batch=4, lr=3e-4,
-                    steps={"orient": 10, "align": 15, "kd": 25, "sbds": 25}, eval_tokens=4096, log_every=1),
+                    steps={"orient": 20, "align": 30, "kd": 50, "sbds": 50}, eval_tokens=4096, log_every=1),
     "tiny": dict(teacher="tiny", seq_len=64, micro_batch=8, lr=3e-3,
                  steps={"pretrain": 150, "orient": 20, "align": 30, "kd": 60, "sbds": 80}, eval_tokens=4096,
                  log_every=10),
