@@ -83,7 +83,7 @@ def _kl_loss(tcfg, scfg, dcfg, alpha, beta):
             at["hidden"], as_["hidden"], head_matrix(teacher), head_matrix(student), mask,
             alpha=alpha, beta=beta, temperature=dcfg.temperature, chunk=dcfg.kl_chunk,
             ce_targets=batch["targets"] if dcfg.ce_weight > 0 else None, ce_weight=dcfg.ce_weight)
-        metrics = {k: v for k, v in m.items()}
+        metrics = dict(m)
         metrics["kl"] = (kl_s, n)
         total = kl_s / jnp.maximum(n, 1)
         for f in feats:
