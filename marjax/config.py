@@ -12,7 +12,7 @@ from typing import Optional
 from marjax.errors import ConfigError
 
 __all__ = [
-    "SSMConfig", "ATMNConfig", "ModelConfig", "DistillConfig", "TrainConfig", "MeshConfig",
+    "SSMConfig", "ATMNConfig", "RopeScaling", "ModelConfig", "DistillConfig", "TrainConfig", "MeshConfig",
     "PRESETS", "preset", "replace", "ConfigError",
 ]
 
@@ -51,6 +51,7 @@ class SSMConfig:
 
 
 SITES = ("in_proj", "out_proj", "mlp_in", "mlp_down")
+RESET_GRADS = ("full", "membrane", "detach")
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,20 @@ class ATMNConfig:
     granularity: str = "channel"     # channel | site | scalar
     init: str = "constant"           # constant | stats
     init_value: float = 0.0          # a = init_value  ->  V = exp(a)
-    detach_reset: bool = False       # stop gradients through u_{t-1}
+    # gradient path through the membrane between micro-steps (u_{t-1} -> h_t):
+    #   full      u = h - s V with the surrogate on s: factors (1 - V ds/dh) compound over steps
+    #   membrane  u = h - stop_gradient(s) V: d h_{t+1} / d h_t = 1 / tau, no compounding
+    #   detach    stop_gradient(u): only the t = 0 surrogate reaches x
+    reset_grad: str = "membrane"
+    quantizer: str = "floor"         # floor: fire at h >= V; round: fire at h >= V/2 (round to nearest)
+    calib_rate_weight: float = 0.0   # calibration objective nmse + w * spikes per element (rate-aware)
     ternary: bool = True             # False: binary {0, 1} spikes (the paper's baseline)
     sites: tuple = SITES             # which projections get a neuron
+
+    @property
+    def fire_frac(self) -> float:
+        """Firing threshold in units of V (the reset always subtracts V)."""
+        return 0.5 if self.quantizer == "round" else 1.0
 
     def validate(self) -> "ATMNConfig":
         _require(self.T >= 1, f"ATMNConfig.T must be >= 1, got {self.T}")
@@ -78,8 +90,53 @@ class ATMNConfig:
         _require(self.granularity in ("channel", "site", "scalar"),
                  f"ATMNConfig.granularity unknown: {self.granularity!r}")
         _require(self.init in ("constant", "stats"), f"ATMNConfig.init unknown: {self.init!r}")
+        _require(self.reset_grad in RESET_GRADS,
+                 f"ATMNConfig.reset_grad must be one of {RESET_GRADS}, got {self.reset_grad!r}")
+        _require(self.quantizer in ("floor", "round"),
+                 f"ATMNConfig.quantizer must be 'floor' or 'round', got {self.quantizer!r}")
+        _require(self.calib_rate_weight >= 0,
+                 f"ATMNConfig.calib_rate_weight must be >= 0, got {self.calib_rate_weight}")
         bad = [s for s in self.sites if s not in SITES]
         _require(not bad, f"ATMNConfig.sites has unknown sites {bad}; known: {SITES}")
+        return self
+
+
+ROPE_TYPES = ("llama3", "linear", "freq_factors")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling as transformers' `rope_scaling` (marjax.nn.layers.rope_inv_freq):
+    llama3 (Llama 3.1/3.2): wavelengths above original_max_position_embeddings / low_freq_factor
+    are stretched by `factor`, those below .../high_freq_factor kept, a smooth ramp between;
+    linear: every frequency divided by `factor`; freq_factors: per-frequency divisors (GGUF's
+    rope_freqs tensor, head_dim // 2 of them) when a GGUF's factors match no named type."""
+    rope_type: str = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+    freq_factors: tuple = ()
+
+    def validate(self, head_dim: Optional[int] = None) -> "RopeScaling":
+        _require(self.rope_type in ROPE_TYPES,
+                 f"RopeScaling.rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}")
+        _require(self.factor > 0, f"RopeScaling.factor must be > 0, got {self.factor}")
+        if self.rope_type == "llama3":
+            _require(0 < self.low_freq_factor < self.high_freq_factor,
+                     f"RopeScaling needs 0 < low_freq_factor < high_freq_factor, got {self.low_freq_factor} "
+                     f"and {self.high_freq_factor}")
+            _require(self.original_max_position_embeddings > 0, "RopeScaling.original_max_position_embeddings "
+                     f"must be > 0, got {self.original_max_position_embeddings}")
+        if self.rope_type == "freq_factors":
+            _require(isinstance(self.freq_factors, tuple) and all(f > 0 for f in self.freq_factors),
+                     f"RopeScaling.freq_factors must be a tuple of positive floats, got {self.freq_factors!r}")
+            _require(head_dim is None or len(self.freq_factors) == head_dim // 2,
+                     f"RopeScaling.freq_factors needs head_dim // 2 = {None if head_dim is None else head_dim // 2} "
+                     f"values, got {len(self.freq_factors)}")
+        else:
+            _require(self.freq_factors == (), f"RopeScaling.freq_factors is only for rope_type 'freq_factors', "
+                     f"got {len(self.freq_factors)} values with rope_type {self.rope_type!r}")
         return self
 
 
@@ -103,6 +160,7 @@ class ModelConfig:
     ssm: Optional[SSMConfig] = None
     atmn: Optional[ATMNConfig] = None  # set: a spiking student (stage 2)
     dtype: str = "float32"           # activation/param dtype; accumulations stay float32
+    rope_scaling: Optional[RopeScaling] = None   # None: plain RoPE
 
     @property
     def is_ssm(self) -> bool:
@@ -122,6 +180,10 @@ class ModelConfig:
         _require(self.rope_layout in ("half", "pairs"),
                  f"ModelConfig.rope_layout must be 'half' or 'pairs', got {self.rope_layout!r}")
         _require(self.mixer in ("attention", "ssm"), f"ModelConfig.mixer must be attention|ssm, got {self.mixer!r}")
+        _require(self.rope_scaling is None or isinstance(self.rope_scaling, RopeScaling),
+                 f"ModelConfig.rope_scaling must be a RopeScaling or None, got {type(self.rope_scaling).__name__}")
+        if self.rope_scaling is not None:
+            self.rope_scaling.validate(self.head_dim)
         _require(self.dtype in ("float32", "bfloat16"), f"ModelConfig.dtype must be float32|bfloat16, got {self.dtype!r}")
         if self.is_ssm:
             _require(self.ssm is not None, "ModelConfig.mixer='ssm' needs ModelConfig.ssm")
@@ -154,6 +216,11 @@ class DistillConfig:
     ce_weight: float = 0.0           # optional hard-label CE
     kl_chunk: int = 128              # sequence chunk for the KL (never full b x l x V twice)
     trainable: str = "all"           # all | mixer (MOHAWK freezes MLPs in steps 1-2) | atmn
+    # firing-rate term (sbds): rate_weight * sum_sites w_site * relu(rate_site - rate_target),
+    # rate = non-zero spikes per element per micro-step (padding masked), w_site = the site's
+    # share of the spiking projections' fan-out (so the term follows the AC energy)
+    rate_weight: float = 0.0
+    rate_target: float = 0.0
 
     def validate(self) -> "DistillConfig":
         _require(self.stage in ("orient", "align", "kd", "sbds"), f"DistillConfig.stage unknown: {self.stage!r}")
@@ -165,6 +232,8 @@ class DistillConfig:
         _require(self.feature_norm in ("relative", "absolute"),
                  f"DistillConfig.feature_norm must be relative|absolute, got {self.feature_norm!r}")
         _require(self.trainable in ("all", "mixer", "atmn"), f"DistillConfig.trainable unknown: {self.trainable!r}")
+        _require(self.rate_weight >= 0, f"DistillConfig.rate_weight must be >= 0, got {self.rate_weight}")
+        _require(0 <= self.rate_target <= 1, f"DistillConfig.rate_target must be in [0, 1], got {self.rate_target}")
         return self
 
 
@@ -191,6 +260,9 @@ class TrainConfig:
     keep: int = 2
     compute_dtype: str = "float32"   # bfloat16: student forward/backward in bf16, f32 master params
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    nonfinite: str = "stop"          # a NaN/inf loss, gradient or update: "stop" (raise, last good checkpoint
+                                     # kept) or "skip" (drop that update, log it, go on)
+    max_skips: int = 10              # "skip": this many non-finite updates in a row stop the run anyway
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -201,7 +273,10 @@ PRESETS: dict[str, ModelConfig] = {
                                 max_seq_len=8192, tie_embeddings=True),
     "llama-3.2-1b": ModelConfig(name="llama-3.2-1b", vocab_size=128256, d_model=2048, n_layers=16, n_heads=32,
                                 n_kv_heads=8, head_dim=64, d_ff=8192, rms_eps=1e-5, rope_theta=500000.0,
-                                max_seq_len=131072, tie_embeddings=True),
+                                max_seq_len=131072, tie_embeddings=True,
+                                rope_scaling=RopeScaling("llama3", factor=32.0, low_freq_factor=1.0,
+                                                         high_freq_factor=4.0,
+                                                         original_max_position_embeddings=8192)),
     "llamba-1b": ModelConfig(name="llamba-1b", vocab_size=128256, d_model=2048, n_layers=16, n_heads=32,
                              n_kv_heads=32, head_dim=64, d_ff=8192, rms_eps=1e-5, max_seq_len=131072,
                              tie_embeddings=True, mixer="ssm",
@@ -231,5 +306,11 @@ def model_config_from_dict(d: dict) -> ModelConfig:
     if d.get("atmn") is not None:
         a = dict(d["atmn"])
         a["sites"] = tuple(a.get("sites", SITES))
+        if "detach_reset" in a:   # configs written before reset_grad (a bool then)
+            a.setdefault("reset_grad", "detach" if a.pop("detach_reset") else "full")
         d["atmn"] = ATMNConfig(**a)
+    if d.get("rope_scaling") is not None:
+        r = dict(d["rope_scaling"])
+        r["freq_factors"] = tuple(float(f) for f in r.get("freq_factors", ()))
+        d["rope_scaling"] = RopeScaling(**r)
     return ModelConfig(**d).validate()

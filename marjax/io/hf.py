@@ -20,16 +20,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import warnings
 from typing import Callable, Optional
 
 import numpy as np
 
-from marjax.config import ModelConfig, SSMConfig, model_config_from_dict, replace, to_dict
+from marjax.config import ModelConfig, RopeScaling, SSMConfig, model_config_from_dict, replace, to_dict
 from marjax.errors import CheckpointError, ConfigError, MarjaxError
 
 __all__ = ["load_hf", "save_hf", "save_llamba", "read_config", "detect_format", "expected_shapes",
-           "build_params", "params_to_numpy", "SafetensorsDir", "unpermute_pairs_to_half",
+           "build_params", "params_to_numpy", "SafetensorsDir", "rope_scaling_from_hf", "rope_scaling_to_hf", "unpermute_pairs_to_half",
            "permute_half_to_pairs"]
 
 ATTN_KEYS = ("mixer_norm", "wq", "wk", "wv", "wo", "mlp_norm", "gate", "up", "down")
@@ -261,18 +260,69 @@ def _llama_config(conf: dict, cp: str, name: str) -> ModelConfig:
     act = conf.get("hidden_act", "silu")
     if act != "silu":
         raise CheckpointError(f"{cp}: hidden_act must be 'silu', got {act!r}")
-    if conf.get("rope_scaling"):
-        warnings.warn(f"{cp}: rope_scaling {conf['rope_scaling']} is ignored (plain RoPE); logits will differ "
-                      "from the reference implementation", stacklevel=3)
     d, h = int(_need(conf, "hidden_size", cp)), int(_need(conf, "num_attention_heads", cp))
+    rope = conf.get("rope_parameters") if isinstance(conf.get("rope_parameters"), dict) else {}
     return ModelConfig(
         name=name, vocab_size=int(_need(conf, "vocab_size", cp)), d_model=d,
         n_layers=int(_need(conf, "num_hidden_layers", cp)), n_heads=h,
         n_kv_heads=int(conf.get("num_key_value_heads") or h), head_dim=int(conf.get("head_dim") or d // h),
         d_ff=int(_need(conf, "intermediate_size", cp)), rms_eps=float(conf.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(conf.get("rope_theta", 10000.0)), rope_layout="half",
+        rope_theta=float(rope.get("rope_theta", conf.get("rope_theta", 10000.0))), rope_layout="half",
         max_seq_len=int(conf.get("max_position_embeddings", 2048)),
-        tie_embeddings=bool(conf.get("tie_word_embeddings", False)), mixer="attention")
+        tie_embeddings=bool(conf.get("tie_word_embeddings", False)), mixer="attention",
+        rope_scaling=rope_scaling_from_hf(conf, cp))
+
+
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def rope_scaling_from_hf(conf: dict, cp: str = "config.json") -> Optional[RopeScaling]:
+    """RopeScaling from config.json: the hub's `rope_scaling` {"rope_type" (or the older "type"):
+    ..., ...} or transformers 5's `rope_parameters` (which also holds rope_theta). Only the types
+    marjax computes exactly as transformers are accepted; anything else is an error, never a
+    silent plain RoPE."""
+    rs = conf.get("rope_scaling")
+    if rs is None and isinstance(conf.get("rope_parameters"), dict):
+        rs = conf["rope_parameters"]
+    if rs is None or rs == {}:
+        return None
+    if not isinstance(rs, dict):
+        raise CheckpointError(f"{cp}: rope_scaling must be an object or null, got {type(rs).__name__}")
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind in (None, "default") and not set(rs) - {"rope_type", "type", "rope_theta"}:
+        return None
+    try:
+        if kind == "llama3":
+            missing = [k for k in _LLAMA3_KEYS if k not in rs]
+            if missing:
+                raise CheckpointError(f"{cp}: rope_scaling of rope_type 'llama3' lacks {missing}")
+            return RopeScaling("llama3", factor=float(rs["factor"]), low_freq_factor=float(rs["low_freq_factor"]),
+                               high_freq_factor=float(rs["high_freq_factor"]),
+                               original_max_position_embeddings=int(rs["original_max_position_embeddings"])
+                               ).validate()
+        if kind == "linear":
+            if "factor" not in rs:
+                raise CheckpointError(f"{cp}: rope_scaling of rope_type 'linear' lacks 'factor'")
+            return RopeScaling("linear", factor=float(rs["factor"])).validate()
+    except (TypeError, ValueError) as e:   # ConfigError is a ValueError
+        raise CheckpointError(f"{cp}: bad rope_scaling {rs!r} ({e})") from None
+    raise CheckpointError(f"{cp}: rope_scaling rope_type {kind!r} is not supported (supported: 'llama3', "
+                          f"'linear', or none); refusing to load with plain RoPE, which would give wrong logits")
+
+
+def rope_scaling_to_hf(cfg: ModelConfig) -> Optional[dict]:
+    """The hub's config.json spelling of cfg.rope_scaling."""
+    r = cfg.rope_scaling
+    if r is None:
+        return None
+    if r.rope_type == "linear":
+        return {"rope_type": "linear", "factor": r.factor}
+    if r.rope_type == "llama3":
+        return {"rope_type": "llama3", "factor": r.factor, "low_freq_factor": r.low_freq_factor,
+                "high_freq_factor": r.high_freq_factor,
+                "original_max_position_embeddings": r.original_max_position_embeddings}
+    raise MarjaxError(f"config {cfg.name!r}: rope_scaling of rope_type {r.rope_type!r} (per-frequency factors "
+                      "from a GGUF) has no transformers config.json spelling; save it as GGUF instead")
 
 
 def _llamba_config(conf: dict, cp: str, name: str, embed_rows: Optional[int]) -> tuple[ModelConfig, int]:
@@ -501,7 +551,8 @@ def save_hf(path: str, cfg: ModelConfig, params, tokenizer=None) -> None:
             "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
             "rms_norm_eps": cfg.rms_eps, "rope_theta": cfg.rope_theta, "vocab_size": cfg.vocab_size,
             "tie_word_embeddings": cfg.tie_embeddings, "max_position_embeddings": cfg.max_seq_len,
-            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "rope_scaling": None,
+            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+            "rope_scaling": rope_scaling_to_hf(cfg),
             "torch_dtype": cfg.dtype, "marjax": to_dict(cfg)}
     if tokenizer is not None and getattr(tokenizer, "bos_id", None) is not None:
         conf["bos_token_id"], conf["eos_token_id"] = tokenizer.bos_id, tokenizer.eos_id

@@ -3,24 +3,34 @@ the `tokenizers` package) and a dependency-free `ByteTokenizer` for the tiny pre
 
     tok.encode("text")            -> list[int]   (BOS prepended only when tok.add_bos)
     tok.decode(ids)               -> str
-    tok.apply_chat_template(msgs, add_generation_prompt=True) -> str (ChatML)
-    tok.stop_ids                  -> ids that end a generation (eos, <|im_end|>, ...)
+    tok.apply_chat_template(msgs, add_generation_prompt=True) -> str
+    tok.encode_chat(msgs)         -> (ids, assistant_mask)
+    tok.stop_ids                  -> ids that end a generation (eos, <|im_end|>, <|eot_id|>, ...)
     s = tok.decode_stream(); s.put(id) -> new text (holds back incomplete UTF-8); s.flush()
 
-Chat templates are rendered without a jinja engine: marjax recognises ChatML templates (the
-SmolLM2 family), including a default system prompt injected when the first message is not a
-system message, and falls back to plain ChatML for anything else.
+Chat templates are the checkpoint's own Jinja template (tokenizer_config.json `chat_template`,
+chat_template.jinja, or GGUF `tokenizer.chat_template`), rendered with jinja2 in the same
+immutable sandbox, globals and filters as transformers' apply_chat_template. A tokenizer without
+a template refuses chat rendering; the byte tokenizer's own template is ChatML.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
+from datetime import datetime
 from typing import Iterable, Optional, Sequence
+
+import jinja2.ext
+from jinja2 import nodes
+from jinja2.exceptions import TemplateError
+from jinja2.ext import Extension
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from marjax.errors import CheckpointError, MarjaxError
 
-__all__ = ["Tokenizer", "ByteTokenizer", "StreamDecoder", "ChatTemplate", "from_gguf_fields",
+__all__ = ["Tokenizer", "ByteTokenizer", "StreamDecoder", "ChatTemplate", "CHATML_TEMPLATE", "from_gguf_fields",
            "from_tokenizer_json", "load_tokenizer_dir", "PRETOKENIZER_REGEX"]
 
 # Split regexes of llama.cpp's pre-tokenizer types (llama-vocab.cpp), applied before byte-level BPE.
@@ -39,44 +49,132 @@ PRETOKENIZER_REGEX = {
     "qwen2": (False, _QWEN2),
 }
 
-_CHATML_TURN = "<|im_start|>{role}\n{content}<|im_end|>\n"
-_CHATML_GEN = "<|im_start|>assistant\n"
-_STOP_NAMES = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>")
+_STOP_NAMES = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>", "<|end|>")
+
+# The byte tokenizer's own template (it has <|im_start|>/<|im_end|>): plain ChatML.
+CHATML_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] "
+                   "+ '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}"
+                   "{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def _chatml_with_default_system(system: str) -> str:
+    """ChatML that injects `system` when the first message is not a system message (SmolLM2's form)."""
+    lit = json.dumps(system)   # a JSON string literal is a valid jinja string literal
+    return ("{% if messages and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\n' + " + lit
+            + " + '<|im_end|>\\n' }}{% endif %}" + CHATML_TEMPLATE)
+
+
+class _GenerationTracker(Extension):
+    """transformers' `{% generation %}...{% endgeneration %}` tag (it marks assistant text for
+    return_assistant_tokens_mask): rendered as its body, so such templates compile and render;
+    marjax derives assistant masks from prefix renderings instead (ChatTemplate.assistant_spans)."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
+def _raise_exception(message):
+    raise TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # transformers' override: no HTML escaping (jinja's own tojson escapes <, >, &, ')
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt):
+    return datetime.now().strftime(fmt)
+
+
+@functools.lru_cache(maxsize=32)
+def _compile(source: str):
+    """The template in the environment transformers' apply_chat_template uses: an immutable
+    sandbox (no attribute access to Python internals, no mutation of the passed messages),
+    trim_blocks/lstrip_blocks, loop controls, raise_exception/strftime_now, its tojson."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationTracker, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env.from_string(source)
 
 
 class ChatTemplate:
-    """ChatML rendering; `default_system` is injected when the first message is not 'system'."""
+    """A checkpoint's Jinja chat template, rendered as transformers' apply_chat_template does.
 
-    def __init__(self, default_system: Optional[str] = None, source: Optional[str] = None):
-        self.default_system = default_system
+    ChatTemplate(source, special_tokens, name): `source` is the template text (None: none, and
+    render raises); `special_tokens` ({"bos_token": "<s>", ...}) are template variables, as
+    transformers passes its special-tokens map. ChatTemplate(default_system="...") is ChatML with
+    that system prompt injected (the byte tokenizer's template with SmolLM2's behaviour)."""
+
+    def __init__(self, source: Optional[str] = None, special_tokens: Optional[dict] = None, name: str = "",
+                 *, default_system: Optional[str] = None):
+        if default_system is not None:
+            source = _chatml_with_default_system(default_system)
+        if source is not None and not isinstance(source, str):
+            raise CheckpointError(f"{name or 'chat template'}: chat_template must be a string, "
+                                  f"got {type(source).__name__}")
         self.source = source
+        self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
+        self.name = name
 
     @classmethod
-    def from_jinja(cls, template: Optional[str]) -> "ChatTemplate":
-        """Recognise a ChatML jinja template (and the default system prompt it may inject);
-        anything else (or None) becomes plain ChatML."""
-        if not template or "<|im_start|>" not in template or "<|im_end|>" not in template:
-            return cls(None, template)
-        default = None
-        m = re.search(r"""!=\s*['"]system['"]\s*%\}\s*\{\{\s*(['"])<\|im_start\|>system(?:\n|\\n)(.*?)<\|im_end\|>""",
-                      template, flags=re.S)
-        if m:
-            default = m.group(2).replace("\\n", "\n")  # a jinja-escaped newline in the literal
-        return cls(default, template)
+    def from_jinja(cls, template: Optional[str], special_tokens: Optional[dict] = None, name: str = ""):
+        return cls(template, special_tokens, name)
 
-    def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+    def _template(self):
+        if self.source is None:
+            raise MarjaxError(f"{self.name or 'this tokenizer'} has no chat template (no chat_template in "
+                              "tokenizer_config.json / tokenizer.chat_template in the GGUF); use plain text")
+        try:
+            return _compile(self.source)
+        except TemplateError as e:
+            raise MarjaxError(f"{self.name or 'chat template'}: the chat template does not compile ({e})") from None
+
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool = False, **kwargs) -> str:
+        """The rendered conversation. Extra keyword arguments become template variables (e.g.
+        date_string for Llama 3's template, which otherwise prints today's date)."""
         if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
             raise MarjaxError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
-        out = []
         for i, msg in enumerate(messages):
-            if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+            if not isinstance(msg, dict) or "role" not in msg:
                 raise MarjaxError(f"messages[{i}] must be a dict with 'role' and 'content', got {msg!r}")
-            if i == 0 and msg["role"] != "system" and self.default_system is not None:
-                out.append(_CHATML_TURN.format(role="system", content=self.default_system))
-            out.append(_CHATML_TURN.format(role=msg["role"], content=msg["content"]))
-        if add_generation_prompt:
-            out.append(_CHATML_GEN)
-        return "".join(out)
+        tmpl = self._template()
+        ctx = {**self.special_tokens, **kwargs, "messages": list(messages),
+               "add_generation_prompt": bool(add_generation_prompt)}
+        ctx.setdefault("tools", None)
+        ctx.setdefault("documents", None)
+        try:
+            return tmpl.render(**ctx)
+        except TemplateError as e:   # raise_exception(...) from the template, sandbox violations
+            raise MarjaxError(f"{self.name or 'chat template'}: {type(e).__name__}: {e}") from None
+        except RecursionError:
+            raise MarjaxError(f"{self.name or 'chat template'}: the chat template recursed too deeply") from None
+
+    def assistant_spans(self, messages: Sequence[dict], **kwargs) -> tuple[str, list]:
+        """(rendering, [(start, end)]) character spans of the assistant replies in the rendering
+        of the whole chat: reply i is render(messages[:i+1]) minus render(messages[:i],
+        add_generation_prompt=True), i.e. its content and end-of-turn marker, not its header."""
+        full = self.render(messages, False, **kwargs)
+        spans = []
+        for i, m in enumerate(messages):
+            if m.get("role") != "assistant":
+                continue
+            head = self.render(messages[:i], True, **kwargs) if i else ""
+            upto = self.render(messages[:i + 1], False, **kwargs)
+            if not (upto.startswith(head) and full.startswith(upto)):
+                raise MarjaxError(f"{self.name or 'chat template'}: assistant masks need a prefix-stable "
+                                  f"template (the rendering up to message {i} must begin the whole chat's "
+                                  "rendering, after the generation prompt); this one is not")
+            if len(upto) > len(head):
+                spans.append((len(head), len(upto)))
+        return full, spans
 
 
 class StreamDecoder:
@@ -124,8 +222,25 @@ class _Base:
     add_bos: bool
     chat: ChatTemplate
 
-    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-        return self.chat.render(messages, add_generation_prompt)
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False, **kwargs) -> str:
+        """The checkpoint's chat template rendered as transformers' apply_chat_template(...,
+        tokenize=False); kwargs become template variables."""
+        return self.chat.render(messages, add_generation_prompt, **kwargs)
+
+    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False,
+                    **kwargs) -> tuple[list, list]:
+        """(ids, assistant_mask) of the rendered chat, tokenised like transformers'
+        apply_chat_template(tokenize=True): the template places BOS itself, nothing is added.
+        mask[j] = 1 for the tokens of assistant replies (content and end-of-turn marker, see
+        ChatTemplate.assistant_spans); a token counts as assistant when it starts inside a reply."""
+        if add_generation_prompt:
+            text = self.chat.render(messages, True, **kwargs)
+            _, spans = self.chat.assistant_spans(messages, **kwargs)
+        else:
+            text, spans = self.chat.assistant_spans(messages, **kwargs)
+        ids, starts = self._encode_with_starts(text)
+        mask = [int(any(a <= st < b for a, b in spans)) for st in starts]
+        return ids, mask
 
     @property
     def stop_ids(self) -> list[int]:
@@ -154,13 +269,21 @@ class Tokenizer(_Base):
     """A `tokenizers.Tokenizer` plus what marjax needs around it (BOS policy, stops, chat)."""
 
     def __init__(self, backend, *, bos_id: Optional[int], eos_id: Optional[int], add_bos: bool,
-                 chat_template: Optional[str] = None, pre: str = "", name: str = ""):
+                 chat_template: Optional[str] = None, pre: str = "", name: str = "",
+                 special_tokens: Optional[dict] = None):
         self.backend = backend
         self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, bool(add_bos)
         self.chat_template = chat_template
-        self.chat = ChatTemplate.from_jinja(chat_template)
         self.pre = pre
         self.name = name
+        toks = {"bos_token": None if bos_id is None else backend.id_to_token(bos_id),
+                "eos_token": None if eos_id is None else backend.id_to_token(eos_id)}
+        toks.update({k: v for k, v in (special_tokens or {}).items() if v is not None})
+        self.chat = ChatTemplate(chat_template, toks, name)
+
+    def _encode_with_starts(self, text: str) -> tuple[list, list]:
+        enc = self.backend.encode(text, add_special_tokens=False)
+        return list(enc.ids), [a for a, _ in enc.offsets]
 
     @property
     def vocab_size(self) -> int:
@@ -226,8 +349,9 @@ class ByteTokenizer(_Base):
         self.bos_id = self.eos_id = self.SPECIALS["<|endoftext|>"]
         self.pad_id = self.SPECIALS["<|pad|>"]
         self.add_bos = bool(add_bos)
-        self.chat = ChatTemplate(None)
-        self.chat_template = None
+        self.chat_template = CHATML_TEMPLATE
+        self.chat = ChatTemplate(CHATML_TEMPLATE, {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"},
+                                 "bytes")
         self.name = "bytes"
         self._by_id = {v: k for k, v in self.SPECIALS.items()}
         self._split = re.compile("(" + "|".join(re.escape(s) for s in self.SPECIALS) + ")")
@@ -257,6 +381,20 @@ class ByteTokenizer(_Base):
                 buf.append(i)
         out.append(buf.decode("utf-8", errors="replace"))
         return "".join(out)
+
+    def _encode_with_starts(self, text: str) -> tuple[list, list]:
+        ids, starts, pos = [], [], 0
+        for part in self._split.split(text):
+            if part in self.SPECIALS:
+                ids.append(self.SPECIALS[part])
+                starts.append(pos)
+            else:
+                for j, ch in enumerate(part):
+                    b = ch.encode("utf-8")
+                    ids.extend(b)
+                    starts.extend([pos + j] * len(b))
+            pos += len(part)
+        return ids, starts
 
     def token_to_id(self, token: str) -> Optional[int]:
         if token in self.SPECIALS:
@@ -338,15 +476,39 @@ def from_gguf_fields(fields: dict, source: str = "<gguf>"):
         tok.add_tokens(user)
     bos = fields.get("tokenizer.ggml.bos_token_id")
     eos = fields.get("tokenizer.ggml.eos_token_id")
+    extra = {}
+    for key in ("unk", "padding"):
+        i = fields.get(f"tokenizer.ggml.{key}_token_id")
+        if i is not None and 0 <= int(i) < len(tokens):
+            extra["unk_token" if key == "unk" else "pad_token"] = tokens[int(i)]
+    for key in ("bos", "eos"):
+        i = fields.get(f"tokenizer.ggml.{key}_token_id")
+        if i is not None and not 0 <= int(i) < len(tokens):
+            raise CheckpointError(f"{source}: tokenizer.ggml.{key}_token_id {int(i)} is outside the vocabulary "
+                                  f"(0..{len(tokens) - 1})")
+    template = fields.get("tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise CheckpointError(f"{source}: tokenizer.chat_template must be a string, got {type(template).__name__}")
     return Tokenizer(tok, bos_id=None if bos is None else int(bos), eos_id=None if eos is None else int(eos),
                      add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", False)),
-                     chat_template=fields.get("tokenizer.chat_template"), pre=pre, name=source)
+                     chat_template=template, pre=pre, name=source, special_tokens=extra)
 
 
 def _token_content(t) -> Optional[str]:
     if isinstance(t, dict):
-        return t.get("content")
-    return t
+        t = t.get("content")
+    return t if isinstance(t, str) else None
+
+
+def _read_json_object(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            conf = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: invalid JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(conf, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(conf).__name__}")
+    return conf
 
 
 def from_tokenizer_json(tokenizer_json: str, tokenizer_config: Optional[str] = None) -> Tokenizer:
@@ -355,15 +517,12 @@ def from_tokenizer_json(tokenizer_json: str, tokenizer_config: Optional[str] = N
     try:
         backend = HFTokenizer.from_file(tokenizer_json)
     except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-        raise CheckpointError(f"{tokenizer_json}: not a readable tokenizer.json ({e})") from None
+        raise CheckpointError(f"{tokenizer_json}: not a readable tokenizer.json ({str(e)[:300]})") from None
     conf = {}
     if tokenizer_config and os.path.exists(tokenizer_config):
-        try:
-            with open(tokenizer_config) as f:
-                conf = json.load(f)
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{tokenizer_config}: invalid JSON ({e})") from None
-    bos_tok, eos_tok = _token_content(conf.get("bos_token")), _token_content(conf.get("eos_token"))
+        conf = _read_json_object(tokenizer_config)
+    special = {k: _token_content(conf.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    bos_tok, eos_tok = special["bos_token"], special["eos_token"]
     bos_id = None if bos_tok is None else backend.token_to_id(bos_tok)
     eos_id = None if eos_tok is None else backend.token_to_id(eos_tok)
     if "add_bos_token" in conf:
@@ -374,10 +533,19 @@ def from_tokenizer_json(tokenizer_json: str, tokenizer_config: Optional[str] = N
         add_bos = len(with_sp) > len(without) and bos_id is not None and with_sp[0] == bos_id
     template = conf.get("chat_template")
     if isinstance(template, list):  # [{"name": ..., "template": ...}]
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    if template is None:   # transformers 4.43+ may save it next to the config instead
+        jinja = os.path.join(os.path.dirname(tokenizer_json), "chat_template.jinja")
+        if os.path.exists(jinja):
+            with open(jinja, encoding="utf-8", errors="replace") as f:
+                template = f.read()
+    if template is not None and not isinstance(template, str):
+        raise CheckpointError(f"{tokenizer_config}: chat_template must be a string, got {type(template).__name__}")
+    pre = conf.get("marjax_pre")
     return Tokenizer(backend, bos_id=bos_id, eos_id=eos_id, add_bos=add_bos, chat_template=template,
-                     pre=conf.get("marjax_pre") or _infer_pre(backend),
-                     name=os.path.dirname(os.path.abspath(tokenizer_json)))
+                     pre=pre if isinstance(pre, str) and pre else _infer_pre(backend),
+                     name=os.path.dirname(os.path.abspath(tokenizer_json)), special_tokens=special)
 
 
 def _infer_pre(backend) -> str:
@@ -405,8 +573,7 @@ def load_tokenizer_dir(path: str):
         return from_tokenizer_json(tj, os.path.join(path, "tokenizer_config.json"))
     mj = os.path.join(path, "marjax_tokenizer.json")
     if os.path.exists(mj):
-        with open(mj) as f:
-            conf = json.load(f)
+        conf = _read_json_object(mj)
         if conf.get("type") != "bytes":
             raise CheckpointError(f"{mj}: unknown tokenizer type {conf.get('type')!r} (expected 'bytes')")
         return ByteTokenizer(add_bos=bool(conf.get("add_bos", False)))

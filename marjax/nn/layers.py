@@ -5,13 +5,14 @@ result is cast back to the activation dtype.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-__all__ = ["MLPParams", "AttnParams", "rms_norm", "rope_tables", "apply_rope", "mlp", "attention",
+__all__ = ["MLPParams", "AttnParams", "rms_norm", "rope_inv_freq", "rope_tables", "apply_rope", "mlp", "attention",
            "attention_matrix", "repeat_kv"]
 
 
@@ -38,9 +39,34 @@ def rms_norm(w: Float[Array, "d"], x: Float[Array, "... d"], eps: float) -> Floa
     return (y * w.astype(jnp.float32)).astype(x.dtype)
 
 
-def rope_tables(positions: Int[Array, "... l"], head_dim: int, theta: float):
-    """cos/sin of shape (..., l, head_dim // 2) for frequency index i = 0 .. head_dim/2 - 1."""
+def rope_inv_freq(head_dim: int, theta: float, scaling=None) -> Float[Array, "hd2"]:
+    """Inverse frequencies theta^(-2i/hd), i < hd/2, scaled by a config.RopeScaling (None:
+    plain). Float32 step by step in the order transformers' rope init functions use, so the
+    long-context angles (position x inv_freq) agree with the reference to rounding."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    if scaling.rope_type == "freq_factors":   # llama.cpp: theta_i / rope_freqs[i]
+        return inv_freq / jnp.asarray(scaling.freq_factors, jnp.float32)
+    if scaling.rope_type != "llama3":
+        raise ValueError(f"RopeScaling.rope_type {scaling.rope_type!r} is not implemented")
+    factor, lo, hi = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
+    old = scaling.original_max_position_embeddings
+    low_wavelen, high_wavelen = old / lo, old / hi
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)   # long waves stretched
+    smooth = (old / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def rope_tables(positions: Int[Array, "... l"], head_dim: int, theta: float, scaling=None):
+    """cos/sin of shape (..., l, head_dim // 2) for frequency index i = 0 .. head_dim/2 - 1;
+    `scaling` is the model's config.RopeScaling (None: plain RoPE)."""
+    inv_freq = rope_inv_freq(head_dim, theta, scaling)
     ang = positions.astype(jnp.float32)[..., None] * inv_freq
     return jnp.cos(ang), jnp.sin(ang)
 
@@ -82,7 +108,7 @@ def qkv(p: AttnParams, x, cfg, positions):
     q = (x @ p.wq).reshape(b, l, cfg.n_heads, cfg.head_dim)
     k = (x @ p.wk).reshape(b, l, cfg.n_kv_heads, cfg.head_dim)
     v = (x @ p.wv).reshape(b, l, cfg.n_kv_heads, cfg.head_dim)
-    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     return apply_rope(q, cos, sin, cfg.rope_layout), apply_rope(k, cos, sin, cfg.rope_layout), v
 
 

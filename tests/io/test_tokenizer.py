@@ -83,7 +83,7 @@ def test_tokenizer_json_matches_backend(trained):
     d, tk = trained
     tok = load_tokenizer_dir(str(d))
     assert tok.bos_id == tk.token_to_id("<|im_start|>") and tok.eos_id == tk.token_to_id("<|im_end|>")
-    assert tok.add_bos and tok.chat.default_system is None
+    assert tok.add_bos and tok.chat.source == tok.chat_template
     for t in TEXTS:
         ids = tok.encode(t)
         assert ids == [tok.bos_id] + tk.encode(t, add_special_tokens=False).ids
@@ -179,17 +179,37 @@ def test_byte_stream_holds_incomplete_utf8():
 
 
 # --------------------------------------------------------------------------- chat templates
-def test_chat_template_parsing():
-    # jinja-escaped newline inside the literal (as some tokenizer_config.json files store it)
+def test_chat_template_is_rendered_not_guessed():
+    """A non-ChatML template renders as itself (the old renderer turned everything into ChatML);
+    a jinja-escaped newline in a literal is a newline; errors name the problem."""
     t = ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nBe nice.<|im_end|>\\n' }}{% endif %}"
          "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n'}}{% endfor %}")
-    assert ChatTemplate.from_jinja(t).default_system == "Be nice."
-    llama3 = "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>{% endfor %}"
-    plain = ChatTemplate.from_jinja(llama3)
-    assert plain.default_system is None
-    want = "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
-    assert plain.render([{"role": "user", "content": "q"}], True) == want
+    assert ChatTemplate(t).render([{"role": "user", "content": "q"}]) == \
+        "<|im_start|>system\nBe nice.<|im_end|>\n<|im_start|>user\nq<|im_end|>\n"
+    llama3 = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+              "{{ m['content'] }}<|eot_id|>{% endfor %}")
+    plain = ChatTemplate(llama3, {"bos_token": "<|begin_of_text|>"})
+    got = plain.render([{"role": "user", "content": "q"}], True)
+    assert got == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nq<|eot_id|>"
+    assert "<|im_start|>" not in got
     with pytest.raises(MarjaxError, match="role"):
         plain.render([{"content": "no role"}])
     with pytest.raises(MarjaxError, match="list"):
         plain.render("just a string")
+    with pytest.raises(MarjaxError, match="no chat template"):
+        ChatTemplate(None, name="x").render([{"role": "user", "content": "q"}])
+    with pytest.raises(MarjaxError, match="alternate"):
+        ChatTemplate("{{ raise_exception('roles must alternate') }}").render([])
+    with pytest.raises(MarjaxError, match="does not compile"):
+        ChatTemplate("{% for %}").render([])
+
+
+def test_chat_template_sandbox():
+    """Templates run in jinja's immutable sandbox: no reaching Python internals, no mutation."""
+    for evil in ("{{ messages.__class__.__mro__ }}", "{{ ''.__class__.__subclasses__() }}",
+                 "{{ messages.append(1) }}", "{{ cycler.__init__.__globals__ }}"):
+        with pytest.raises(MarjaxError):
+            out = ChatTemplate(evil).render([{"role": "user", "content": "q"}])
+            assert "class" not in out and "builtins" not in out   # sandbox renders unsafe attrs as undefined
+            raise MarjaxError("rendered without access")
+    assert ChatTemplate("{{ {'a': '<b>'} | tojson }}").render([]) == '{"a": "<b>"}'   # transformers' tojson
