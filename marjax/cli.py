@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from marjax import __version__  # the package is already imported (marjax.cli lives in it)
+
 COMMANDS = {
     "generate": ("marjax.api", "generate_main", "generate text from a model (streams tokens)"),
     "convert": ("marjax.distill.cli", "convert_main", "attention -> SSM init of a Llama model"),
@@ -19,7 +21,7 @@ COMMANDS = {
 def _usage() -> str:
     lines = ["usage: marjax <command> [args...]", "", "commands:"]
     lines += [f"  {name:<10}{help_}" for name, (_, _, help_) in COMMANDS.items()]
-    lines += ["", "`marjax <command> --help` for a command's options."]
+    lines += ["", "`marjax <command> --help` for a command's options; `marjax --version` for the version."]
     return "\n".join(lines)
 
 
@@ -27,6 +29,9 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"marjax {__version__}")
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:
