@@ -23,10 +23,11 @@ from datetime import datetime
 from typing import Iterable, Optional, Sequence
 
 import jinja2.ext
+import jinja2.utils
 from jinja2 import nodes
 from jinja2.exceptions import TemplateError
 from jinja2.ext import Extension
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from marjax.errors import CheckpointError, MarjaxError
 
@@ -92,6 +93,70 @@ def _strftime_now(fmt):
     return datetime.now().strftime(fmt)
 
 
+class _TemplateDict:
+    """`dict(...)` for templates without handing them the dict type itself (as transformers)."""
+    def __call__(self, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs):
+        return dict.fromkeys(*args, **kwargs)
+
+
+class _TemplateNamespace(jinja2.utils.Namespace):
+    """jinja's namespace() refusing underscore names (no reaching CPython internals), as transformers."""
+    def __init__(*args, **kwargs):
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _TemplateNamespace._check(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name, value):
+        _TemplateNamespace._check(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise SecurityError(f"chat templates cannot store underscore-prefixed attributes ({name!r})")
+
+
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _plain(value):
+    """A JSON-typed copy of template input: templates see only plain data, never caller objects."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    return f"<{type(value).__name__}>"
+
+
+def _template_messages(messages) -> list:
+    """transformers' normalisation: None-valued keys dropped, reasoning copied under its aliases."""
+    out = []
+    for m in messages:
+        m = _plain({k: v for k, v in m.items() if v is not None})
+        reasoning = next((m[k] for k in _REASONING_FIELDS if m.get(k) is not None), None)
+        if reasoning is not None:
+            m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
+        out.append(m)
+    return out
+
+
 @functools.lru_cache(maxsize=32)
 def _compile(source: str):
     """The template in the environment transformers' apply_chat_template uses: an immutable
@@ -102,6 +167,8 @@ def _compile(source: str):
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
+    env.globals["dict"] = _TemplateDict()
+    env.globals["namespace"] = _TemplateNamespace
     return env.from_string(source)
 
 
@@ -146,7 +213,7 @@ class ChatTemplate:
             if not isinstance(msg, dict) or "role" not in msg:
                 raise MarjaxError(f"messages[{i}] must be a dict with 'role' and 'content', got {msg!r}")
         tmpl = self._template()
-        ctx = {**self.special_tokens, **kwargs, "messages": list(messages),
+        ctx = {**self.special_tokens, **_plain(kwargs), "messages": _template_messages(messages),
                "add_generation_prompt": bool(add_generation_prompt)}
         ctx.setdefault("tools", None)
         ctx.setdefault("documents", None)
@@ -227,10 +294,11 @@ class _Base:
         tokenize=False); kwargs become template variables."""
         return self.chat.render(messages, add_generation_prompt, **kwargs)
 
-    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False,
-                    **kwargs) -> tuple[list, list]:
+    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False, *,
+                    add_special: bool = False, **kwargs) -> tuple[list, list]:
         """(ids, assistant_mask) of the rendered chat, tokenised like transformers'
-        apply_chat_template(tokenize=True): the template places BOS itself, nothing is added.
+        apply_chat_template(tokenize=True): the template places BOS itself, nothing is added
+        (add_special=True: BOS is prepended when add_bos and the rendering lacks it).
         mask[j] = 1 for the tokens of assistant replies (content and end-of-turn marker, see
         ChatTemplate.assistant_spans); a token counts as assistant when it starts inside a reply."""
         if add_generation_prompt:
@@ -240,6 +308,8 @@ class _Base:
             text, spans = self.chat.assistant_spans(messages, **kwargs)
         ids, starts = self._encode_with_starts(text)
         mask = [int(any(a <= st < b for a, b in spans)) for st in starts]
+        if add_special and self.add_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
+            ids, mask = [self.bos_id] + ids, [0] + mask
         return ids, mask
 
     @property
