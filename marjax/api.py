@@ -115,9 +115,10 @@ def generate_ids(m: Model, prompt_ids, max_new_tokens: int = 32, temperature: fl
 def _prompt_ids(m: Model, prompt: str, chat: bool) -> list:
     if not prompt:
         raise MarjaxError("prompt is empty")
-    text = m.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                           add_generation_prompt=True) if chat else prompt
-    return m.tokenizer.encode(text)
+    if chat:   # templates that render BOS themselves (Llama 3) must not get a second one
+        return m.tokenizer.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                       add_special=True)[0]
+    return m.tokenizer.encode(prompt)
 
 
 def generate(m: Model, prompt: str, max_new_tokens: int = 32, *, temperature: float = 0.0,

@@ -300,6 +300,11 @@ def tokenize_documents(docs: Iterable[Document], tokenizer, mask: str = "all") -
             toks = bos + encode(d)
             ids += toks
             bits += [1] * len(toks)
+        elif hasattr(tokenizer, "encode_chat"):   # marjax tokenizers: ids and reply mask from the rendering
+            toks, on = tokenizer.encode_chat(d)
+            pre = bos if toks[:1] != bos else []  # templates that render BOS themselves (Llama 3) get no second
+            ids += pre + toks
+            bits += [int(mask == "all")] * len(pre) + ([1] * len(toks) if mask == "all" else list(on))
         elif mask == "all":
             toks = bos + encode(tokenizer.apply_chat_template(d, add_generation_prompt=False))
             ids += toks
