@@ -16,10 +16,11 @@ from typing import Optional
 
 import numpy as np
 
-from marjax.config import ModelConfig
+from marjax.config import ModelConfig, RopeScaling
 from marjax.errors import CheckpointError, ConfigError, MarjaxError
 from marjax.io.hf import (build_params, expected_shapes, params_to_numpy, permute_half_to_pairs,
                           unpermute_pairs_to_half)
+from marjax.nn.layers import rope_inv_freq
 
 __all__ = ["load_gguf", "save_gguf", "read_gguf", "gguf_config", "QTYPES", "permute_half_to_pairs",
            "unpermute_pairs_to_half"]
@@ -84,9 +85,6 @@ def gguf_config(fields: dict, tensors: dict, path: str = "<gguf>") -> ModelConfi
     if rot != head_dim:
         raise CheckpointError(f"{path}: partial rotary embeddings (rope.dimension_count={rot} != head_dim "
                               f"{head_dim}) are not supported")
-    if fields.get(f"{arch}.rope.scaling.type", "none") not in ("none",) or "rope_freqs.weight" in tensors:
-        warnings.warn(f"{path}: RoPE scaling / rope_freqs are ignored (plain RoPE); long-context logits "
-                      "will differ from llama.cpp", stacklevel=3)
     tokens = fields.get("tokenizer.ggml.tokens")
     vocab = len(tokens) if tokens else int(a("vocab_size", 0) or 0)
     emb = tensors.get("token_embd.weight")
@@ -106,9 +104,42 @@ def gguf_config(fields: dict, tensors: dict, path: str = "<gguf>") -> ModelConfi
         max_seq_len=int(fields.get(f"{arch}.context_length", 2048)),
         tie_embeddings="output.weight" not in tensors, mixer="attention")
     try:
+        cfg = dataclasses.replace(cfg, rope_scaling=_rope_scaling(fields, tensors, arch, cfg, path))
         return cfg.validate()
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
+
+
+def _rope_scaling(fields: dict, tensors: dict, arch: str, cfg: ModelConfig, path: str) -> Optional[RopeScaling]:
+    """RoPE scaling as llama.cpp stores it: {arch}.rope.scaling.type 'linear' + factor, or a
+    rope_freqs.weight tensor of per-frequency divisors (what convert_hf_to_gguf writes for Llama 3's
+    rope_type llama3; recognised as llama3 when it matches, kept as freq_factors otherwise).
+    Types marjax does not compute (yarn, longrope, ...) are refused, never silently dropped."""
+    kind = str(fields.get(f"{arch}.rope.scaling.type", "none"))
+    freqs = tensors.get("rope_freqs.weight")
+    if kind not in ("none", "linear"):
+        raise CheckpointError(f"{path}: RoPE scaling type {kind!r} is not supported (supported: none, linear, "
+                              "rope_freqs factors); refusing to run it as plain RoPE")
+    if kind == "linear":
+        factor = float(fields.get(f"{arch}.rope.scaling.factor", 0.0))
+        if freqs is not None or not factor > 0:
+            raise CheckpointError(f"{path}: linear RoPE scaling needs {arch}.rope.scaling.factor > 0 (got {factor}) "
+                                  "and no rope_freqs tensor")
+        return RopeScaling("linear", factor=_f32(factor))
+    if freqs is None:
+        return None
+    f = _dequant(freqs, path).reshape(-1).astype(np.float64)
+    if f.shape != (cfg.head_dim // 2,) or not np.all(np.isfinite(f) & (f > 0)):
+        raise CheckpointError(f"{path}: rope_freqs.weight must hold head_dim // 2 = {cfg.head_dim // 2} positive "
+                              f"factors, got shape {f.shape}")
+    orig = int(fields.get(f"{arch}.rope.scaling.original_context_length", 8192))
+    llama3 = RopeScaling("llama3", factor=_f32(f.max()), low_freq_factor=1.0, high_freq_factor=4.0,
+                         original_max_position_embeddings=orig)
+    plain = np.asarray(rope_inv_freq(cfg.head_dim, cfg.rope_theta), np.float64)
+    if np.allclose(f, plain / np.asarray(rope_inv_freq(cfg.head_dim, cfg.rope_theta, llama3), np.float64),
+                   rtol=1e-5, atol=0):
+        return llama3
+    return RopeScaling("freq_factors", factor=1.0, freq_factors=tuple(float(x) for x in f.astype(np.float32)))
 
 
 def _f32(x) -> float:
@@ -189,6 +220,12 @@ def save_gguf(path: str, cfg: ModelConfig, params, tokenizer=None, qtype: str = 
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
     w.add_rope_freq_base(cfg.rope_theta)
+    rs = cfg.rope_scaling
+    if rs is not None and rs.rope_type == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rs.factor)
+    elif rs is not None:   # llama.cpp divides each frequency by rope_freqs[i]
+        w.add_rope_scaling_orig_ctx_len(rs.original_max_position_embeddings)
     w.add_layer_norm_rms_eps(cfg.rms_eps)
     w.add_vocab_size(cfg.vocab_size)
     ftype = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
@@ -212,6 +249,10 @@ def save_gguf(path: str, cfg: ModelConfig, params, tokenizer=None, qtype: str = 
             return
         w.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(a), qt), raw_dtype=qt)
 
+    if rs is not None and rs.rope_type != "linear":
+        plain = np.asarray(rope_inv_freq(cfg.head_dim, cfg.rope_theta), np.float64)
+        w.add_tensor("rope_freqs.weight", (plain / np.asarray(rope_inv_freq(cfg.head_dim, cfg.rope_theta, rs),
+                                                                 np.float64)).astype(np.float32))
     for k, a in top.items():
         add(_TOP[k], a.T if a.ndim == 2 and k == "lm_head" else a)   # embed is already (v, d) rows
     for i, lay in enumerate(layers):

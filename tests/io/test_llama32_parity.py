@@ -60,3 +60,42 @@ def test_rope_scaling_round_trips_through_save_hf(tmp_path):
     (tmp_path / "out" / "config.json").write_text(json.dumps(conf))
     cfg2, _, _ = load_hf(str(tmp_path / "out"))
     assert cfg2.rope_scaling == cfg.rope_scaling == RopeScaling("llama3", 32.0, 1.0, 4.0, 8192)
+
+
+@pytest.mark.parametrize("variant", ["llama3", "llama3_short", "linear"])
+def test_rope_scaling_survives_gguf(tmp_path, variant):
+    """save_gguf writes the scaling as llama.cpp does (rope_freqs divisors, or linear type +
+    factor); load_gguf reads it back as the same RopeScaling and the same logits past 1000."""
+    from marjax.io.gguf import load_gguf, save_gguf
+    ref = np.load(DATA / f"reference_{variant}.npz")
+    cfg, params = _load(tmp_path, variant)
+    save_gguf(tmp_path / "m.gguf", cfg, params, qtype="F32")
+    cfg2, params2, _ = load_gguf(tmp_path / "m.gguf")
+    assert cfg2.rope_scaling == cfg.rope_scaling
+    late = ref["positions"] >= 1000
+    ours = _logits(cfg2, params2, ref["ids"])[ref["positions"][late]]
+    np.testing.assert_allclose(ours, ref["logits"][late], atol=1e-3, rtol=0)
+
+
+def test_gguf_rope_freqs_and_refusals():
+    """Per-frequency factors that match no named type are kept exactly; yarn is refused."""
+    from marjax.io.gguf import gguf_config
+    from marjax.errors import CheckpointError
+
+    class T:   # a ReaderTensor stand-in: F32 data
+        def __init__(self, a):
+            import gguf
+            self.data, self.tensor_type, self.name, self.shape = a, gguf.GGMLQuantizationType.F32, "rope_freqs.weight", a.shape
+    fields = {"general.architecture": "llama", "llama.embedding_length": 64, "llama.attention.head_count": 4,
+              "llama.attention.head_count_kv": 2, "llama.block_count": 2, "llama.feed_forward_length": 96,
+              "llama.vocab_size": 128}
+    f = np.linspace(1.0, 3.0, 8).astype(np.float32)
+    cfg = gguf_config(fields, {"rope_freqs.weight": T(f)})
+    assert cfg.rope_scaling.rope_type == "freq_factors" and cfg.rope_scaling.freq_factors == tuple(f.tolist())
+    from marjax.nn.layers import rope_inv_freq
+    plain = np.asarray(rope_inv_freq(16, cfg.rope_theta))
+    np.testing.assert_allclose(np.asarray(rope_inv_freq(16, cfg.rope_theta, cfg.rope_scaling)), plain / f, rtol=1e-6)
+    with pytest.raises(CheckpointError, match="yarn"):
+        gguf_config({**fields, "llama.rope.scaling.type": "yarn"}, {})
+    with pytest.raises(CheckpointError, match="head_dim // 2"):
+        gguf_config(fields, {"rope_freqs.weight": T(f[:5])})
