@@ -1,14 +1,18 @@
-"""The SSD scan: one API (`ssd`), four implementations, a decode step and the mixing matrix.
+"""The SSD scan: one API (`ssd`), named implementations, a decode step and the mixing matrix.
 
 Contract (per batch element and head, state h of shape (p, n)):
     h_t = exp(log_a_t) h_{t-1} + x_t B_t^T,    y_t = h_t C_t (+ D x_t)
 Inputs may be float32 or bfloat16 (mixed is fine, e.g. float32 log_a with bfloat16 x); all
 implementations accumulate in float32, return y in x's dtype and states in float32.
+
+Every implementation is a function with one signature,
+    fn(x, log_a, B, C, h0, chunk_size, inter_chunk) -> (y float32, final state float32),
+listed in IMPL_FNS under its name; `Impl` is the type of the names `ssd` accepts.
 """
 from __future__ import annotations
 
-import functools
-from typing import Optional
+import typing
+from typing import Callable, Literal, Optional
 
 import jax
 import jax.numpy as jnp
@@ -18,19 +22,26 @@ from jaxtyping import Array, Float
 from marjax.errors import MarjaxError
 from marjax.ssm.associative import ssd_associative
 from marjax.ssm.chunked import INTER_CHUNK, segsum, ssd_chunked
+from marjax.ssm.hybrid import ssd_hybrid
+from marjax.ssm.pallas import ssd_pallas
 from marjax.ssm.reference import ssd_reference
 from marjax.ssm.reference import step as _reference_step
 
-IMPLS = ("reference", "chunked", "associative", "pallas", "auto")
+Impl = Literal["reference", "chunked", "associative", "hybrid", "pallas", "auto"]
+IMPLS: tuple[str, ...] = typing.get_args(Impl)
+ImplFn = Callable[..., tuple]
+IMPL_FNS: dict[str, ImplFn] = {
+    "reference": ssd_reference,      # token-by-token lax.scan: the oracle
+    "chunked": ssd_chunked,          # SSD block form: matmuls in chunks, a pass over chunk states
+    "associative": ssd_associative,  # per-token associative scan: small states only (memory guard)
+    "hybrid": ssd_hybrid,            # token scan for values, chunked form under differentiation
+    "pallas": ssd_pallas,            # pallas_kernels: Mosaic on TPU, Triton on GPU, interpreted on CPU
+}
 DEFAULT_CHUNK = 128
 
-# What impl="auto" runs, per backend. CPU (experiments/results/ssd_cpu.md, 2-core CPU, b2 h8 p64
-# n64): the token scan is the fastest forward (the chunked form does more flops, which a CPU does
-# not hide: 1.2-2.9x slower), but its backward stores a (p, n) state per token, and its fwd+bwd
-# takes 7-8x longer than the chunked one, with 9x the memory. "hybrid" takes both: the token scan when only values are needed, and the chunked form
-# (values and vjp) when differentiated, through a custom_vjp. Accelerators: the chunked form is
-# matmul-bound (0.18 ms vs 23 ms for the token scan on an H100 at L=1024, docs/GPU.md); the Pallas
-# kernel is not auto-selected until it has been measured there.
+# What impl="auto" runs, per backend. CPU: see experiments/bench/RESULTS.md. Accelerators: the
+# chunked form is matmul-bound (0.18 ms vs 23 ms for the token scan on an H100 at L=1024,
+# docs/GPU.md); the Pallas kernel is not auto-selected until it has been measured there.
 AUTO_IMPL = {"cpu": "hybrid"}
 AUTO_IMPL_ACCELERATOR = "chunked"
 
@@ -46,30 +57,11 @@ def effective_chunk(length: int, chunk_size: int = DEFAULT_CHUNK) -> int:
     return min(int(chunk_size), _next_pow2(max(1, int(length))))
 
 
-def resolve_impl(impl: str) -> str:
+def resolve_impl(impl: Impl) -> str:
     """Map "auto" to the implementation used on the default backend."""
     if impl != "auto":
         return impl
     return AUTO_IMPL.get(jax.default_backend(), AUTO_IMPL_ACCELERATOR)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _hybrid(x, log_a, B, C, h0, chunk_size, inter_chunk):
-    """Token scan when not differentiated; chunked forward and backward when differentiated.
-    Reverse mode only (custom_vjp): jax.jvp of it raises; use impl="chunked" for forward mode."""
-    return ssd_reference(x, log_a, B, C, h0)
-
-
-def _hybrid_fwd(x, log_a, B, C, h0, chunk_size, inter_chunk):
-    # the vjp closure (a Partial pytree of the chunked form's residuals) is the residual
-    return jax.vjp(lambda *a: ssd_chunked(*a, chunk_size, inter_chunk), x, log_a, B, C, h0)
-
-
-def _hybrid_bwd(chunk_size, inter_chunk, vjp_fn, cts):
-    return vjp_fn(cts)
-
-
-_hybrid.defvjp(_hybrid_fwd, _hybrid_bwd)
 
 
 try:
@@ -127,7 +119,7 @@ def _validate(x, log_a, B, C, D, initial_state):
 def ssd(x: Float[Array, "b l h p"], log_a: Float[Array, "b l h"], B: Float[Array, "b l h n"],
         C: Float[Array, "b l h n"], *, D: Optional[Float[Array, "h"]] = None,
         initial_state: Optional[Float[Array, "b h p n"]] = None, return_final_state: bool = False,
-        impl: str = "auto", chunk_size: Optional[int] = None, inter_chunk: str = "scan"):
+        impl: Impl = "auto", chunk_size: Optional[int] = None, inter_chunk: str = "scan"):
     """SSD scan: y_t = h_t C_t (+ D x_t) with h_t = exp(log_a_t) h_{t-1} + x_t B_t^T.
 
     Args:
@@ -137,12 +129,12 @@ def ssd(x: Float[Array, "b l h p"], log_a: Float[Array, "b l h"], B: Float[Array
       return_final_state: also return the state after the last token, float32 (b, h, p, n).
       impl: "reference" (token-by-token lax.scan, the oracle), "chunked" (SSD block form),
         "associative" (per-token associative scan; small states only, memory-guarded),
-        "pallas" (pallas_kernels, interpret mode on CPU) or "auto" (see AUTO_IMPL: on CPU
-        "hybrid", the token scan for values and the chunked form under differentiation;
-        "chunked" elsewhere).
+        "hybrid" (the token scan for values, the chunked form under differentiation; reverse
+        mode only), "pallas" (pallas_kernels: Mosaic on TPU, Triton on GPU, interpreted on CPU)
+        or "auto" (see AUTO_IMPL).
       chunk_size: power of two. None means effective_chunk(l, 128). An explicit chunk_size larger
         than l rounded up to a power of two (more than half padding) is rejected for the
-        chunked/pallas/auto impls; pass effective_chunk(l, chunk_size) to clamp it instead.
+        chunked/hybrid/pallas/auto impls; pass effective_chunk(l, chunk_size) to clamp it instead.
         reference and associative ignore it.
       inter_chunk: "scan" or "associative": how the chunked impl combines chunk states.
 
@@ -162,25 +154,14 @@ def ssd(x: Float[Array, "b l h p"], log_a: Float[Array, "b l h"], B: Float[Array
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1 \
                 or chunk_size & (chunk_size - 1):
             raise MarjaxError(f"chunk_size must be a positive power of two, got {chunk_size!r}")
-        if impl in ("chunked", "pallas", "auto") and chunk_size > _next_pow2(l):
+        if impl in ("chunked", "hybrid", "pallas", "auto") and chunk_size > _next_pow2(l):
             raise MarjaxError(
                 f"chunk_size={chunk_size} is larger than the sequence (length {l}, at most {_next_pow2(l)} "
                 f"after rounding up to a power of two); use chunk_size=effective_chunk({l}, {chunk_size}) "
                 f"= {effective_chunk(l, chunk_size)}")
 
     h0 = jnp.zeros((b, h, p, n), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
-    which = resolve_impl(impl)
-    if which == "reference":
-        y, final = ssd_reference(x, log_a, B, C, h0)
-    elif which == "chunked":
-        y, final = ssd_chunked(x, log_a, B, C, h0, chunk_size, inter_chunk)
-    elif which == "hybrid":
-        y, final = _hybrid(x, log_a, B, C, h0, chunk_size, inter_chunk)
-    elif which == "associative":
-        y, final = ssd_associative(x, log_a, B, C, h0)
-    else:
-        from pallas_kernels.ssd import ssd_pallas   # imported lazily: pallas import is slow
-        y, final = ssd_pallas(x, log_a, B, C, h0, chunk_size)
+    y, final = IMPL_FNS[resolve_impl(impl)](x, log_a, B, C, h0, chunk_size, inter_chunk)
     if D is not None:
         y = y + D.astype(jnp.float32)[:, None] * x.astype(jnp.float32)
     y = y.astype(x.dtype)

@@ -8,6 +8,8 @@ refuses inputs whose per-token state tensor would exceed MAX_STATE_BYTES; use im
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float
@@ -24,8 +26,10 @@ def state_bytes(b: int, l: int, h: int, p: int, n: int) -> int:
 
 
 def ssd_associative(x: Float[Array, "b l h p"], log_a: Float[Array, "b l h"], B: Float[Array, "b l h n"],
-                    C: Float[Array, "b l h n"], h0: Float[Array, "b h p n"]):
-    """-> (y float32 (b, l, h, p), final state float32 (b, h, p, n))."""
+                    C: Float[Array, "b l h n"], h0: Float[Array, "b h p n"], chunk_size: Optional[int] = None,
+                    inter_chunk: str = "scan"):
+    """-> (y float32 (b, l, h, p), final state float32 (b, h, p, n)). chunk_size and inter_chunk
+    are unused (the impl signature of `marjax.ssm.ssd`)."""
     f32 = jnp.float32
     b, l, h, p = x.shape
     n = B.shape[-1]

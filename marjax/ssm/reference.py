@@ -5,6 +5,8 @@ Runs in float32 whatever the input dtype; callers cast the output back.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float
@@ -21,8 +23,10 @@ def step(state: Float[Array, "b h p n"], x_t: Float[Array, "b h p"], log_a_t: Fl
 
 
 def ssd_reference(x: Float[Array, "b l h p"], log_a: Float[Array, "b l h"], B: Float[Array, "b l h n"],
-                  C: Float[Array, "b l h n"], h0: Float[Array, "b h p n"]):
+                  C: Float[Array, "b l h n"], h0: Float[Array, "b h p n"], chunk_size: Optional[int] = None,
+                  inter_chunk: str = "scan"):
     """lax.scan over time -> (y float32 (b, l, h, p), final state float32 (b, h, p, n)).
+    chunk_size and inter_chunk are unused (the impl signature of `marjax.ssm.ssd`).
 
     Backward through the scan stores one (p, n) state per token: fine for an oracle, which is why
     the chunked form exists for training."""
