@@ -176,11 +176,16 @@ class SafetensorsDir:
         single = os.path.join(path, "model.safetensors")
         if os.path.exists(index):
             try:
-                with open(index) as f:
+                with open(index, encoding="utf-8") as f:
                     wmap = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
+                    raise TypeError("weight_map must map tensor names to shard file names")
+            except (ValueError, KeyError, TypeError, RecursionError) as e:   # JSON/Unicode errors are ValueErrors
                 raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map'): {e}") from None
             files = sorted(set(wmap.values()))
+            bad = [fn for fn in files if os.path.basename(fn) != fn or fn in ("", ".", "..")]
+            if bad:   # shard names are plain files of this directory, never paths out of it
+                raise CheckpointError(f"{index}: shard names must be file names inside {path}, got {bad[:3]}")
         elif os.path.exists(single):
             wmap, files = None, ["model.safetensors"]
         else:
@@ -192,6 +197,7 @@ class SafetensorsDir:
             full = os.path.join(path, fn)
             if not os.path.exists(full):
                 raise CheckpointError(f"{full}: shard listed in model.safetensors.index.json is missing")
+            _check_safetensors_header(full)
             try:
                 h = safe_open(full, framework="numpy")
                 names = list(h.keys())
@@ -214,9 +220,31 @@ class SafetensorsDir:
     def get(self, name: str) -> np.ndarray:
         fn = self._where[name]
         try:
-            return self._handles[fn].get_tensor(name)
+            a = self._handles[fn].get_tensor(name)
         except Exception as e:
             raise CheckpointError(f"{os.path.join(self.path, fn)}: cannot read tensor {name} ({e})") from None
+        if a.dtype.name not in FLOAT_DTYPES:
+            raise CheckpointError(f"{os.path.join(self.path, fn)}: tensor {name} has dtype {a.dtype.name}, expected "
+                                  f"a float type ({', '.join(FLOAT_DTYPES)})")
+        return a
+
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+_MAX_HEADER = 100 << 20   # safetensors' own limit on the JSON header
+
+
+def _check_safetensors_header(full: str) -> None:
+    """The 8-byte header length must fit the file (and safetensors' 100 MB limit) before anything
+    reads it: a hostile length never becomes an allocation."""
+    size = os.path.getsize(full)
+    with open(full, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8:
+        raise CheckpointError(f"{full}: corrupt or truncated safetensors file ({size} bytes, no header length)")
+    n = int.from_bytes(head, "little")
+    if n > size - 8 or n > _MAX_HEADER:
+        raise CheckpointError(f"{full}: corrupt or truncated safetensors file (header length {n} exceeds the "
+                              f"file's {size} bytes or the {_MAX_HEADER}-byte limit)")
 
 
 # ----------------------------------------------------------------------------- config.json
@@ -225,10 +253,10 @@ def read_config(path: str) -> dict:
     if not os.path.exists(cp):
         raise CheckpointError(f"{path}: no config.json")
     try:
-        with open(cp) as f:
+        with open(cp, encoding="utf-8") as f:
             conf = json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cp}: invalid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:   # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{cp}: invalid JSON ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(conf, dict):
         raise CheckpointError(f"{cp}: expected a JSON object, got {type(conf).__name__}")
     return conf
@@ -439,9 +467,27 @@ def load_hf(path: str, dtype: Optional[str] = None):
         raise CheckpointError(f"{path}: not a directory")
     conf = read_config(path)
     cp = os.path.join(path, "config.json")
-    fmt = detect_format(conf)
     name = os.path.basename(os.path.normpath(path))
     st = SafetensorsDir(path)
+    try:
+        fmt, cfg, names, defaults, fix = _config_for(conf, cp, name, st, dtype)
+    except MarjaxError:
+        raise
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError, AttributeError, KeyError) as e:
+        # a field of the wrong type or value (a string for a size, 0 heads, ...)
+        raise CheckpointError(f"{cp}: malformed config ({type(e).__name__}: {str(e)[:200]})") from None
+    top_names, layer_names, prefix = names
+    if cfg.n_layers > len(st.keys()):   # before any per-layer work: the count comes from the file
+        raise CheckpointError(f"{cp}: {cfg.n_layers} layers, but {st.path} holds only {len(st.keys())} tensors")
+    get = _make_getter(st, top_names, layer_names, prefix, defaults, cfg, fix)
+    spikes = _load_spikes(st, cfg) if cfg.is_spiking else None
+    params = build_params(cfg, get, spikes)
+    return cfg, params, load_tokenizer_dir(path)
+
+
+def _config_for(conf: dict, cp: str, name: str, st: SafetensorsDir, dtype: Optional[str]):
+    """(format, ModelConfig, (top names, layer names, layer prefix), default tensors, fix) of a config.json."""
+    fmt = detect_format(conf)
     defaults, fix = {}, None
     if fmt == "marjax":
         try:
@@ -465,10 +511,7 @@ def load_hf(path: str, dtype: Optional[str] = None):
             fix = _llamba_group_expander(sc, n_qk)
     if dtype is not None:
         cfg = _validated(replace(cfg, dtype=dtype), cp)
-    get = _make_getter(st, top_names, layer_names, prefix, defaults, cfg, fix)
-    spikes = _load_spikes(st, cfg) if cfg.is_spiking else None
-    params = build_params(cfg, get, spikes)
-    return cfg, params, load_tokenizer_dir(path)
+    return fmt, cfg, (top_names, layer_names, prefix), defaults, fix
 
 
 def _llamba_group_expander(sc: SSMConfig, n_qk: int):

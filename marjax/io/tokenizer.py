@@ -586,7 +586,9 @@ def from_tokenizer_json(tokenizer_json: str, tokenizer_config: Optional[str] = N
     from tokenizers import Tokenizer as HFTokenizer
     try:
         backend = HFTokenizer.from_file(tokenizer_json)
-    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # a bare Exception on bad JSON, pyo3's PanicException (a BaseException) on worse
         raise CheckpointError(f"{tokenizer_json}: not a readable tokenizer.json ({str(e)[:300]})") from None
     conf = {}
     if tokenizer_config and os.path.exists(tokenizer_config):
