@@ -4,7 +4,7 @@
 """
 import sys
 
-from marjax.bench_ssd import main
+from marjax.ssm.bench import main
 
 if __name__ == "__main__":
     raise SystemExit(main(sys.argv[1:]))

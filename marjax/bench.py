@@ -139,7 +139,7 @@ def decode_main(argv=None) -> int:
 
 def main(argv=None) -> int:
     argv = list(argv or [])
-    subs = {"ssd": ("marjax.bench_ssd", "main"), "decode": ("marjax.bench", "decode_main"),
+    subs = {"ssd": ("marjax.ssm.bench", "main"), "decode": ("marjax.bench", "decode_main"),
             "spiking": ("marjax.bench_spiking", "main")}
     if not argv or argv[0] not in subs:
         print("usage: marjax bench {ssd|decode|spiking} [--help]")

@@ -39,11 +39,12 @@ IMPL_FNS: dict[str, ImplFn] = {
 }
 DEFAULT_CHUNK = 128
 
-# What impl="auto" runs, per backend. CPU: see experiments/bench/RESULTS.md. Accelerators: the
-# chunked form is matmul-bound (0.18 ms vs 23 ms for the token scan on an H100 at L=1024,
-# docs/GPU.md); the Pallas kernel is not auto-selected until it has been measured there.
-AUTO_IMPL = {"cpu": "hybrid"}
-AUTO_IMPL_ACCELERATOR = "chunked"
+# What impl="auto" runs: per backend, rows (longest length or None for any, impl, chunk size);
+# the first row covering the sequence length wins. CPU: measured in experiments/bench/RESULTS.md.
+# Accelerators: the chunked form is matmul-bound (0.18 ms vs 23 ms for the token scan on an H100
+# at L=1024); the Pallas kernel is not auto-selected until it has been measured there.
+AUTO_TABLE: dict[str, tuple] = {"cpu": ((None, "hybrid", 64),)}
+AUTO_ACCELERATOR = ((None, "chunked", DEFAULT_CHUNK),)
 
 
 def _next_pow2(v: int) -> int:
@@ -57,11 +58,19 @@ def effective_chunk(length: int, chunk_size: int = DEFAULT_CHUNK) -> int:
     return min(int(chunk_size), _next_pow2(max(1, int(length))))
 
 
-def resolve_impl(impl: Impl) -> str:
-    """Map "auto" to the implementation used on the default backend."""
+def auto_choice(backend: str, length: int) -> tuple[str, int]:
+    """(impl, chunk size) that impl="auto" runs for a sequence of `length` tokens on `backend`."""
+    for max_len, impl, chunk in AUTO_TABLE.get(backend, AUTO_ACCELERATOR):
+        if max_len is None or length <= max_len:
+            return impl, chunk
+    raise MarjaxError(f"AUTO_TABLE[{backend!r}] has no row for length {length}")
+
+
+def resolve_impl(impl: Impl, length: int = DEFAULT_CHUNK) -> str:
+    """Map "auto" to the implementation used on the default backend for `length` tokens."""
     if impl != "auto":
         return impl
-    return AUTO_IMPL.get(jax.default_backend(), AUTO_IMPL_ACCELERATOR)
+    return auto_choice(jax.default_backend(), length)[0]
 
 
 try:
@@ -131,9 +140,9 @@ def ssd(x: Float[Array, "b l h p"], log_a: Float[Array, "b l h"], B: Float[Array
         "associative" (per-token associative scan; small states only, memory-guarded),
         "hybrid" (the token scan for values, the chunked form under differentiation; reverse
         mode only), "pallas" (pallas_kernels: Mosaic on TPU, Triton on GPU, interpreted on CPU)
-        or "auto" (see AUTO_IMPL).
-      chunk_size: power of two. None means effective_chunk(l, 128). An explicit chunk_size larger
-        than l rounded up to a power of two (more than half padding) is rejected for the
+        or "auto" (see AUTO_TABLE: impl and chunk size per backend and length).
+      chunk_size: power of two. None means effective_chunk(l, 128) (auto: its table's chunk).
+        An explicit chunk_size larger than l rounded up to a power of two (more than half padding) is rejected for the
         chunked/hybrid/pallas/auto impls; pass effective_chunk(l, chunk_size) to clamp it instead.
         reference and associative ignore it.
       inter_chunk: "scan" or "associative": how the chunked impl combines chunk states.
@@ -148,8 +157,9 @@ def ssd(x: Float[Array, "b l h p"], log_a: Float[Array, "b l h"], B: Float[Array
     if inter_chunk not in INTER_CHUNK:
         raise MarjaxError(f"inter_chunk must be one of {INTER_CHUNK}, got {inter_chunk!r}")
     b, l, h, p, n = _validate(x, log_a, B, C, D, initial_state)
+    which, auto_chunk = auto_choice(jax.default_backend(), l) if impl == "auto" else (impl, DEFAULT_CHUNK)
     if chunk_size is None:
-        chunk_size = effective_chunk(l, DEFAULT_CHUNK)
+        chunk_size = effective_chunk(l, auto_chunk)
     else:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1 \
                 or chunk_size & (chunk_size - 1):
@@ -161,7 +171,7 @@ def ssd(x: Float[Array, "b l h p"], log_a: Float[Array, "b l h"], B: Float[Array
                 f"= {effective_chunk(l, chunk_size)}")
 
     h0 = jnp.zeros((b, h, p, n), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
-    y, final = IMPL_FNS[resolve_impl(impl)](x, log_a, B, C, h0, chunk_size, inter_chunk)
+    y, final = IMPL_FNS[which](x, log_a, B, C, h0, chunk_size, inter_chunk)
     if D is not None:
         y = y + D.astype(jnp.float32)[:, None] * x.astype(jnp.float32)
     y = y.astype(x.dtype)
