@@ -214,6 +214,15 @@ class SafetensorsDir:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
+    def file_of(self, name: str) -> str:
+        return os.path.join(self.path, self._where[name])
+
+    @property
+    def source(self) -> str:
+        """The file(s) tensors come from, for messages."""
+        files = sorted(self._handles)
+        return os.path.join(self.path, files[0] if len(files) == 1 else "model.safetensors.index.json")
+
     def keys(self):
         return self._where.keys()
 
@@ -395,7 +404,7 @@ def _validated(cfg: ModelConfig, cp: str) -> ModelConfig:
 
 # ----------------------------------------------------------------------------- load
 def _make_getter(st: SafetensorsDir, top_names: dict, layer_names: dict, prefix: str, defaults: dict,
-                 cfg: ModelConfig, fix: Optional[Callable] = None):
+                 cfg: ModelConfig, fix: Optional[Callable] = None, cp: str = "config.json"):
     def name_of(key, i):
         tmpl, kind = (top_names if i is None else layer_names)[key]
         return (tmpl if i is None else f"{prefix}{i}.{tmpl}"), kind
@@ -406,7 +415,7 @@ def _make_getter(st: SafetensorsDir, top_names: dict, layer_names: dict, prefix:
     missing = [n for n in required if n not in st]
     if missing:
         more = f" (and {len(missing) - 12} more)" if len(missing) > 12 else ""
-        raise CheckpointError(f"{st.path}: missing tensors for config {cfg.name!r}: {missing[:12]}{more}")
+        raise CheckpointError(f"{st.source}: missing tensors for config {cfg.name!r} ({cp}): {missing[:12]}{more}")
 
     def get(key, i, shape):
         name, kind = name_of(key, i)
@@ -417,8 +426,8 @@ def _make_getter(st: SafetensorsDir, top_names: dict, layer_names: dict, prefix:
             raw = fix(key, raw)
         want = _file_shape(shape, kind)
         if tuple(raw.shape) != want:
-            raise CheckpointError(f"{st.path}: tensor {name} has shape {tuple(raw.shape)}, expected {want} "
-                                  f"for config {cfg.name!r}")
+            raise CheckpointError(f"{st.file_of(name)}: tensor {name} has shape {tuple(raw.shape)}, expected {want} "
+                                  f"for config {cfg.name!r} ({cp})")
         return _from_file(np.asarray(raw, np.float32), kind)
     return get
 
@@ -437,10 +446,10 @@ def _load_spikes(st: SafetensorsDir, cfg: ModelConfig):
         for i in range(cfg.n_layers):
             name = f"model.layers.{i}.spikes.{_path_name(path)}"
             if name not in st:
-                raise CheckpointError(f"{st.path}: missing tensor {name} (spiking config {cfg.name!r})")
+                raise CheckpointError(f"{st.source}: missing tensor {name} (spiking config {cfg.name!r})")
             a = st.get(name)
             if tuple(a.shape) != tuple(np.shape(leaf)):
-                raise CheckpointError(f"{st.path}: tensor {name} has shape {tuple(a.shape)}, expected "
+                raise CheckpointError(f"{st.file_of(name)}: tensor {name} has shape {tuple(a.shape)}, expected "
                                       f"{tuple(np.shape(leaf))}")
             stack.append(np.asarray(a, np.float32))
         leaves.append(jnp.asarray(np.stack(stack), jnp.asarray(leaf).dtype))
@@ -478,8 +487,8 @@ def load_hf(path: str, dtype: Optional[str] = None):
         raise CheckpointError(f"{cp}: malformed config ({type(e).__name__}: {str(e)[:200]})") from None
     top_names, layer_names, prefix = names
     if cfg.n_layers > len(st.keys()):   # before any per-layer work: the count comes from the file
-        raise CheckpointError(f"{cp}: {cfg.n_layers} layers, but {st.path} holds only {len(st.keys())} tensors")
-    get = _make_getter(st, top_names, layer_names, prefix, defaults, cfg, fix)
+        raise CheckpointError(f"{cp}: {cfg.n_layers} layers, but {st.source} holds only {len(st.keys())} tensors")
+    get = _make_getter(st, top_names, layer_names, prefix, defaults, cfg, fix, cp)
     spikes = _load_spikes(st, cfg) if cfg.is_spiking else None
     params = build_params(cfg, get, spikes)
     return cfg, params, load_tokenizer_dir(path)

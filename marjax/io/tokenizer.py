@@ -220,7 +220,7 @@ class ChatTemplate:
         try:
             return tmpl.render(**ctx)
         except TemplateError as e:   # raise_exception(...) from the template, sandbox violations
-            raise MarjaxError(f"{self.name or 'chat template'}: {type(e).__name__}: {e}") from None
+            raise MarjaxError(f"{self.name or 'chat template'}: chat template {type(e).__name__}: {e}") from None
         except RecursionError:
             raise MarjaxError(f"{self.name or 'chat template'}: the chat template recursed too deeply") from None
 
@@ -340,7 +340,7 @@ class Tokenizer(_Base):
 
     def __init__(self, backend, *, bos_id: Optional[int], eos_id: Optional[int], add_bos: bool,
                  chat_template: Optional[str] = None, pre: str = "", name: str = "",
-                 special_tokens: Optional[dict] = None):
+                 special_tokens: Optional[dict] = None, template_source: Optional[str] = None):
         self.backend = backend
         self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, bool(add_bos)
         self.chat_template = chat_template
@@ -349,7 +349,7 @@ class Tokenizer(_Base):
         toks = {"bos_token": None if bos_id is None else backend.id_to_token(bos_id),
                 "eos_token": None if eos_id is None else backend.id_to_token(eos_id)}
         toks.update({k: v for k, v in (special_tokens or {}).items() if v is not None})
-        self.chat = ChatTemplate(chat_template, toks, name)
+        self.chat = ChatTemplate(chat_template, toks, template_source or name)
 
     def _encode_with_starts(self, text: str) -> tuple[list, list]:
         enc = self.backend.encode(text, add_special_tokens=False)
@@ -607,17 +607,19 @@ def from_tokenizer_json(tokenizer_json: str, tokenizer_config: Optional[str] = N
     if isinstance(template, list):  # [{"name": ..., "template": ...}]
         template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
                         None)
+    template_source = tokenizer_config
     if template is None:   # transformers 4.43+ may save it next to the config instead
         jinja = os.path.join(os.path.dirname(tokenizer_json), "chat_template.jinja")
         if os.path.exists(jinja):
             with open(jinja, encoding="utf-8", errors="replace") as f:
-                template = f.read()
+                template, template_source = f.read(), jinja
     if template is not None and not isinstance(template, str):
         raise CheckpointError(f"{tokenizer_config}: chat_template must be a string, got {type(template).__name__}")
     pre = conf.get("marjax_pre")
     return Tokenizer(backend, bos_id=bos_id, eos_id=eos_id, add_bos=add_bos, chat_template=template,
                      pre=pre if isinstance(pre, str) and pre else _infer_pre(backend),
-                     name=os.path.dirname(os.path.abspath(tokenizer_json)), special_tokens=special)
+                     name=os.path.dirname(os.path.abspath(tokenizer_json)), special_tokens=special,
+                     template_source=template_source)
 
 
 def _infer_pre(backend) -> str:
