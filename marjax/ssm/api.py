@@ -21,18 +21,19 @@ from jaxtyping import Array, Float
 
 from marjax.errors import MarjaxError
 from marjax.ssm.associative import ssd_associative
-from marjax.ssm.chunked import INTER_CHUNK, segsum, ssd_chunked
+from marjax.ssm.chunked import INTER_CHUNK, segsum, ssd_chunk_scan, ssd_chunked
 from marjax.ssm.hybrid import ssd_hybrid
 from marjax.ssm.pallas import ssd_pallas
 from marjax.ssm.reference import ssd_reference
 from marjax.ssm.reference import step as _reference_step
 
-Impl = Literal["reference", "chunked", "associative", "hybrid", "pallas", "auto"]
+Impl = Literal["reference", "chunked", "chunk_scan", "associative", "hybrid", "pallas", "auto"]
 IMPLS: tuple[str, ...] = typing.get_args(Impl)
 ImplFn = Callable[..., tuple]
 IMPL_FNS: dict[str, ImplFn] = {
     "reference": ssd_reference,      # token-by-token lax.scan: the oracle
     "chunked": ssd_chunked,          # SSD block form: matmuls in chunks, a pass over chunk states
+    "chunk_scan": ssd_chunk_scan,    # the block form walked chunk by chunk in one lax.scan (CPU)
     "associative": ssd_associative,  # per-token associative scan: small states only (memory guard)
     "hybrid": ssd_hybrid,            # token scan for values, chunked form under differentiation
     "pallas": ssd_pallas,            # pallas_kernels: Mosaic on TPU, Triton on GPU, interpreted on CPU
@@ -43,7 +44,7 @@ DEFAULT_CHUNK = 128
 # the first row covering the sequence length wins. CPU: measured in experiments/bench/RESULTS.md.
 # Accelerators: the chunked form is matmul-bound (0.18 ms vs 23 ms for the token scan on an H100
 # at L=1024); the Pallas kernel is not auto-selected until it has been measured there.
-AUTO_TABLE: dict[str, tuple] = {"cpu": ((None, "hybrid", 64),)}
+AUTO_TABLE: dict[str, tuple] = {"cpu": ((None, "chunk_scan", 16),)}
 AUTO_ACCELERATOR = ((None, "chunked", DEFAULT_CHUNK),)
 
 
@@ -137,13 +138,14 @@ def ssd(x: Float[Array, "b l h p"], log_a: Float[Array, "b l h"], B: Float[Array
       initial_state: optional (b, h, p, n) state before the first token (continue a sequence).
       return_final_state: also return the state after the last token, float32 (b, h, p, n).
       impl: "reference" (token-by-token lax.scan, the oracle), "chunked" (SSD block form),
-        "associative" (per-token associative scan; small states only, memory-guarded),
+        "chunk_scan" (the block form walked chunk by chunk in one lax.scan, state kept in
+        cache), "associative" (per-token associative scan; small states only, memory-guarded),
         "hybrid" (the token scan for values, the chunked form under differentiation; reverse
         mode only), "pallas" (pallas_kernels: Mosaic on TPU, Triton on GPU, interpreted on CPU)
         or "auto" (see AUTO_TABLE: impl and chunk size per backend and length).
       chunk_size: power of two. None means effective_chunk(l, 128) (auto: its table's chunk).
         An explicit chunk_size larger than l rounded up to a power of two (more than half padding) is rejected for the
-        chunked/hybrid/pallas/auto impls; pass effective_chunk(l, chunk_size) to clamp it instead.
+        chunked/chunk_scan/hybrid/pallas/auto impls; pass effective_chunk(l, chunk_size) to clamp it instead.
         reference and associative ignore it.
       inter_chunk: "scan" or "associative": how the chunked impl combines chunk states.
 
@@ -164,7 +166,7 @@ def ssd(x: Float[Array, "b l h p"], log_a: Float[Array, "b l h"], B: Float[Array
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1 \
                 or chunk_size & (chunk_size - 1):
             raise MarjaxError(f"chunk_size must be a positive power of two, got {chunk_size!r}")
-        if impl in ("chunked", "hybrid", "pallas", "auto") and chunk_size > _next_pow2(l):
+        if impl in ("chunked", "chunk_scan", "hybrid", "pallas", "auto") and chunk_size > _next_pow2(l):
             raise MarjaxError(
                 f"chunk_size={chunk_size} is larger than the sequence (length {l}, at most {_next_pow2(l)} "
                 f"after rounding up to a power of two); use chunk_size=effective_chunk({l}, {chunk_size}) "

@@ -15,12 +15,13 @@ IMPL_CASES = [
     ("chunked", {"chunk_size": 16}),
     ("chunked", {"chunk_size": 16, "inter_chunk": "associative"}),
     ("chunked", {"chunk_size": 4}),
+    ("chunk_scan", {"chunk_size": 16}),
     ("associative", {}),
     ("hybrid", {"chunk_size": 16}),
     ("pallas", {"chunk_size": 16}),
     ("auto", {"chunk_size": 16}),
 ]
-IDS = ["chunked-scan", "chunked-assoc", "chunked-q4", "associative", "hybrid", "pallas", "auto"]
+IDS = ["chunked-scan", "chunked-assoc", "chunked-q4", "chunk_scan", "associative", "hybrid", "pallas", "auto"]
 
 
 def make_inputs(b=2, l=37, h=3, p=8, n=4, dtype=jnp.float32, seed=0, decay_scale=1.0):
@@ -83,7 +84,7 @@ def test_values_and_grads_match_reference_f32(f32_case, impl, kw):
         close(g[k], g_ref[k], 1e-4)
 
 
-@pytest.mark.parametrize("impl,kw", [IMPL_CASES[0], IMPL_CASES[5]], ids=["chunked", "pallas"])
+@pytest.mark.parametrize("impl,kw", [IMPL_CASES[0], IMPL_CASES[6]], ids=["chunked", "pallas"])
 def test_bf16_matches_reference(impl, kw):
     inp = make_inputs(l=21, dtype=jnp.bfloat16, seed=1)
     y_ref, s_ref = run(inp, "reference")
@@ -105,7 +106,7 @@ def test_bf16_close_to_f32_oracle():
     close(s16, s32, 5e-2)
 
 
-@pytest.mark.parametrize("impl", ["chunked", "reference", "pallas"])
+@pytest.mark.parametrize("impl", ["chunked", "chunk_scan", "reference", "pallas"])
 def test_state_carry_two_calls_equal_one(impl):
     inp = make_inputs(l=37, seed=3)
     y_all, s_all = run(inp, impl)
@@ -122,7 +123,7 @@ def test_strong_decays_stay_accurate():
     # log decays down to about -20 per token: cumsum-difference segsums would lose precision here
     inp = make_inputs(l=40, seed=4, decay_scale=8.0)
     y_ref, s_ref = run(inp, "reference")
-    for impl, kw in (IMPL_CASES[0], IMPL_CASES[3], IMPL_CASES[5]):
+    for impl, kw in (IMPL_CASES[0], IMPL_CASES[3], IMPL_CASES[4], IMPL_CASES[6]):
         y, s = run(inp, impl, **kw)
         close(y, y_ref, 1e-4)
         close(s, s_ref, 1e-4)
@@ -139,7 +140,7 @@ def test_materialize_mixer_matches_reference():
     close(y_mix, y_ref, 1e-5)
 
 
-@pytest.mark.parametrize("impl", ["chunked", "pallas", "auto"])
+@pytest.mark.parametrize("impl", ["chunked", "chunk_scan", "pallas", "auto"])
 def test_vmap_and_jit(impl):
     inp = make_inputs(b=1, l=13, seed=6)
     args = [jnp.stack([inp[k], 0.5 * inp[k]]) for k in ("x", "log_a", "B", "C")]
