@@ -20,11 +20,28 @@ target sharding, so a checkpoint saved on 8 devices restores onto 1 (or any mesh
     ck.save(step, state, data_state, meta); ck.wait(); ck.close()
     state, data_state, meta = ck.restore(abstract_state(state))
     cfg, params, tokenizer = load_model_dir(out_dir)
+
+Crash safety: Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it when every
+item is written, so a killed process leaves at most a tmp directory, which `all_steps()` never
+lists; marjax_checkpoint.json is replaced atomically. A save that fails (disk full) raises
+CheckpointError naming the step and the last complete one, which stays intact.
+
+Untrusted files: only JSON and Orbax array files are read (nothing is unpickled or executed);
+errors reading a corrupt step are CheckpointErrors naming the directory; a saved model_config whose
+fields differ from this version's ModelConfig (a field added, renamed or removed) is refused with
+the field names (`config_field_errors`) before any shape is built.
+
+Test hook: env MARJAX_TEST_PAUSE="save:N" (tests/reliability) makes the background commit of
+step N write `<out_dir>/.marjax_test_paused` and sleep before writing its data item, so a test
+can kill the process while that async save is in flight.
 """
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import os
+import typing
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -35,10 +52,71 @@ from marjax.config import ModelConfig, model_config_from_dict, to_dict
 from marjax.errors import CheckpointError
 
 __all__ = ["Checkpointer", "load_model_dir", "check_compatible", "read_run_meta", "make_meta", "model_kind",
-           "RUN_META", "FORMAT", "tree_to_dict", "dict_to_tree"]
+           "RUN_META", "FORMAT", "tree_to_dict", "dict_to_tree", "config_field_errors", "PAUSE_ENV",
+           "PAUSE_MARKER", "pause_target"]
 
 RUN_META = "marjax_checkpoint.json"
 FORMAT, VERSION = "marjax-checkpoint", 1
+PAUSE_ENV, PAUSE_MARKER = "MARJAX_TEST_PAUSE", ".marjax_test_paused"
+MAX_META_BYTES = 16 << 20       # marjax_checkpoint.json / meta items are small; refuse a huge one unread
+
+
+def pause_target(kind: str) -> Optional[int]:
+    """The step of MARJAX_TEST_PAUSE="<kind>:<step>" (test hook), else None."""
+    v = os.environ.get(PAUSE_ENV, "")
+    k, _, n = v.partition(":")
+    return int(n) if k == kind and n.isdigit() else None
+
+
+def _dataclass_in(tp):
+    """The dataclass in a field annotation (X, Optional[X]), or None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for a in typing.get_args(tp):
+        if dataclasses.is_dataclass(a):
+            return a
+    return None
+
+
+def config_field_errors(saved: dict, cls=ModelConfig, where: str = "model_config") -> list:
+    """How a saved config dict's fields differ from dataclass `cls` of this marjax version
+    (nested configs included): ["model_config.ssm.foo: unknown ...", "...: missing ..."]."""
+    if not isinstance(saved, dict):
+        return [f"{where}: expected an object, got {type(saved).__name__}"]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    errs = [f"{where}.{k}: unknown to this marjax version (renamed or removed)" for k in sorted(set(saved) - set(fields))]
+    errs += [f"{where}.{k}: missing (saved by a version without it)" for k in sorted(set(fields) - set(saved))]
+    for name in sorted(set(fields) & set(saved)):
+        sub = _dataclass_in(hints.get(name))
+        if sub is not None and saved[name] is not None:
+            errs += config_field_errors(saved[name], sub, f"{where}.{name}")
+    return errs
+
+
+def _check_config_version(saved, source: str) -> None:
+    errs = config_field_errors(saved)
+    if errs:
+        raise CheckpointError(f"{source}: the saved model_config does not match this marjax version's ModelConfig "
+                              f"(format version {VERSION}): {'; '.join(errs[:8])}{' ...' if len(errs) > 8 else ''}. "
+                              "Use the marjax version that wrote it, or edit the saved config")
+
+
+def _pausing_json(run_dir: Path):
+    """A JsonCheckpointHandler whose background write of step MARJAX_TEST_PAUSE="save:N" first
+    marks and sleeps (test hook; built only when the variable is set). The instance's write
+    function is wrapped, not subclassed: Orbax maps JsonSaveArgs to the exact handler class."""
+    import orbax.checkpoint as ocp
+    target, h = pause_target("save"), ocp.JsonCheckpointHandler()
+    write = h._save_fn
+
+    async def _save_fn(x, directory):
+        if Path(directory).parent.name.split(".")[0] == str(target):
+            (run_dir / PAUSE_MARKER).write_text(f"save:{target}\n")
+            await asyncio.sleep(600)           # yields: the training loop goes on meanwhile
+        return await write(x, directory)
+    h._save_fn = _save_fn
+    return h
 
 
 def model_kind(cfg: ModelConfig) -> str:
@@ -149,7 +227,7 @@ class Checkpointer:
         if best_mode not in ("min", "max"):
             raise CheckpointError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
         self.directory = Path(directory).absolute()
-        self.read_only = read_only
+        self.read_only, self.async_save = read_only, async_save
         self.best_metric, self.best_mode = best_metric, best_mode
         policy, best_fn = None, None
         if best_metric:
@@ -162,10 +240,14 @@ class Checkpointer:
                 cm.LatestN(n=1), cm.BestN(get_metric_fn=best_fn, reverse=best_mode == "min", n=keep)])
         opts = ocp.CheckpointManagerOptions(
             max_to_keep=None if best_metric else keep, preservation_policy=policy, best_fn=best_fn,
-            best_mode=best_mode, create=not read_only, enable_async_checkpointing=async_save)
+            best_mode=best_mode, create=not read_only, enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=not read_only)     # a killed save's tmp dir is removed, never read
+        data_handler = _pausing_json(self.directory) if pause_target("save") is not None else ocp.JsonCheckpointHandler()
         handlers = {"params": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
-                    "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+                    "data": data_handler, "meta": ocp.JsonCheckpointHandler()}
         self.mgr = ocp.CheckpointManager(self.directory, options=opts, item_handlers=handlers)
+        self._pending: Optional[int] = None     # the step of the latest save call (maybe in flight)
+        self._failed = False                     # a failed save was reported: close() does not repeat it
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -200,8 +282,29 @@ class Checkpointer:
                                   train=ocp.args.StandardSave(train),
                                   data=ocp.args.JsonSave(data_state if data_state is not None else {}),
                                   meta=ocp.args.JsonSave(meta))
-        self.mgr.save(int(step), args=args, metrics=metrics)
-        self._write_run_meta(meta)
+        prev, self._pending = self._pending, int(step)
+        try:
+            self.mgr.save(int(step), args=args, metrics=metrics)   # also surfaces the previous async save's error
+            self._write_run_meta(meta)
+        except Exception as e:  # noqa: BLE001 - only I/O failures are rewrapped
+            if not _is_io_error(e):
+                raise
+            raise self._save_failed(prev if prev is not None and prev not in self.all_steps() else step, e) from e
+
+    def _save_failed(self, step: Optional[int], e: BaseException) -> CheckpointError:
+        self._failed = True
+        full = any(getattr(x, "errno", None) == 28 or "No space left" in str(x) or "os_error_code='28'" in str(x)
+                   for x in _chain(e))                                          # ENOSPC, also via tensorstore
+        try:
+            done = self.mgr.reload() or self.mgr.latest_step()
+        except Exception:  # noqa: BLE001 - only for the message
+            done = None
+        kept = f"the last complete checkpoint, step {done}, is intact" if done is not None else \
+            "no complete checkpoint exists yet"
+        why = "the disk is full (no space left on device)" if full else f"{type(e).__name__}: {e}"
+        what = f"checkpoint step {step}" if step is not None else "an asynchronous checkpoint save"
+        return CheckpointError(f"saving {what} in {self.directory} failed: {why}; {kept} (resume=True "
+                               "continues from it)")
 
     def restore(self, target_state, step: Optional[int] = None):
         """(state, data_state, meta) at `step` (default: latest) onto `target_state`'s structure,
@@ -211,15 +314,17 @@ class Checkpointer:
         target = _abstract(target_state)
         t_params = tree_to_dict(target.params)
         t_train = {"opt_state": tree_to_dict(target.opt_state), "step": target.step, "rng": target.rng}
-        saved = self.mgr.item_metadata(step)
+        saved = self._item_metadata(step)
         _check_against(saved["params"], t_params, "params")
         _check_against(saved["train"], t_train, "optimizer state")
-        try:
+        with self._reading(step):
             got = self.mgr.restore(step, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(t_params), train=ocp.args.StandardRestore(t_train),
                 data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-        except (ValueError, KeyError, FileNotFoundError) as e:
-            raise CheckpointError(f"cannot restore step {step} from {self.directory}: {e}") from e
+        for item in ("data", "meta"):
+            if got[item] is not None and not isinstance(got[item], dict):
+                raise CheckpointError(f"checkpoint {self.directory / str(step) / item}: expected a JSON object, got "
+                                      f"{type(got[item]).__name__}")
         from marjax.train.state import TrainState
         state = TrainState(step=got["train"]["step"], params=dict_to_tree(got["params"], target.params, "params"),
                            opt_state=dict_to_tree(got["train"]["opt_state"], target.opt_state, "optimizer state"),
@@ -232,16 +337,34 @@ class Checkpointer:
         step = self._resolve_step(step)
         target = _abstract(target_params)
         t_params = tree_to_dict(target)
-        _check_against(self.mgr.item_metadata(step)["params"], t_params, "params")
-        try:
+        _check_against(self._item_metadata(step)["params"], t_params, "params")
+        with self._reading(step):
             got = self.mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(t_params)))
-        except (ValueError, KeyError, FileNotFoundError) as e:
-            raise CheckpointError(f"cannot restore params of step {step} from {self.directory}: {e}") from e
         return dict_to_tree(got["params"], target, "params")
 
     def restore_meta(self, step: Optional[int] = None) -> dict:
         step = self._resolve_step(step)
-        return self.mgr.restore(step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))["meta"]
+        meta_file = self.directory / str(step) / "meta" / "metadata"
+        if meta_file.is_file() and meta_file.stat().st_size > MAX_META_BYTES:
+            raise CheckpointError(f"checkpoint metadata {meta_file} is {meta_file.stat().st_size} bytes; a marjax "
+                                  f"one is a few KB (limit {MAX_META_BYTES}): not reading it")
+        with self._reading(step):
+            meta = self.mgr.restore(step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))["meta"]
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"checkpoint metadata {meta_file}: expected a JSON object, got {type(meta).__name__}")
+        return meta
+
+    def _item_metadata(self, step: int):
+        with self._reading(step):
+            saved = self.mgr.item_metadata(step)
+        for item in ("params", "train"):
+            if saved.get(item) is None:
+                raise CheckpointError(f"checkpoint {self.directory / str(step)} has no readable {item!r} item "
+                                      "(missing or corrupt Orbax metadata)")
+        return saved
+
+    def _reading(self, step: int):
+        return _ReadErrors(self.directory / str(step))
 
     def delete_all(self) -> None:
         """Remove every saved step (a fresh run reusing the directory)."""
@@ -249,13 +372,25 @@ class Checkpointer:
             self.mgr.delete(s)
 
     def wait(self) -> None:
-        self.mgr.wait_until_finished()
-        self._refresh_run_meta()
+        try:
+            self.mgr.wait_until_finished()
+            self._refresh_run_meta()
+        except Exception as e:  # noqa: BLE001 - an async save's failure surfaces here
+            raise self._save_failed(self._pending, e) from e
 
     def close(self) -> None:
-        self.mgr.wait_until_finished()
-        if not self.read_only:
-            self._refresh_run_meta()
+        try:
+            self.mgr.wait_until_finished()
+            if not self.read_only:
+                self._refresh_run_meta()
+        except Exception as e:  # noqa: BLE001 - an async save's failure surfaces here
+            try:
+                self.mgr.close()
+            except Exception:  # noqa: BLE001 - the same failure again
+                pass
+            if not self._failed:
+                raise self._save_failed(self._pending, e) from e
+            return
         self.mgr.close()
 
     # -- internals
@@ -273,23 +408,72 @@ class Checkpointer:
         if jax.process_index() != 0:
             return
         run = {k: v for k, v in meta.items()}
-        # latest finished step (an async save in flight is not restorable yet)
-        done = self.mgr.latest_step()
+        # latest finished step: Orbax already lists the step whose async save is in flight, which
+        # is not restorable yet (its predecessor is: a save waits for the previous one)
+        saving = meta.get("latest_step")
+        done = saving if not self.async_save else max((s for s in self.mgr.all_steps() if s != saving), default=None)
         run["latest_step"] = None if done is None else int(done)
         run["saving_step"] = meta.get("latest_step")
-        tmp = self.directory / (RUN_META + ".tmp")
-        tmp.write_text(json.dumps(run, indent=1))
-        os.replace(tmp, self.directory / RUN_META)
+        _atomic_write(self.directory / RUN_META, json.dumps(run, indent=1))
 
     def _refresh_run_meta(self) -> None:
         path = self.directory / RUN_META
         if not path.is_file() or jax.process_index() != 0:
             return
-        run = json.loads(path.read_text())
+        try:
+            run = json.loads(path.read_text())
+        except ValueError:                  # rewritten from the step's own meta below
+            run = {}
+        if not isinstance(run, dict):
+            run = {}
         done = self.mgr.latest_step()
         run["latest_step"] = None if done is None else int(done)
         run.pop("saving_step", None)
-        path.write_text(json.dumps(run, indent=1))
+        _atomic_write(path, json.dumps(run, indent=1))
+
+
+class _ReadErrors:
+    """Turn whatever Orbax / tensorstore / json raise on a corrupt step into one CheckpointError
+    naming the step directory (marjax's own errors pass through)."""
+
+    def __init__(self, where: Path):
+        self.where = where
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, tp, e, tb):
+        if e is None or isinstance(e, (CheckpointError, KeyboardInterrupt, MemoryError)) or \
+                not isinstance(e, Exception):
+            return False
+        raise CheckpointError(f"cannot read checkpoint {self.where}: corrupt or incomplete "
+                              f"({type(e).__name__}: {str(e)[:300]})") from e
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write then rename: a kill or a full disk never leaves a half-written file in place."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _is_io_error(e: BaseException) -> bool:
+    """OSError, or what tensorstore raises for a failed write (a ValueError with a status code)."""
+    return any(isinstance(x, OSError) or (isinstance(x, (ValueError, RuntimeError)) and any(
+        t in str(x) for t in ("RESOURCE_EXHAUSTED", "No space left", "os_error_code", "Failed writing")))
+        for x in _chain(e))
+
+
+def _chain(e: BaseException):
+    seen = []
+    while e is not None and e not in seen:
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    return seen
 
 
 # ----------------------------------------------------------------------------- model loading
@@ -299,10 +483,14 @@ def read_run_meta(path) -> dict:
     p = Path(path) / RUN_META
     if not p.is_file():
         raise CheckpointError(f"{path} is not a marjax checkpoint directory (no {RUN_META})")
+    if p.stat().st_size > MAX_META_BYTES:
+        raise CheckpointError(f"{p} is {p.stat().st_size} bytes; a marjax one is a few KB (limit {MAX_META_BYTES})")
     try:
-        meta = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{p} is not valid JSON: {e}") from e
+        meta = json.loads(p.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as e:   # bad JSON, not UTF-8, 5000-digit ints, deep nesting
+        raise CheckpointError(f"{p} is not valid JSON: {str(e)[:200]}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{p}: expected a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{p} has format {meta.get('format')!r}, expected {FORMAT!r}")
     return meta
@@ -331,6 +519,7 @@ def check_compatible(meta: dict, expected_stage: Optional[str] = None, expected_
     have = meta.get("model_config")
     if have is None:
         raise CheckpointError("checkpoint metadata has no model_config to check against the expected model")
+    _check_config_version(have, "checkpoint")
     want, have = json.loads(json.dumps(want, default=str)), json.loads(json.dumps(have, default=str))
     diff = {k: (have.get(k), want.get(k)) for k in _STRUCTURAL if have.get(k) != want.get(k)}
     if diff:
@@ -349,9 +538,10 @@ def load_model_dir(path, *, step: Optional[int] = None, mesh=None, rules=None):
         meta = ck.restore_meta(step)
         if "model_config" not in meta:
             raise CheckpointError(f"checkpoint {path} has no model_config in its metadata")
+        _check_config_version(meta["model_config"], f"checkpoint {path}")
         try:
             cfg = model_config_from_dict(meta["model_config"])
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, AttributeError) as e:
             raise CheckpointError(f"checkpoint {path}: bad model_config in metadata: {e}") from e
         shapes = jax.eval_shape(lambda: init_params(jax.random.PRNGKey(0), cfg))
         if mesh is not None:

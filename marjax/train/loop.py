@@ -13,8 +13,20 @@ divergence stop and exact resume.
   from wherever it is (a fresh iterator restarts its data), which the loop warns about.
 - out_dir/metrics.jsonl: one JSON record per log point: step, loss, each metric, lr,
   grad_norm, tokens, tokens_per_s, time (and eval_* from eval_fn at save points).
-- A non-finite loss or gradient stops the run before anything is applied or saved: the last
-  good checkpoint stays the latest, and TrainingDiverged (a MarjaxError) names the step.
+- Non-finite numbers (TrainConfig.nonfinite): a NaN/inf loss, gradient, or updated param /
+  optimizer moment is never applied (decided inside the jitted step). "stop" (default) ends the
+  run: the last good checkpoint stays the latest, and TrainingDiverged (a MarjaxError) names the
+  step. "skip" drops that update (the batch is consumed, params and optimizer state are kept),
+  logs {"step", "status": "skipped", "event": "nonfinite", ...} and goes on; TrainConfig.max_skips
+  skips in a row stop the run. Student params that are not finite at the start are refused, and
+  every save re-checks the state, so no NaN/inf reaches a checkpoint.
+- Crash safety: checkpoints are Orbax steps, finalised by an atomic rename, so a process killed
+  mid-step or mid-save (async save in flight) resumes from the last complete step; metrics.jsonl
+  is cut back to that step on resume (a torn last line is ignored). A failed save (disk full)
+  raises CheckpointError and leaves the earlier checkpoints intact.
+- Test hook (tests/reliability only): env MARJAX_TEST_PAUSE="step:N" makes the loop, once update
+  N is dispatched, write out_dir/.marjax_test_paused and sleep (so a test can SIGKILL it there);
+  "save:N" does the same inside the async save of step N (see marjax.train.checkpoint).
 - resume=True restores params, optimizer state, step, rng and the data iterator state from the
   latest checkpoint, so 3 steps + resume 3 steps equals 6 straight steps bit for bit. Without
   resume, checkpoints already in out_dir are deleted (a fresh run owns its directory).
@@ -24,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 import warnings
 from pathlib import Path
@@ -33,48 +46,82 @@ import jax
 import numpy as np
 
 from marjax.config import TrainConfig
-from marjax.errors import ConfigError, DataError, MarjaxError
-from marjax.train.checkpoint import Checkpointer, check_compatible
+from marjax.errors import CheckpointError, ConfigError, DataError, MarjaxError
+from marjax.train.checkpoint import PAUSE_ENV, PAUSE_MARKER, Checkpointer, check_compatible, pause_target
 from marjax.train.mesh import ShardingRules, make_mesh, shard_params
 from marjax.train.optim import accum_steps as _accum_steps, lr_schedule, make_optimizer
 from marjax.train.state import abstract_state, init_state
-from marjax.train.step import make_step_shardings, make_train_step, stack_micro_batches
+from marjax.train.step import all_finite, make_step_shardings, make_train_step, stack_micro_batches
 
-__all__ = ["train", "TrainingDiverged", "read_metrics", "METRICS_FILE"]
+__all__ = ["train", "TrainingDiverged", "read_metrics", "nonfinite_leaves", "METRICS_FILE"]
 
 METRICS_FILE = "metrics.jsonl"
 
 
 class TrainingDiverged(MarjaxError):
-    """A step produced a non-finite loss or gradient. Attributes: step (the failing update,
-    1-based), last_good_step (the latest checkpoint, or None), out_dir, params (the last good
-    params, in memory), history."""
+    """A step produced a non-finite loss, gradient or update. Attributes: step (the failing
+    update, 1-based), last_good_step (the latest checkpoint, or None), out_dir, params (the last
+    good params, in memory), history."""
 
     def __init__(self, step: int, last_good_step: Optional[int], out_dir: str, loss: float, grad_norm: float,
-                 params=None, history=None):
+                 params=None, history=None, skipped: int = 0):
         self.step, self.last_good_step, self.out_dir = step, last_good_step, out_dir
         self.params, self.history = params, history
         where = (f"the last good checkpoint is step {last_good_step} in {out_dir} (resume=True continues from it)"
                  if last_good_step is not None else f"no checkpoint was saved in {out_dir}")
-        super().__init__(f"training diverged at step {step}: loss {loss}, grad_norm {grad_norm} (not finite); "
-                         f"nothing from that step was applied or saved; {where}. Lower TrainConfig.lr or "
-                         "clip_norm, or check the data")
+        why = f" after {skipped} skipped updates in a row (TrainConfig.max_skips)" if skipped else ""
+        super().__init__(f"training diverged at step {step}{why}: loss {loss}, grad_norm {grad_norm} (loss, "
+                         f"gradient or update not finite); nothing from that step was applied or saved; {where}. "
+                         "Lower TrainConfig.lr or clip_norm, set TrainConfig.nonfinite='skip', or check the data")
+
+
+def nonfinite_leaves(tree) -> list:
+    """Key paths of the floating leaves of `tree` that hold a NaN or inf ([] when all finite;
+    one device reduction, one host transfer)."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    flags = jax.device_get(jax.jit(lambda xs: [all_finite(x) for x in xs])([x for _, x in flat]))
+    return [jax.tree_util.keystr(p) for (p, _), ok in zip(flat, flags) if not ok]
 
 
 def read_metrics(out_dir) -> list:
-    """The records of out_dir/metrics.jsonl."""
+    """The records of out_dir/metrics.jsonl. A torn last line (a process killed mid-write) is
+    dropped; a bad line elsewhere is a DataError naming the file and line."""
     p = Path(out_dir) / METRICS_FILE
     if not p.is_file():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    lines = p.read_bytes().decode("utf-8", errors="replace").split("\n")
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except (ValueError, RecursionError) as e:
+            if n == len(lines):            # no trailing newline: the write was cut short
+                warnings.warn(f"{p}:{n}: dropping a torn last record ({e})", stacklevel=2)
+                break
+            raise DataError(f"{p}:{n}: not a JSON record ({e})") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{p}:{n}: expected a JSON object, got {type(rec).__name__}")
+        out.append(rec)
+    return out
 
 
 def _check_tcfg(tcfg: TrainConfig) -> int:
-    for name in ("steps", "log_every", "save_every"):
-        v = getattr(tcfg, name)
+    for name in ("steps", "log_every", "save_every", "max_skips"):
+        v = getattr(tcfg, name, 1)
         if not isinstance(v, int) or v < 1:
             raise ConfigError(f"TrainConfig.{name} must be an integer >= 1, got {v!r}")
+    if getattr(tcfg, "nonfinite", "stop") not in ("stop", "skip"):
+        raise ConfigError(f"TrainConfig.nonfinite must be 'stop' or 'skip', got {tcfg.nonfinite!r}")
     return _accum_steps(tcfg)
+
+
+def _test_pause(kind: str, step: int, out: Path) -> None:
+    """The MARJAX_TEST_PAUSE hook (module doc): mark and sleep so a test can kill us here."""
+    if pause_target(kind) == step:
+        (out / PAUSE_MARKER).write_text(f"{kind}:{step}\n")
+        time.sleep(600)
 
 
 def _check_batch(b, tcfg: TrainConfig) -> None:
@@ -140,6 +187,7 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, tcfg: Tr
     history: the log records (dicts with step, loss, ...), including earlier ones on resume.
     """
     n_micro = _check_tcfg(tcfg)
+    policy = getattr(tcfg, "nonfinite", "stop")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(model_meta or {})
@@ -149,6 +197,10 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, tcfg: Tr
         compute_dtype = getattr(tcfg, "compute_dtype", None)
 
     mesh = mesh if mesh is not None else make_mesh(tcfg.mesh)
+    bad = nonfinite_leaves(student_params)
+    if bad:
+        raise MarjaxError(f"the student params to train hold NaN/inf in {len(bad)} leaves: {bad[:5]}; refusing "
+                          "to start (nothing would be learned and no checkpoint could be saved)")
     params = shard_params(student_params, mesh, rules, copy=True)   # the state is donated: never alias the caller's
     teacher = None if teacher_params is None else shard_params(teacher_params, mesh, rules)
     tx = make_optimizer(tcfg, params, trainable)
@@ -171,7 +223,7 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, tcfg: Tr
     bar = _progress(progress, tcfg.steps, start, meta["stage"])
     iv, t_run = _Interval(), time.perf_counter()
     tokens_total = int(history[-1]["tokens"]) if history else start * tcfg.batch_tokens
-    last_saved, last_grad_norm = (start if start > 0 else None), None
+    last_saved, last_grad_norm, skips = (start if start > 0 else None), None, 0
 
     def log(s: int, i: int, with_eval: bool = False) -> dict:
         """The record for update s (0-based index i: its learning rate)."""
@@ -198,7 +250,7 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, tcfg: Tr
                 if iv.count:                       # log the steps since the last record
                     history.append(log(i, i - 1))
                 if i > start and last_saved != i:
-                    _save(ck, i, state, data_iter, meta, _ckpt_metrics(history, best_metric))
+                    _save(ck, i, state, data_iter, meta, _ckpt_metrics(history, best_metric), metrics_path)
                 break
             batch = stack_micro_batches(micro)
             if step_fn is None:
@@ -206,21 +258,30 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, tcfg: Tr
                 step_fn = make_train_step(loss_fn, tx, mesh, sh, n_micro, trainable=trainable,
                                           compute_dtype=compute_dtype)
             state, res = step_fn(state, teacher, _put(batch, sh.batch))
-            res = jax.device_get(res)
             s = i + 1
-            if not bool(res["finite"]):
-                _append(metrics_path, {"step": s, "status": "diverged", "loss": _f(res["loss"]),
-                                       "grad_norm": _f(res["grad_norm"])})
-                ck.wait()
-                raise TrainingDiverged(s, ck.latest_step(), str(out), _f(res["loss"]), _f(res["grad_norm"]),
-                                       params=state.params, history=history)
+            _test_pause("step", s, out)
+            res = jax.device_get(res)
             n_tok = int(np.prod(np.shape(batch["inputs"]))) if "inputs" in batch else \
                 int(np.prod(np.shape(jax.tree.leaves(batch)[0])[:2]))
-            iv.add(res, n_tok)
-            tokens_total += n_tok
+            tokens_total += n_tok              # consumed, trained on or skipped
+            event = {"step": s, "event": "nonfinite", "loss": _f(res["loss"]), "grad_norm": _f(res["grad_norm"])}
+            if not bool(res["finite"]):
+                skips += 1
+                if policy == "stop" or skips > tcfg.max_skips:
+                    _append(metrics_path, dict(event, status="diverged"))
+                    ck.wait()
+                    raise TrainingDiverged(s, ck.latest_step(), str(out), _f(res["loss"]), _f(res["grad_norm"]),
+                                           params=state.params, history=history,
+                                           skipped=skips - 1 if policy == "skip" else 0)
+                _append(metrics_path, dict(event, status="skipped"))
+                warnings.warn(f"step {s}: loss {event['loss']}, grad_norm {event['grad_norm']} not finite; update "
+                              "skipped (TrainConfig.nonfinite='skip')", stacklevel=2)
+            else:
+                skips = 0
+                iv.add(res, n_tok)
+                last_grad_norm = _f(res["grad_norm"])
             save_now = s % tcfg.save_every == 0 or s == tcfg.steps
-            last_grad_norm = _f(res["grad_norm"])
-            if s % tcfg.log_every == 0 or save_now or s == 1:
+            if (s % tcfg.log_every == 0 or save_now or s == 1) and iv.count:
                 history.append(log(s, i, with_eval=save_now))
                 iv = _Interval()
             if bar is not None:
@@ -228,7 +289,7 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, tcfg: Tr
                 bar.set_postfix(loss=f"{_f(res['loss']):.4f}", tok_s=f"{history[-1]['tokens_per_s']:.0f}"
                                 if history else "-")
             if save_now:
-                _save(ck, s, state, data_iter, meta, _ckpt_metrics(history, best_metric))
+                _save(ck, s, state, data_iter, meta, _ckpt_metrics(history, best_metric), metrics_path)
                 last_saved = s
     finally:
         if bar is not None:
@@ -241,6 +302,7 @@ def _start(ck: Checkpointer, state, data_iter, meta: dict, resume: bool, out: Pa
     """(state, history) to continue from: restored from the latest checkpoint when resuming,
     else the fresh state (and stale checkpoints in out_dir are deleted)."""
     history: list = []
+    kept: list = []                      # the log records to keep (history plus skip events)
     latest = ck.latest_step()
     if resume and latest is not None:
         saved_meta = ck.restore_meta(latest)
@@ -251,14 +313,15 @@ def _start(ck: Checkpointer, state, data_iter, meta: dict, resume: bool, out: Pa
         else:
             warnings.warn("resuming with a data iterator that has no saved state (no get_state/set_state): "
                           "the data order is not replayed", stacklevel=3)
-        history = [r for r in read_metrics(out) if r.get("step", 0) <= latest and "status" not in r]
+        kept = [r for r in read_metrics(out) if r.get("step", 0) <= latest]
+        history = [r for r in kept if "status" not in r]
     elif latest is not None:
         warnings.warn(f"{out} holds checkpoints {ck.all_steps()} from an earlier run; starting fresh (resume=False) "
                       "and deleting them", stacklevel=3)
         ck.delete_all()
     elif resume:
         warnings.warn(f"resume=True but {out} has no checkpoint; starting from step 0", stacklevel=3)
-    _rewrite_metrics(out / METRICS_FILE, history)
+    _rewrite_metrics(out / METRICS_FILE, kept)
     return state, history
 
 
@@ -276,22 +339,37 @@ def _ckpt_metrics(history: list, best_metric: Optional[str]) -> Optional[dict]:
     return {best_metric: float(rec[best_metric])}
 
 
-def _save(ck: Checkpointer, step: int, state, data_iter, meta: dict, metrics) -> None:
+def _save(ck: Checkpointer, step: int, state, data_iter, meta: dict, metrics, metrics_path: Path) -> None:
+    # a safety net behind the step's own check: a NaN/inf never reaches a checkpoint
+    bad = nonfinite_leaves((state.params, state.opt_state))
+    if bad:
+        _append(metrics_path, {"step": step, "status": "diverged", "event": "nonfinite_state", "leaves": bad[:5]})
+        ck.wait()
+        raise TrainingDiverged(step, ck.latest_step(), str(ck.directory), "n/a", f"n/a (state leaves {bad[:5]})")
     ck.save(step, state, _data_state(data_iter), meta, metrics=metrics)
 
 
 def _append(path: Path, rec: dict) -> None:
     if jax.process_index() != 0:
         return
-    with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    except OSError as e:
+        raise CheckpointError(f"cannot append to the metrics log {path}: {e}") from e
 
 
 def _rewrite_metrics(path: Path, records: list) -> None:
-    """Keep only the records up to the resumed step (a crashed run may have logged past it)."""
+    """Keep only the records up to the resumed step (a crashed run may have logged past it);
+    written to a temporary file and renamed, so a kill here never loses the log."""
     if jax.process_index() != 0:
         return
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, path)
+    except OSError as e:
+        raise CheckpointError(f"cannot rewrite the metrics log {path}: {e}") from e
 
 
 def _progress(enabled: bool, total: int, initial: int, desc: str):

@@ -16,8 +16,10 @@ contract, and keeps the teacher out of any gradient if the loss is reused elsewh
     state, out = step(state, teacher_params, batch)   # batch leaves: (accum_steps, micro_batch, ...)
     out = {"loss", "count", "metrics", "grad_norm", "finite"}
 
-When the loss or a trainable gradient is not finite the returned state is the input state
-(nothing applied), so the last good state survives donation; `finite` tells the loop to stop.
+When the loss, a trainable gradient, or an updated parameter / optimizer moment is not finite,
+the returned params and optimizer state are the input ones (nothing applied; a jnp.where inside
+the step, no host sync), so the last good state survives donation; only `step` and `rng`
+advance. `finite` tells the loop to skip or stop (TrainConfig.nonfinite).
 """
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ from marjax.train.mesh import ShardingRules, batch_shardings, param_shardings, r
 from marjax.train.optim import trainable_leaves
 from marjax.train.state import TrainState, state_shardings
 
-__all__ = ["StepShardings", "make_step_shardings", "make_train_step", "stack_micro_batches", "cast_floating"]
+__all__ = ["StepShardings", "make_step_shardings", "make_train_step", "stack_micro_batches", "cast_floating",
+           "all_finite"]
 
 
 class StepShardings(NamedTuple):
@@ -55,6 +58,14 @@ def stack_micro_batches(batches: list) -> Any:
     """[micro_batch pytrees] -> one pytree with a leading accumulation axis (host numpy)."""
     import numpy as np
     return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *batches)
+
+
+def all_finite(tree) -> jax.Array:
+    """bool (): every floating leaf of `tree` is free of NaN/inf (traceable)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    if not leaves:
+        return jnp.bool_(True)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def cast_floating(tree, dtype):
@@ -119,13 +130,16 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
         grads = jax.tree.map(lambda g, p: (g / safe).astype(p.dtype), g_sum, state.params)
         loss = jnp.where(count > 0, loss_sum / safe, 0.0)
         grad_norm = optax.global_norm(trainable_leaves(grads, mask))
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                         opt_state=opt_state, rng=rng)
-        # a non-finite step leaves the state untouched (the loop stops on `finite`)
-        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+        params = optax.apply_updates(state.params, updates)
+        # finite grads can still overflow Adam's second moment or a param: check what would be kept
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(
+            (trainable_leaves(params, mask), opt_state))
+
+        # a non-finite step keeps params and optimizer state (the loop skips or stops on `finite`)
+        keep = lambda n, o: jnp.where(finite, n, o)  # noqa: E731
+        new = TrainState(step=state.step + 1, params=jax.tree.map(keep, params, state.params),
+                         opt_state=jax.tree.map(keep, opt_state, state.opt_state), rng=rng)
         out = {"loss": loss, "count": count, "metrics": metrics, "grad_norm": grad_norm, "finite": finite}
         return new, out
 
