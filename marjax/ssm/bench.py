@@ -92,7 +92,7 @@ def _forward_fn(name: str, l: int, chunk):
     if name == "minimal":
         return minimal_baseline
     kw = {"impl": name}
-    if chunk is not None and name not in ("reference", "associative"):
+    if chunk is not None and name not in ("reference", "associative", "auto"):   # auto picks its own
         kw["chunk_size"] = effective_chunk(l, chunk)
     return functools.partial(ssd, **kw)
 
@@ -146,8 +146,8 @@ def main(argv=None) -> int:
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--state", type=int, default=64)
     ap.add_argument("--chunk", type=int, default=None,
-                    help=f"chunk size for the chunked impls (default: their own; auto picks per length, "
-                         f"the others use {DEFAULT_CHUNK})")
+                    help=f"chunk size for the chunked impls except auto, which picks its own per length "
+                         f"(default {DEFAULT_CHUNK})")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     candidates = [i for i in IMPLS if i != "pallas"] + ["pallas"]
     ap.add_argument("--impls", default="auto,chunked,hybrid,reference",
