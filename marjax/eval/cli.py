@@ -12,8 +12,12 @@ from typing import Optional
 
 import numpy as np
 
+from marjax.api import DEFAULT_MODEL, generate_ids, load, logits
 from marjax.errors import DataError, MarjaxError
+from marjax.eval import generation as G
 from marjax.eval import tasks as T
+from marjax.eval.perplexity import default_ppl_file
+from marjax.eval.suite import evaluate
 
 __all__ = ["main", "format_table", "DEFAULT_TASKS"]
 
@@ -64,9 +68,8 @@ def _parse_tasks(spec: str) -> list:
 
 
 def _read_prompts(path: Optional[str]) -> list:
-    from marjax.eval.generation import DEFAULT_PROMPTS
     if path is None:
-        return list(DEFAULT_PROMPTS)
+        return list(G.DEFAULT_PROMPTS)
     if not os.path.isfile(path):
         raise DataError(f"--prompts-file: {path} not found (one prompt per line)")
     with open(path, encoding="utf-8") as f:
@@ -118,7 +121,6 @@ def _check_inputs(a, names: list) -> None:
         raise MarjaxError(f"--gen-samples must be >= 0, got {a.gen_samples}")
     for name in names:
         if name == "ppl":
-            from marjax.eval.perplexity import default_ppl_file
             default_ppl_file(a.data_dir, a.ppl_file)
         elif name == "gen":
             if not a.teacher:
@@ -129,21 +131,16 @@ def _check_inputs(a, names: list) -> None:
 
 
 def _model_fns(m):
-    import marjax
-    return (lambda ids: np.asarray(marjax.logits(m, ids)),
-            lambda p, n, t, tp, s: marjax.generate_ids(m, p, n, temperature=t, top_p=tp, seed=s))
+    return (lambda ids: np.asarray(logits(m, ids)),
+            lambda p, n, t, tp, s: generate_ids(m, p, n, temperature=t, top_p=tp, seed=s))
 
 
 def main(argv=None) -> int:
     a = _parser().parse_args(argv)
     names = _parse_tasks(a.tasks)
     _check_inputs(a, names)
-    import marjax
-    from marjax.eval import generation as G
-    from marjax.eval import harness as H
-
-    model_name = a.model or marjax.api.DEFAULT_MODEL
-    m = marjax.load(model_name)
+    model_name = a.model or DEFAULT_MODEL
+    m = load(model_name)
     logits_fn, gen_fn = _model_fns(m)
     max_len = int(m.config.max_seq_len)
     progress = not a.no_progress
@@ -151,7 +148,7 @@ def main(argv=None) -> int:
     for name in names:
         t0 = time.perf_counter()
         if name == "gen":
-            teacher = marjax.load(a.teacher)
+            teacher = load(a.teacher)
             t_logits, t_gen = _model_fns(teacher)
             prompts = G.encode_prompts(m.tokenizer, _read_prompts(a.prompts_file))
             res = G.generation_eval(prompts, gen_fn, t_gen, t_logits, min(max_len, int(teacher.config.max_seq_len)),
@@ -159,9 +156,9 @@ def main(argv=None) -> int:
                                     temperature=a.temperature, top_p=a.top_p, seed=a.seed,
                                     batch_size=a.batch_size, decode=m.tokenizer.decode, progress=progress)
         else:
-            res = H.evaluate([name], logits_fn, m.tokenizer, max_len, a.data_dir, a.limit, a.batch_size,
-                             a.max_batch_tokens, a.ppl_file, a.ppl_window, a.ppl_stride, a.ppl_max_tokens,
-                             progress)[name]
+            res = evaluate([name], logits_fn, m.tokenizer, max_len, a.data_dir, a.limit, a.batch_size,
+                           a.max_batch_tokens, a.ppl_file, a.ppl_window, a.ppl_stride, a.ppl_max_tokens,
+                           progress)[name]
             res.pop("predictions", None)
         res["seconds"] = round(time.perf_counter() - t0, 2)
         results[name] = res

@@ -50,10 +50,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import jax
 import numpy as np
 
+from marjax.api import load
 from marjax.config import PRESETS, ATMNConfig, ModelConfig, preset, ssm_from_attention
 from marjax.errors import ConfigError, DataError, MarjaxError
+from marjax.models.lm import forward
+from marjax.train.corpus import default_text
 
 __all__ = ["EnergyConfig", "Ops", "energy_report", "compare_reports", "related_configs", "uniform_rates",
            "site_dims", "measure_rates", "format_table", "format_sites", "format_ops", "write_report", "main"]
@@ -278,8 +282,6 @@ def compare_reports(cfg: ModelConfig, firing: Optional[dict] = None, seq_len: in
 def measure_rates(params, cfg: ModelConfig, ids: np.ndarray, batch: int = 4) -> dict:
     """Firing rates of a spiking model on token ids (n_seq, seq_len), averaged over sequences
     (every sequence has the same length, so the plain mean is the per-token mean)."""
-    import jax
-    from marjax.models.lm import forward
     if not cfg.is_spiking:
         raise ConfigError(f"model {cfg.name!r} has no spiking sites (ModelConfig.atmn is None)")
     fwd = jax.jit(forward, static_argnames=("cfg", "taps", "head"))
@@ -345,9 +347,9 @@ def write_report(reports: dict, out_dir) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "energy.json").write_text(json.dumps(reports, indent=1, default=float))
-    import matplotlib
+    import matplotlib  # late import: matplotlib is heavy and only the report file needs it
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # late import: after matplotlib.use("Agg") (no display)
     names = list(reports)
     sites = []
     for r in reports.values():
@@ -395,8 +397,7 @@ def _config_of(name: str) -> tuple[ModelConfig, object]:
     """(config, loaded model or None): presets give dims only; anything else is loaded."""
     if name in PRESETS:
         return preset(name), None
-    import marjax
-    m = marjax.load(name)
+    m = load(name)
     return m.config, m
 
 
@@ -409,7 +410,6 @@ def _token_ids(m, data: Optional[str], tokens: int, seq_len: int) -> np.ndarray:
         except UnicodeDecodeError as e:
             raise DataError(f"--data {data!r} is not UTF-8 text: {e}") from None
     else:
-        from marjax.train.corpus import default_text
         text = default_text()
     ids = list(m.tokenizer.encode(text))
     if not ids:

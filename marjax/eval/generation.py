@@ -22,9 +22,10 @@ import math
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from marjax.errors import MarjaxError
-from marjax.eval.harness import LogitsFn, bos_prefix, encode_text, loglikelihood_tokens
+from marjax.eval.scoring import LogitsFn, bos_prefix, encode_text, loglikelihood_tokens
 
 __all__ = ["GenerateFn", "DEFAULT_PROMPTS", "distinct_n", "repetition_rate", "prefix_agreement",
            "teacher_logprobs", "continuation_metrics", "encode_prompts", "generation_eval"]
@@ -141,7 +142,6 @@ def generation_eval(prompts: Sequence[Sequence[int]], student_generate: Generate
     if any(not p for p in prompts):
         raise MarjaxError("every prompt needs at least one token")
 
-    from tqdm.auto import tqdm
     greedy, t_greedy, samples, sample_prompts = [], [], [], []
     for i, p in enumerate(tqdm(prompts, desc="generate", disable=not progress, leave=False)):
         greedy.append(list(student_generate(p, max_new_tokens, 0.0, 1.0, seed)))

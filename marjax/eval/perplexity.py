@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from marjax.errors import DataError, MarjaxError
-from marjax.eval.harness import LogitsFn, _token_logprobs, encode_text, prefix_token, run_batches
+from marjax.eval.scoring import LogitsFn, encode_text, prefix_token, run_batches, token_logprobs
 
 __all__ = ["rolling_windows", "token_nll", "text_perplexity", "file_perplexity", "default_ppl_file",
            "DEFAULT_PPL_FILE"]
@@ -54,7 +54,7 @@ def token_nll(logits_fn: LogitsFn, seq: Sequence[int], window: int, stride: Opti
 
     def score(i, lg):
         s, e, n_new = wins[i]
-        lp, _ = _token_logprobs(lg[-n_new:], seq[e - n_new + 1:e + 1])
+        lp, _ = token_logprobs(lg[-n_new:], seq[e - n_new + 1:e + 1])
         return float(-lp.sum())
 
     nll = run_batches(logits_fn, rows, score, window, batch_size, None, max_batch_tokens, desc, progress)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from marjax.config import ATMNConfig, preset
+from marjax.eval import energy as energy_mod
 from marjax.errors import ConfigError, MarjaxError
 from marjax.eval.energy import (EnergyConfig, compare_reports, energy_report, format_table, main, related_configs,
                                 uniform_rates, write_report)
@@ -180,7 +181,7 @@ def test_main_measures_rates_of_a_loaded_spiking_model(tmp_path, capsys, monkeyp
 
     cfg = preset("tiny-spiking")
     model = marjax.Model(config=cfg, params=init_params(jax.random.key(0), cfg), tokenizer=Bytes())
-    monkeypatch.setattr(marjax, "load", lambda name: model)
+    monkeypatch.setattr(energy_mod, "load", lambda name: model)
     data = tmp_path / "data.txt"
     data.write_text("The quick brown fox jumps over the lazy dog. " * 4)
     assert main(["--model", "my-spiking", "--data", str(data), "--tokens", "64", "--seq-len", "32",

@@ -8,12 +8,14 @@ import pytest
 from marjax.errors import DataError, MarjaxError
 from marjax.eval import tasks as T
 
-DATA = "/work/shared/data"
-needs_data = pytest.mark.skipif(not os.path.isdir(DATA), reason="shared data not present")
 
 
-@needs_data
-def test_piqa_real():
+@pytest.fixture
+def DATA(shared_data):
+    return str(shared_data)
+
+
+def test_piqa_real(DATA):
     items = T.load_task("piqa", DATA)
     assert len(items) == 200
     assert [it.gold for it in items[:3]] == [0, 1, 1]
@@ -25,8 +27,7 @@ def test_piqa_real():
     assert items[1].choices == ("replace drawer with bobby pin ", "finish, woodgrain with  bobby pin ")
 
 
-@needs_data
-def test_hellaswag_real():
+def test_hellaswag_real(DATA):
     items = T.load_task("hellaswag", DATA)
     assert len(items) == 200
     assert [it.gold for it in items[:2]] == [3, 3]
@@ -40,20 +41,18 @@ def test_hellaswag_real():
     assert items[-1].continuations[-1].endswith("slowly to cut the lawn.")
 
 
-@needs_data
 @pytest.mark.parametrize("name,n,first,gold_sum", [
     ("arc_easy", 200, [0, 1, 3, 3, 1, 2], 284), ("arc_challenge", 200, [2, 1, 2, 3, 3, 1], 282),
     ("openbookqa", 100, [1, 0, 2, 2, 2, 2], 134), ("boolq", 200, [0, 1, 1, 1, 1, 0], 127),
     ("winogrande", 200, [1, 0, 1, 0, 0, 0], 105)])
-def test_llm_foundry_real(name, n, first, gold_sum):
+def test_llm_foundry_real(DATA, name, n, first, gold_sum):
     items = T.load_task(name, DATA)
     assert len(items) == n
     assert [it.gold for it in items[:6]] == first and sum(it.gold for it in items) == gold_sum
     assert all(c.startswith(" ") for it in items for c in it.continuations)
 
 
-@needs_data
-def test_prompt_formats_real():
+def test_prompt_formats_real(DATA):
     arc = T.load_task("arc_easy", DATA, limit=94)
     assert arc[0].contexts[0] == ("Question: Which statement best explains why photosynthesis is the "
                                   "foundation of most food webs?\nAnswer:")
@@ -71,16 +70,14 @@ def test_prompt_formats_real():
     assert wg.continuations == (" always got the easier cases.",) * 2 and wg.gold == 1
 
 
-@needs_data
-def test_lambada_real():
+def test_lambada_real(DATA):
     items = T.load_task("lambada", DATA)
     assert len(items) == 200
     assert items[0].continuation == " signs" and items[1].continuation == " Shane"
     assert items[0].context.endswith("I don't care about") and items[0].context.startswith("In my palm")
 
 
-@needs_data
-def test_limit():
+def test_limit(DATA):
     assert len(T.load_task("hellaswag", DATA, limit=7)) == 7
     assert len(T.load_task("piqa", DATA, limit=3)) == 3
     with pytest.raises(MarjaxError, match="limit"):

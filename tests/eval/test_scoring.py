@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from marjax.errors import DataError, MarjaxError
-from marjax.eval import harness as H
+from marjax.eval import suite as E
 from marjax.eval import perplexity as P
+from marjax.eval import scoring as S
 from marjax.eval.tasks import MCItem
 
 V = 256
@@ -79,7 +80,7 @@ def uniform(ids):
 
 def test_encode_pair_moves_trailing_space_and_splits_whole_string():
     tok = ByteTok()
-    ctx, cont = H.encode_pair(tok, "Answer: ", "yes")
+    ctx, cont = S.encode_pair(tok, "Answer: ", "yes")
     assert ctx == list(b"Answer:") and cont == list(b" yes")
 
 
@@ -100,15 +101,15 @@ class MergeTok(ByteTok):
 
 
 def test_encode_pair_single_bos_and_whole_string_split():
-    ctx, cont = H.encode_pair(MergeTok(), "xyz", " ab")
+    ctx, cont = S.encode_pair(MergeTok(), "xyz", " ab")
     assert ctx == [1] + list(b"xyz") and cont == [32, 300]
     # split at the context's token count: the merged token sits in the continuation
-    ctx, cont = H.encode_pair(MergeTok(), "x", "abab")
+    ctx, cont = S.encode_pair(MergeTok(), "x", "abab")
     assert ctx == [1, ord("x")] and cont == [300, 300]
 
 
 def test_empty_context_becomes_prefix_token():
-    ctx, cont = H.encode_pair(ByteTok(), "", "hi")
+    ctx, cont = S.encode_pair(ByteTok(), "", "hi")
     assert ctx == [0] and cont == list(b"hi")
 
 
@@ -124,7 +125,7 @@ def test_loglikelihood_matches_unbatched_reference(batch_size, max_batch_tokens)
         ctx = "".join(chr(97 + int(c)) for c in rng.integers(0, 26, size=int(rng.integers(1, 40))))
         for j in range(int(rng.integers(1, 4))):  # several continuations share a context
             reqs.append((ctx, " " + "xyz"[: j + 1] * int(rng.integers(1, 4))))
-    got = H.loglikelihood(fn, ByteTok(), reqs, max_len=64, batch_size=batch_size,
+    got = S.loglikelihood(fn, ByteTok(), reqs, max_len=64, batch_size=batch_size,
                           max_batch_tokens=max_batch_tokens)
     for (c, x), (ll, _) in zip(reqs, got):
         ref = direct_loglik(fn, list(c.encode()), list(x.encode()))
@@ -134,12 +135,12 @@ def test_loglikelihood_matches_unbatched_reference(batch_size, max_batch_tokens)
 def test_left_truncation_to_max_len():
     fn = Cumsum()
     ctx, cont = list(range(40, 90)), [5, 6, 7]
-    (ll, _), = H.loglikelihood_tokens(fn, [(ctx, cont)], max_len=16)
+    (ll, _), = S.loglikelihood_tokens(fn, [(ctx, cont)], max_len=16)
     kept = (ctx + cont)[-17:]
     assert ll == pytest.approx(direct_loglik(fn, kept[:-3], cont), rel=1e-5)
     assert ll != pytest.approx(direct_loglik(fn, ctx, cont), rel=1e-3)
     with pytest.raises(MarjaxError, match="exceeds max_len"):
-        H.loglikelihood_tokens(fn, [(ctx, list(range(20)))], max_len=16)
+        S.loglikelihood_tokens(fn, [(ctx, list(range(20)))], max_len=16)
 
 
 def test_greedy_flag():
@@ -147,14 +148,14 @@ def test_greedy_flag():
     table = np.full((V, V), -5.0, np.float32)
     table[np.arange(V), (np.arange(V) + 1) % V] = 5.0
     fn = lambda ids: table[ids]  # noqa: E731
-    res = H.loglikelihood_tokens(fn, [([10], [11, 12, 13]), ([10], [11, 12, 14])], max_len=32)
+    res = S.loglikelihood_tokens(fn, [([10], [11, 12, 13]), ([10], [11, 12, 14])], max_len=32)
     assert res[0][1] is True and res[1][1] is False
 
 
 def test_buckets_are_powers_of_two_and_contexts_batched_together():
     fn = Bigram()
     reqs = [("c%d" % i + "q" * (i * 7), " " + ch) for i in range(9) for ch in "abcd"]
-    H.loglikelihood(fn, ByteTok(), reqs, max_len=128, batch_size=8)
+    S.loglikelihood(fn, ByteTok(), reqs, max_len=128, batch_size=8)
     shapes = {c.shape for c in fn.calls}
     assert all(r & (r - 1) == 0 and r <= 8 and (l & (l - 1) == 0) and 16 <= l <= 128 for r, l in shapes)
     assert len(shapes) <= 5
@@ -165,7 +166,7 @@ def test_buckets_are_powers_of_two_and_contexts_batched_together():
 
 def test_logits_shape_is_checked():
     with pytest.raises(MarjaxError, match="logits_fn returned shape"):
-        H.loglikelihood_tokens(lambda ids: np.zeros((1, 3, V), np.float32), [([1, 2], [3])], max_len=32)
+        S.loglikelihood_tokens(lambda ids: np.zeros((1, 3, V), np.float32), [([1, 2], [3])], max_len=32)
 
 
 # ---------------------------------------------------------------- multiple choice
@@ -202,8 +203,8 @@ def test_oracle_model_gets_exact_accuracy():
         known.append(f"Question {i}? " + choices[pick])
     fn = Oracle(known)
     from marjax.eval.tasks import mc_requests
-    res = H.loglikelihood(fn, ByteTok(), mc_requests(items), max_len=64, batch_size=4)
-    out = H.score_multiple_choice(items, [r[0] for r in res])
+    res = S.loglikelihood(fn, ByteTok(), mc_requests(items), max_len=64, batch_size=4)
+    out = E.score_multiple_choice(items, [r[0] for r in res])
     assert out["acc"] == pytest.approx(0.7) and out["acc_norm"] == pytest.approx(0.7)
     assert out["acc_stderr"] == pytest.approx(math.sqrt(0.7 * 0.3 / 9))
     assert out["n"] == 10 and out["predictions"][:7] == [it.gold for it in items[:7]]
@@ -215,29 +216,29 @@ def test_acc_norm_differs_from_acc_under_uniform_model():
     items = [MCItem(("Q:",) * 2, (" a", " bbbbbbbb"), 1, ("a", "bbbbbbbb")),
              MCItem(("Q2:",) * 2, (" cccc", " dd"), 0, ("cccc", "dd"))]
     from marjax.eval.tasks import mc_requests
-    res = H.loglikelihood(uniform, ByteTok(), mc_requests(items), max_len=32)
+    res = S.loglikelihood(uniform, ByteTok(), mc_requests(items), max_len=32)
     assert [r[0] for r in res] == pytest.approx([-2 * math.log(V), -9 * math.log(V),
                                                  -5 * math.log(V), -3 * math.log(V)])
-    out = H.score_multiple_choice(items, [r[0] for r in res])
+    out = E.score_multiple_choice(items, [r[0] for r in res])
     assert (out["acc"], out["acc_norm"]) == (0.0, 1.0)
     assert out["predictions"] == [0, 1]
 
 
 def test_acc_norm_by_character_length():
     item = MCItem(("q",) * 2, (" a", " bbbbbbbb"), 1, ("a", "bbbbbbbb"))
-    out = H.score_multiple_choice([item], [-2.0, -4.0])
+    out = E.score_multiple_choice([item], [-2.0, -4.0])
     assert out["acc"] == 0.0 and out["acc_norm"] == 1.0  # -2/1 < -4/8
 
 
 def test_sample_stderr():
-    assert H.sample_stderr([1, 0, 1, 1]) == pytest.approx(math.sqrt(0.75 * 0.25 / 3))
+    assert E.sample_stderr([1, 0, 1, 1]) == pytest.approx(math.sqrt(0.75 * 0.25 / 3))
     x = np.random.default_rng(0).normal(size=50)
-    assert H.sample_stderr(x) == pytest.approx(np.std(x, ddof=1) / math.sqrt(50))
-    assert H.sample_stderr([1.0]) is None
+    assert E.sample_stderr(x) == pytest.approx(np.std(x, ddof=1) / math.sqrt(50))
+    assert E.sample_stderr([1.0]) is None
 
 
 def test_lambada_scores():
-    out = H.score_lambada([(-1.0, True), (-3.0, False)])
+    out = E.score_lambada([(-1.0, True), (-3.0, False)])
     assert out["acc"] == 0.5 and out["ppl"] == pytest.approx(math.exp(2.0))
     assert out["ppl_stderr"] == pytest.approx(math.exp(2.0) * 1.0)  # std(ddof=1)=sqrt(2), /sqrt(2)
 
@@ -314,11 +315,10 @@ def _fake_data(d):
 
 
 def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
-    import marjax
     from marjax.eval import cli
     _fake_data(tmp_path)
     fake = SimpleNamespace(config=SimpleNamespace(max_seq_len=32), tokenizer=ByteTok())
-    monkeypatch.setattr(marjax, "load", lambda name: fake)
+    monkeypatch.setattr(cli, "load", lambda name: fake)
     monkeypatch.setattr(cli, "_model_fns", lambda m: (uniform, None))
     out = tmp_path / "res" / "r.json"
     rc = cli.main(["--model", "fake", "--tasks", "ppl,piqa", "--data-dir", str(tmp_path), "--limit", "5",
