@@ -17,17 +17,17 @@ from experiments import common as C  # noqa: E402
 
 
 def sweeps(res: dict) -> dict:
-    """{sweep: [(label, variant name)]} from the variants' ATMN fields, the library default
-    (T 4, tau 2, readout ones) included in every sweep it belongs to."""
+    """{sweep: [(label, variant name)]} from the variants' ATMN fields (the config's grid: T at
+    tau 1, tau at T 4, readout at T 4 and tau 0.5)."""
     def a(n):
         return res[n][0]["atmn"]
     out = {
-        "T (tau 2, readout ones)": sorted(((a(n)["T"], n) for n in res
-                                           if a(n)["tau"] == 2.0 and a(n)["readout"] == "ones")),
+        "T (tau 1, readout ones)": sorted(((a(n)["T"], n) for n in res
+                                           if a(n)["tau"] == 1.0 and a(n)["readout"] == "ones")),
         "tau (T 4, readout ones)": sorted(((a(n)["tau"], n) for n in res
                                            if a(n)["T"] == 4 and a(n)["readout"] == "ones")),
-        "readout (T 4, tau 2)": sorted(((a(n)["readout"], n) for n in res
-                                        if a(n)["T"] == 4 and a(n)["tau"] == 2.0)),
+        "readout (T 4, tau 0.5)": sorted(((a(n)["readout"], n) for n in res
+                                          if a(n)["T"] == 4 and a(n)["tau"] == 0.5)),
     }
     return {k: v for k, v in out.items() if len(v) > 1}
 
@@ -39,7 +39,7 @@ def best(res: dict, names: list, key: str = "agreement", higher: bool = True) ->
 def recommendation(res: dict, sw: dict) -> str:
     from marjax.config import ATMNConfig
     d = ATMNConfig()
-    lib = {"T (tau 2, readout ones)": d.T, "tau (T 4, readout ones)": d.tau, "readout (T 4, tau 2)": d.readout}
+    lib = {"T (tau 1, readout ones)": d.T, "tau (T 4, readout ones)": d.tau, "readout (T 4, tau 0.5)": d.readout}
     lines = []
     for sweep, pts in sw.items():
         names = [n for _, n in pts]

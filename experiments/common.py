@@ -17,10 +17,11 @@ An experiment config is a TOML file:
     [distill] base DistillConfig fields for every variant
     [[variant]]  name = "..."  atmn = {...}  distill = {...}   (overrides of the bases)
 
-Library pieces reused: marjax.distill.run.run_stage / make_data, distill.init.init_from_attention,
-models.spiking.make_spiking_student, eval.perplexity.text_perplexity, eval.harness.evaluate,
-eval.energy.energy_report. What is new here (and could move into marjax later): the on-disk
-stage cache, teacher-agreement / KL-to-teacher on held-out tokens, and the seed aggregation.
+The stage recipe is the library's (marjax.app.recipe: dense_student = init_from_attention +
+fit_mixer_scale with the recipe's decay bias, spiking_student = calibrated ATMN sites,
+stage_train_config = the per-stage lr multipliers), exactly what `marjax pipeline` runs; the
+configs pin every [atmn], [distill] and [recipe] field. What is here: the on-disk stage cache,
+teacher-agreement / KL-to-teacher on held-out tokens, and the seed aggregation.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent
 DEFAULT_RUNS = ROOT / "runs"
 RESULTS = ROOT / "results"
-SHARED_DATA = Path(os.environ.get("MARJAX_SHARED_DATA", "/work/shared/data"))
+SHARED_DATA = Path(os.environ.get("MARJAX_SHARED_DATA", str(REPO.parent / "shared" / "data")))  # CI lays shared/ beside the clone
 SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
 # The six commonsense tasks of the paper's zero-shot average (our reading: the lm-eval
 # commonsense suite without the reading-comprehension task BoolQ).
@@ -115,6 +116,7 @@ class ExperimentConfig:
     sbds: SBDSConfig
     eval: EvalConfig
     variants: tuple
+    recipe: Any = None               # marjax.app.recipe.Recipe (pinned in the TOML)
     runs_dir: str = str(DEFAULT_RUNS)
 
 
@@ -131,16 +133,30 @@ def _replace_checked(cfg, values: dict, where: str):
     return dataclasses.replace(cfg, **conv)
 
 
+def _pinned(cls, values: dict, where: str):
+    """cls(**values) where `values` must name every field: a library default change can then never
+    rewrite a committed table (an unpinned or unknown field is an error that names it)."""
+    from marjax.errors import ConfigError
+    names = [f.name for f in dataclasses.fields(cls)]
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise ConfigError(f"{where}: every {cls.__name__} field must be pinned; missing {missing}")
+    return _replace_checked(cls(), values, where)
+
+
 def load_experiment(path: str, name: Optional[str] = None) -> ExperimentConfig:
-    """An ExperimentConfig from a TOML file (module docstring)."""
+    """An ExperimentConfig from a TOML file (module docstring). The library configs ([atmn],
+    [distill], [recipe]) must pin every field."""
+    from marjax.app.recipe import Recipe
     from marjax.config import ATMNConfig, DistillConfig
     from marjax.errors import ConfigError
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"experiment config not found: {p}")
     d = tomllib.loads(p.read_text())
-    base_atmn = _replace_checked(ATMNConfig(init="stats"), d.get("atmn", {}), f"{p} [atmn]")
-    base_dist = _replace_checked(DistillConfig(), d.get("distill", {}), f"{p} [distill]")
+    base_atmn = _pinned(ATMNConfig, d.get("atmn", {}), f"{p} [atmn]").validate()
+    base_dist = _pinned(DistillConfig, d.get("distill", {}), f"{p} [distill]").validate()
+    recipe = _pinned(Recipe, d.get("recipe", {}), f"{p} [recipe]")
     variants = []
     for v in d.get("variant", []):
         if "name" not in v:
@@ -153,7 +169,7 @@ def load_experiment(path: str, name: Optional[str] = None) -> ExperimentConfig:
         setup=_replace_checked(SetupConfig(), d.get("setup", {}), f"{p} [setup]"),
         sbds=_replace_checked(SBDSConfig(), d.get("sbds", {}), f"{p} [sbds]"),
         eval=_replace_checked(EvalConfig(), d.get("eval", {}), f"{p} [eval]"),
-        variants=tuple(variants))
+        variants=tuple(variants), recipe=recipe)
 
 
 def _key(*objs) -> str:
@@ -190,29 +206,36 @@ def _train_cfg(steps: int, seq_len: int, micro_batch: int, lr: float, seed: int)
 
 def _stage(stage: str, teacher, scfg, sparams, tc, dcfg, atmn, data: str, out: Path, tok):
     """run_stage with resume=True: a finished stage directory is restored, not retrained."""
-    from marjax.distill.run import RunConfig, RunSection, run_stage
-    rc = RunConfig(run=RunSection(teacher="tiny", data=data, out=str(out), resume=True), train=tc,
-                   distill=dcfg, atmn=atmn)
+    from marjax.app.runner import run_stage
+    rc = _run_cfg(tc, dcfg, atmn, data, out)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="resume=True but")
         return run_stage(stage, teacher, scfg, sparams, rc, str(out), tokenizer=tok, progress=False)
 
 
-def build_setup(cfg: SetupConfig, runs_dir: Path = DEFAULT_RUNS, log: Callable = print) -> Setup:
-    """Pretrain the teacher and distil the dense SSM (or restore them from runs_dir)."""
+def _run_cfg(tc, dcfg, atmn, data: str, out: Path):
+    from marjax.app.runner import RunConfig, RunSection
+    return RunConfig(run=RunSection(teacher="tiny", data=data, out=str(out), resume=True), train=tc,
+                     distill=dcfg, atmn=atmn)
+
+
+def build_setup(cfg: SetupConfig, recipe, runs_dir: Path = DEFAULT_RUNS, log: Callable = print) -> Setup:
+    """Pretrain the teacher and distil the dense SSM with the library's stage recipe (the one
+    `marjax pipeline` runs), or restore them from runs_dir."""
     import jax
 
     import marjax
+    from marjax.app.recipe import dense_student, stage_train_config
     from marjax.config import ATMNConfig, DistillConfig, ModelConfig
-    from marjax.distill.init import init_from_attention
     from marjax.io.tokenizer import ByteTokenizer
     from marjax.models.lm import init_params
     from marjax.train.data import heldout_text
     runs_dir = Path(runs_dir)
     _enable_compile_cache(runs_dir)
-    d = runs_dir / f"setup-{_key(cfg)}"
+    d = runs_dir / f"setup-{_key(cfg, recipe)}"
     d.mkdir(parents=True, exist_ok=True)
-    (d / "setup.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    (d / "setup.json").write_text(json.dumps({"setup": dataclasses.asdict(cfg), "recipe": dataclasses.asdict(recipe)},
+                                             indent=1))
     tok = ByteTokenizer()
     data = cfg.data_path()
     mcfg = ModelConfig(name="exp-teacher", vocab_size=tok.vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers,
@@ -221,22 +244,22 @@ def build_setup(cfg: SetupConfig, runs_dir: Path = DEFAULT_RUNS, log: Callable =
     timings = {}
     tpath = d / "timings.json"
     old = json.loads(tpath.read_text()) if tpath.is_file() else {}
-    atmn, dcfg = ATMNConfig(), DistillConfig()
+    atmn, dcfg = ATMNConfig(), DistillConfig()   # unused by stage 1 (its losses take no ATMN/SBDS field)
+    base = _train_cfg(1, cfg.seq_len, cfg.micro_batch, cfg.lr, cfg.seed)
 
-    def tc(steps, lr_scale=1.0):
-        return _train_cfg(steps, cfg.seq_len, cfg.micro_batch, cfg.lr * lr_scale, cfg.seed)
+    def tc(stage, steps):
+        return dataclasses.replace(stage_train_config(base, stage, steps, recipe), log_every=max(1, steps // 10),
+                                   save_every=steps)
 
     t = time.time()
-    params, _ = _stage("pretrain", None, mcfg, init_params(jax.random.PRNGKey(cfg.seed), mcfg), tc(cfg.pretrain_steps),
-                       dcfg, atmn, data, d / "pretrain", tok)
+    params, _ = _stage("pretrain", None, mcfg, init_params(jax.random.PRNGKey(cfg.seed), mcfg),
+                       tc("pretrain", cfg.pretrain_steps), dcfg, atmn, data, d / "pretrain", tok)
     timings["pretrain"] = time.time() - t
     teacher = marjax.Model(mcfg, params, tok, str(d / "pretrain"))
-    scfg, sparams = init_from_attention(params, mcfg)
-    # orient/align at 3x the lr, as the pipeline presets do (they only touch the mixers)
-    for stage, steps, scale in (("orient", cfg.orient_steps, 3.0), ("align", cfg.align_steps, 3.0),
-                                ("kd", cfg.kd_steps, 1.0)):
+    scfg, sparams = dense_student(teacher, _run_cfg(tc("orient", cfg.orient_steps), dcfg, atmn, data, d), recipe)
+    for stage, steps in (("orient", cfg.orient_steps), ("align", cfg.align_steps), ("kd", cfg.kd_steps)):
         t = time.time()
-        sparams, _ = _stage(stage, teacher, scfg, sparams, tc(steps, scale), dcfg, atmn, data, d / stage, tok)
+        sparams, _ = _stage(stage, teacher, scfg, sparams, tc(stage, steps), dcfg, atmn, data, d / stage, tok)
         timings[stage] = time.time() - t
     ssm = marjax.Model(scfg, sparams, tok, str(d / "kd"))
     # a restored stage takes ~0 s: keep the time of the run that actually trained it
@@ -248,15 +271,14 @@ def build_setup(cfg: SetupConfig, runs_dir: Path = DEFAULT_RUNS, log: Callable =
 
 # ----------------------------------------------------------------------------- one variant
 
-def run_variant(setup: Setup, v: Variant, seed: int, sb: SBDSConfig, ev: EvalConfig, log: Callable = print) -> dict:
-    """SBDS from the shared dense SSM for one variant and seed; evaluated; cached on disk."""
-    import numpy as np
-
+def run_variant(setup: Setup, v: Variant, seed: int, sb: SBDSConfig, ev: EvalConfig, recipe,
+                log: Callable = print) -> dict:
+    """SBDS from the shared dense SSM for one variant and seed (the library recipe's calibrated
+    spiking student); evaluated; cached on disk."""
     import marjax
-    from marjax.distill.run import RunConfig, RunSection, make_data
-    from marjax.models.spiking import make_spiking_student
+    from marjax.app.recipe import spiking_student, stage_train_config
     # keyed by content, not by name: experiments that share a variant share its run
-    out = setup.dir / "sbds" / f"{_key(v.atmn, _effective(v.distill), sb)}-s{seed}"
+    out = setup.dir / "sbds" / f"{_key(v.atmn, _effective(v.distill), sb, recipe)}-s{seed}"
     mpath = out / f"metrics-{_key(ev)}.json"
     if mpath.is_file():
         res = dict(json.loads(mpath.read_text()), variant=v.name)
@@ -264,12 +286,11 @@ def run_variant(setup: Setup, v: Variant, seed: int, sb: SBDSConfig, ev: EvalCon
     out.mkdir(parents=True, exist_ok=True)
     (out / "variant.json").write_text(json.dumps({"name": v.name, "atmn": dataclasses.asdict(v.atmn),
                                                   "distill": dataclasses.asdict(v.distill), "seed": seed}, indent=1))
-    tc = _train_cfg(sb.steps, sb.seq_len, sb.micro_batch, sb.lr, seed)
+    tc = dataclasses.replace(stage_train_config(_train_cfg(sb.steps, sb.seq_len, sb.micro_batch, sb.lr, seed), "sbds",
+                                                sb.steps, recipe), log_every=max(1, sb.steps // 10), save_every=sb.steps)
     data = setup.cfg.data_path()
-    rc = RunConfig(run=RunSection(teacher="tiny", data=data, out=str(out)), train=tc, distill=v.distill, atmn=v.atmn)
     # calibration batch: depends on the seed (like the data order), never the training batches
-    calib = next(iter(make_data(rc, setup.ssm.tokenizer, setup.ssm.config, seed_offset=1000)))["inputs"][:4]
-    pcfg, pparams = make_spiking_student(setup.ssm.params, setup.ssm.config, v.atmn, calib_ids=np.asarray(calib))
+    pcfg, pparams = spiking_student(setup.ssm, _run_cfg(tc, v.distill, v.atmn, data, out), recipe)
     t = time.time()
     pparams, hist = _stage("sbds", setup.ssm, pcfg, pparams, tc, v.distill, v.atmn, data, out, setup.ssm.tokenizer)
     t_train = time.time() - t
@@ -309,7 +330,7 @@ def _effective(d) -> dict:
 # ----------------------------------------------------------------------------- evaluation
 
 def _heldout_windows(text: str, tok, ev: EvalConfig) -> np.ndarray:
-    from marjax.eval.harness import encode_text
+    from marjax.eval.scoring import encode_text
     ids = np.asarray(encode_text(tok, text), np.int32)
     n = min(len(ids) - 1, ev.heldout_tokens) // ev.window
     if n < 1:
@@ -352,7 +373,7 @@ def evaluate_model(m, setup: Setup, ev: EvalConfig, reference=None) -> dict:
     rate, energy per token (measured firing) and the zero-shot tasks."""
     import marjax
     from marjax.eval.energy import energy_report
-    from marjax.eval.harness import evaluate
+    from marjax.eval.suite import evaluate
     from marjax.eval.perplexity import text_perplexity
     logits_fn = lambda x: np.asarray(marjax.logits(m, x))  # noqa: E731
     ppl = text_perplexity(logits_fn, m.tokenizer, setup.heldout, window=ev.window, max_tokens=ev.heldout_tokens)
@@ -393,11 +414,11 @@ def _reference_logits(ref, ids: np.ndarray, d: Path) -> np.ndarray:
 def run_experiment(exp: ExperimentConfig, log: Callable = print) -> tuple[Setup, dict]:
     """All variants x seeds; returns (setup, {variant name: [per-seed result dicts]})."""
     t0 = time.time()
-    setup = build_setup(exp.setup, Path(exp.runs_dir), log)
+    setup = build_setup(exp.setup, exp.recipe, Path(exp.runs_dir), log)
     log(f"{exp.name}: {len(exp.variants)} variants x seeds {list(exp.seeds)}, SBDS {exp.sbds.steps} steps")
     out = {}
     for v in exp.variants:
-        out[v.name] = [run_variant(setup, v, s, exp.sbds, exp.eval, log) for s in exp.seeds]
+        out[v.name] = [run_variant(setup, v, s, exp.sbds, exp.eval, exp.recipe, log) for s in exp.seeds]
     log(f"{exp.name}: done in {time.time() - t0:.0f}s")
     return setup, out
 

@@ -9,9 +9,9 @@ from marjax import __version__  # the package is already imported (marjax.cli li
 
 COMMANDS = {
     "generate": ("marjax.api", "generate_main", "generate text from a model (streams tokens)"),
-    "convert": ("marjax.distill.cli", "convert_main", "attention -> SSM init of a Llama model"),
-    "distill": ("marjax.distill.cli", "distill_main", "run one distillation stage (orient|align|kd|sbds)"),
-    "pipeline": ("marjax.distill.cli", "pipeline_main", "the whole MAR pipeline, then eval + energy"),
+    "convert": ("marjax.app.commands", "convert_main", "attention -> SSM init of a Llama model"),
+    "distill": ("marjax.app.commands", "distill_main", "run one distillation stage (orient|align|kd|sbds)"),
+    "pipeline": ("marjax.app.commands", "pipeline_main", "the whole MAR pipeline, then eval + energy"),
     "eval": ("marjax.eval.cli", "main", "perplexity and zero-shot multiple-choice tasks"),
     "energy": ("marjax.eval.energy", "main", "analytic energy report (45 nm constants)"),
     "bench": ("marjax.bench", "main", "benchmarks: ssd | decode | spiking"),

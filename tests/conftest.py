@@ -1,3 +1,26 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+# CI clones the repository elsewhere and lays shared/ beside the clone, as on a developer's machine
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def shared_data_dir() -> Path:
+    """../shared/data relative to the repository root. Missing: a test failure in CI (CI=true),
+    a skip elsewhere (a user's clone without the shared folder)."""
+    if SHARED_DATA.is_dir():
+        return SHARED_DATA
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"shared data not found at {SHARED_DATA} (CI lays ../shared beside the clone)")
+    pytest.skip(f"shared data not present at {SHARED_DATA}")
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    return shared_data_dir()

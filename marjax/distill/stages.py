@@ -27,7 +27,7 @@ from marjax.errors import ConfigError
 from marjax.models.lm import LMParams, block, forward, head_matrix
 from marjax.nn import mamba2
 
-__all__ = ["make_loss", "trainable_mask", "STAGES"]
+__all__ = ["make_loss", "trainable_mask", "STAGES", "rate_loss", "site_fanout"]
 
 STAGES = ("orient", "align", "kd", "sbds")
 
@@ -61,24 +61,44 @@ def _align_loss(tcfg, scfg, dcfg):
     return loss_fn
 
 
+def _with_rates(total, metrics: dict, aux: dict, student: LMParams, dcfg: DistillConfig):
+    """Add the firing-rate metric and, when rate_weight > 0, the rate term to a per-token loss."""
+    if "spikes" not in aux:
+        return total, metrics
+    rates = {site: jnp.mean(st["nonzero"], axis=-1) for site, st in aux["spikes"].items()}   # (L,) each
+    metrics = dict(metrics, firing_rate=(jax.lax.stop_gradient(jnp.mean(jnp.stack(list(rates.values())))),
+                                         jnp.float32(1.0)))
+    if dcfg.rate_weight > 0:
+        r = rate_loss(rates, site_fanout(student), dcfg.rate_target)
+        metrics["rate_loss"] = (jax.lax.stop_gradient(r), jnp.float32(1.0))
+        total = total + dcfg.rate_weight * r
+    return total, metrics
+
+
 def _kl_loss(tcfg, scfg, dcfg, alpha, beta):
     feats = {"prenorm": ("prenorm",), "postnorm": ("postnorm",), "both": ("prenorm", "postnorm"),
              "none": ()}[dcfg.feature if dcfg.stage == "sbds" else "none"]
 
     def loss_fn(student: LMParams, teacher: LMParams, batch, rng):
-        if "topk_ids" in batch:   # offline: teacher top-k from disk (KL terms only, no features)
-            _, as_ = forward(student, batch["inputs"], scfg, taps=("hidden",), head=False)
+        if "topk_ids" in batch:   # offline: teacher top-k from disk (KL terms only; features refused)
+            if feats:
+                raise ConfigError(f"distill.feature={dcfg.feature!r} needs the teacher's feature taps, which a "
+                                  "teacher top-k cache does not hold; set distill.feature=none to train from the "
+                                  "cache, or train against the teacher model")
+            _, as_ = forward(student, batch["inputs"], scfg, taps=("hidden", "spikes"), head=False,
+                             mask=batch["mask"])
             s, n, m = losses.kd_from_topk(batch["topk_logprobs"], batch["topk_ids"], as_["hidden"],
                                           head_matrix(student), batch["mask"], alpha=alpha, beta=beta,
                                           temperature=dcfg.temperature, chunk=dcfg.kl_chunk,
                                           ce_targets=batch["targets"] if dcfg.ce_weight > 0 else None,
                                           ce_weight=dcfg.ce_weight)
-            return s, n, dict(m, kl=(s, n))
+            total, metrics = _with_rates(s / jnp.maximum(n, 1), dict(m, kl=(s, n)), as_, student, dcfg)
+            return total * n, n, metrics
         teacher = jax.lax.stop_gradient(teacher)
         taps = ("hidden",) + feats
-        _, at = forward(teacher, batch["inputs"], tcfg, taps=taps, head=False)
-        _, as_ = forward(student, batch["inputs"], scfg, taps=taps + ("spikes",), head=False)
         mask = batch["mask"]
+        _, at = forward(teacher, batch["inputs"], tcfg, taps=taps, head=False)
+        _, as_ = forward(student, batch["inputs"], scfg, taps=taps + ("spikes",), head=False, mask=mask)
         kl_s, n, m = losses.chunked_kd_loss(
             at["hidden"], as_["hidden"], head_matrix(teacher), head_matrix(student), mask,
             alpha=alpha, beta=beta, temperature=dcfg.temperature, chunk=dcfg.kl_chunk,
@@ -92,12 +112,26 @@ def _kl_loss(tcfg, scfg, dcfg, alpha, beta):
                                           relative=dcfg.feature_norm == "relative")
             metrics[f"feat_{f}"] = (fs_, fc)
             total = total + dcfg.feature_weight * fs_ / jnp.maximum(fc, 1)
-        if "spikes" in as_:
-            rates = [jnp.mean(st["nonzero"]) for st in as_["spikes"].values()]
-            metrics["firing_rate"] = (jnp.mean(jnp.stack(rates)), jnp.float32(1.0))
+        total, metrics = _with_rates(total, metrics, as_, student, dcfg)
         # (sum, count) form for the trainer: the combined per-token mean times the token count
         return total * n, n, metrics
     return loss_fn
+
+
+def site_fanout(params: LMParams) -> dict:
+    """Output units each spiking site's spikes drive (one AC per spike per unit): the share of
+    the spiking energy a site's firing rate costs. mlp_in feeds gate and up."""
+    b = params.blocks
+    return {"in_proj": b.mixer.in_proj.shape[-1], "out_proj": b.mixer.out_proj.shape[-1],
+            "mlp_in": b.mlp.gate.shape[-1] + b.mlp.up.shape[-1], "mlp_down": b.mlp.down.shape[-1]}
+
+
+def rate_loss(rates: dict, fanout: dict, target: float):
+    """sum_site w_site * mean_layers relu(rate - target), w = fan-out shares over the present
+    sites (so the term is proportional to the spiking ACs above the target). rates: {site: (L,)}
+    differentiable firing fractions per micro-step."""
+    total = float(sum(fanout[s] for s in rates))
+    return sum((fanout[s] / total) * jnp.mean(jax.nn.relu(r - target)) for s, r in rates.items())
 
 
 def make_loss(stage: str, tcfg: ModelConfig, scfg: ModelConfig, dcfg: DistillConfig):

@@ -15,11 +15,17 @@ is charged per micro-step from the firing rates (marjax/eval/energy.py).
 the membrane trajectory (only x and V are saved, so memory does not grow with T) and runs the
 recurrence in reverse, with the configured surrogate for ds/dh and ds/dV:
 
-    g_t    = ct_y * c_t - gu_t                          (gu_t: cotangent of u_t, 0 at t = T-1)
+    g_t    = ct_y * c_t - [reset_grad == "full"] gu_t   (gu_t: cotangent of u_t, 0 at t = T-1)
     gh_t   = gu_t + g_t * V * ds/dh(h_t)
-    gV    += g_t * (s_t + V * ds/dV(h_t))               (threshold comparison + reset + readout)
-    gu_{t-1} = gh_t / tau                               (0 when detach_reset)
+    gV    += s_t (ct_y c_t - gu_t) + g_t * V * ds/dV(h_t)   (readout + reset + threshold shift)
+    gu_{t-1} = gh_t / tau                               (0 when reset_grad == "detach")
     gx     = gh_0;   ga = sum-to-shape(gV) * V   (V = exp(a), by JAX's chain rule outside)
+
+reset_grad "membrane" is u_t = h_t - stop_gradient(s_t) V: the gradient reaches large inputs
+(which fire on every micro-step, so the t = 0 surrogate alone gives them none) through the
+identity path, without the (1 - V ds/dh) factors that compound over micro-steps and layers.
+The firing counts from `atmn_with_stats` are differentiable through the same surrogate.
+`marjax.spiking.reference.atmn_unrolled` is the independent oracle of all of this.
 
 Granularity of `a`: "channel" -> shape (n_channels,), one threshold per input channel of the
 projection; "site" -> shape (), one threshold per site per layer; "scalar" -> shape (), one
@@ -39,7 +45,7 @@ from jaxtyping import Array, Float
 
 from marjax.config import ATMNConfig
 from marjax.errors import ConfigError, MarjaxError
-from marjax.spiking.surrogates import step_grads
+from marjax.spiking.surrogates import count_grads, step_grads
 
 __all__ = ["ATMNParams", "init_atmn", "calibrate_a", "atmn_spikes", "atmn", "atmn_with_stats",
            "atmn_decode", "readout_coeffs"]
@@ -63,33 +69,36 @@ def readout_coeffs(cfg: ATMNConfig) -> np.ndarray:
     return (float(cfg.tau) ** np.arange(cfg.T)).astype(np.float32)
 
 
-def _spike(h, V, ternary: bool):
-    s = (h >= V).astype(jnp.float32)
+def _spike(h, V, ternary: bool, fire: float = 1.0):
+    s = (h >= fire * V).astype(jnp.float32)
     if ternary:
-        s = s - (h <= -V).astype(jnp.float32)
+        s = s - (h <= -fire * V).astype(jnp.float32)
     return s
 
 
-def _trajectory(x32, V, T: int, tau: float, ternary: bool):
+def _trajectory(x32, V, T: int, tau: float, ternary: bool, fire: float = 1.0):
     """Membranes h_t and spikes s_t, each stacked to (T, *x.shape), float32."""
     def body(h, _):
-        s = _spike(h, V, ternary)
+        s = _spike(h, V, ternary, fire)
         return (h - s * V) / tau, (h, s)
 
     _, (hs, ss) = jax.lax.scan(body, x32, None, length=T)
     return hs, ss
 
 
-def atmn_spikes(x, threshold, T: int = 4, tau: float = 2.0, ternary: bool = True):
+def atmn_spikes(x, threshold, T: int = 4, tau: float = 2.0, ternary: bool = True, quantizer: str = "floor"):
     """int8 spikes (T, *x.shape) in {-1, 0, 1} ({0, 1} if not ternary); `threshold` = V > 0,
-    broadcastable to x."""
+    broadcastable to x; quantizer "round" fires at V/2 (the reset still subtracts V)."""
     if T < 1:
         raise ConfigError(f"atmn_spikes: T must be >= 1, got {T}")
     if tau <= 0:
         raise ConfigError(f"atmn_spikes: tau must be > 0, got {tau}")
+    if quantizer not in ("floor", "round"):
+        raise ConfigError(f"atmn_spikes: quantizer must be 'floor' or 'round', got {quantizer!r}")
     V = jnp.asarray(threshold, jnp.float32)
     _check_broadcast(jnp.shape(x), V.shape, "threshold")
-    _, ss = _trajectory(jnp.asarray(x).astype(jnp.float32), V, int(T), float(tau), bool(ternary))
+    fire = 0.5 if quantizer == "round" else 1.0
+    _, ss = _trajectory(jnp.asarray(x).astype(jnp.float32), V, int(T), float(tau), bool(ternary), fire)
     return ss.astype(jnp.int8)
 
 
@@ -118,7 +127,7 @@ def _core_fwd(cfg, with_stats, x32, V, w):
 
     def body(carry, c_t):
         h, acc = carry
-        s = _spike(h, V, cfg.ternary)
+        s = _spike(h, V, cfg.ternary, cfg.fire_frac)
         out = (jnp.sum(w * (s > 0)), jnp.sum(w * (s < 0))) if with_stats else None
         return ((h - s * V) / cfg.tau, acc + c_t * s), out
 
@@ -130,24 +139,40 @@ def _core_fwd(cfg, with_stats, x32, V, w):
 
 
 def _core_bwd(cfg, with_stats, res, ct):
+    """Reverse recurrence over micro-steps. gu: cotangent of u_t (through h_{t+1} = u_t / tau).
+    The spike's cotangent gs_t collects the readout (c_t V ct_y) and, with reset_grad "full"
+    only, the reset (-V gu_t); "membrane" keeps the identity path u_t -> h_t but not the reset's
+    surrogate, so d h_{t+1}/d h_t = 1/tau; "detach" drops gu altogether. With stats, the +1/-1
+    counts per micro-step (cotangents ct_pos, ct_neg of shape (T,)) get surrogate gradients too,
+    which is what a firing-rate loss trains through."""
     x32, V, w = res
-    ct_y = ct[0] if with_stats else ct
-    hs, ss = _trajectory(x32, V, cfg.T, cfg.tau, cfg.ternary)
+    T = cfg.T
+    if with_stats:
+        ct_y, ct_pos, ct_neg = ct
+    else:
+        ct_y, ct_pos, ct_neg = ct, jnp.zeros((T,), jnp.float32), jnp.zeros((T,), jnp.float32)
+    k = cfg.fire_frac
+    hs, ss = _trajectory(x32, V, T, cfg.tau, cfg.ternary, k)
     c = jnp.asarray(readout_coeffs(cfg))
-    inv_tau = 0.0 if cfg.detach_reset else 1.0 / cfg.tau
+    inv_tau = 0.0 if cfg.reset_grad == "detach" else 1.0 / cfg.tau
+    reset_through_spike = 1.0 if cfg.reset_grad == "full" else 0.0
 
     def body(carry, xs):
         gh_next, gV = carry
-        h, s, c_t = xs
+        h, s, c_t, cp, cn = xs
         gu = gh_next * inv_tau                      # u_t feeds h_{t+1} = u_t / tau
-        dsdh, dsdV = step_grads(h, V, cfg.surrogate, cfg.width, cfg.ternary)
-        g = ct_y * c_t - gu                          # y gets +c_t V s_t, u_t gets -V s_t
+        dsdh, dsdV = step_grads(h, V, cfg.surrogate, cfg.width, cfg.ternary, k)
+        g = ct_y * c_t - reset_through_spike * gu   # d loss / d (V s_t): readout (+ reset)
         gh = gu + g * V * dsdh
-        gV = gV + g * (s + V * dsdV)
+        gV = gV + s * (ct_y * c_t - gu) + g * V * dsdV
+        if with_stats:
+            up, down = count_grads(h, V, cfg.surrogate, cfg.width, cfg.ternary, k)
+            gh = gh + w * (cp * up - cn * down)
+            gV = gV - k * w * (cp * up + cn * down)
         return (gh, gV), None
 
     zeros = jnp.zeros(jnp.broadcast_shapes(x32.shape, V.shape), jnp.float32)
-    (gh0, gV), _ = jax.lax.scan(body, (zeros, zeros), (hs, ss, c), reverse=True)
+    (gh0, gV), _ = jax.lax.scan(body, (zeros, zeros), (hs, ss, c, ct_pos, ct_neg), reverse=True)
     return _sum_to(gh0, x32.shape), _sum_to(gV, V.shape), jnp.zeros_like(w)
 
 
@@ -186,7 +211,8 @@ def atmn_with_stats(x, params: ATMNParams, cfg: ATMNConfig, mask=None):
     """(y, stats): y as `atmn`; stats = {"nonzero", "pos", "neg"}: (T,) float32 fractions of
     elements spiking (any sign, +1, -1) at each micro-step. `mask` (bool/0-1, shape a prefix of
     x.shape, e.g. (b, l) for x (b, l, d)) leaves padding tokens out of the fractions. The stats
-    carry no gradient."""
+    carry the surrogate gradient of the spike counts (for a firing-rate loss); callers that only
+    report them lose nothing, as an unused output's cotangent is zero."""
     x32, V = _prepare(x, params, cfg)
     if mask is None:
         w = jnp.ones((), jnp.float32)
@@ -200,20 +226,22 @@ def atmn_with_stats(x, params: ATMNParams, cfg: ATMNConfig, mask=None):
         per_mask = int(np.prod(x32.shape[mask.ndim:], dtype=np.int64))
         count = jnp.maximum(jnp.sum(w) * per_mask, 1.0)
     y, pos, neg = _core(cfg, True, x32, V, w)
-    pos, neg = jax.lax.stop_gradient(pos / count), jax.lax.stop_gradient(neg / count)
+    pos, neg = pos / count, neg / count
     return y.astype(jnp.asarray(x).dtype), {"nonzero": pos + neg, "pos": pos, "neg": neg}
 
 
 def _decode_values(x32, V, cfg: ATMNConfig):
+    """(decoded y, spikes per element summed over the T micro-steps), float32."""
     c = jnp.asarray(readout_coeffs(cfg))
 
     def body(carry, c_t):
-        h, acc = carry
-        s = _spike(h, V, cfg.ternary)
-        return ((h - s * V) / cfg.tau, acc + c_t * s), None
+        h, acc, n = carry
+        s = _spike(h, V, cfg.ternary, cfg.fire_frac)
+        return ((h - s * V) / cfg.tau, acc + c_t * s, n + jnp.abs(s)), None
 
-    (_, acc), _ = jax.lax.scan(body, (x32, jnp.zeros_like(x32)), c)
-    return V * acc
+    zeros = jnp.zeros_like(x32)
+    (_, acc, n), _ = jax.lax.scan(body, (x32, zeros, zeros), c)
+    return V * acc, n
 
 
 # Candidate thresholds for calibration: V = m * 2^(j/4), m = mean |x|, from m/64 to 4m; ordered by
@@ -225,9 +253,11 @@ def calibrate_a(x_calib, cfg: ATMNConfig) -> ATMNParams:
     """Thresholds from activation statistics. Rule: per channel (granularity "channel", over all
     leading axes of x_calib (..., n_channels)) or over all elements ("site"/"scalar"), V is the
     candidate m * 2^(j/4), j = -24..8, m = mean |x| (floored at 1e-3 of the mean over channels),
-    that minimises the mean squared error between the decoded ATMN output and x on x_calib; so
-    the neuron starts as the best quantiser of the activations it will see for this T, tau,
-    readout and spike alphabet, and its firing rate follows from that. Returns ATMNParams(a=log V)."""
+    that minimises the mean squared error between the decoded ATMN output and x on x_calib
+    (relative to the mean square of x), plus cfg.calib_rate_weight times the spikes per element
+    (summed over the T micro-steps): with weight 0 the neuron starts as the best quantiser of the
+    activations it will see for this T, tau, readout, quantizer and spike alphabet; a positive
+    weight trades reconstruction for fewer spikes (the AC energy). Returns ATMNParams(a=log V)."""
     cfg.validate()
     x = jnp.asarray(x_calib).astype(jnp.float32)
     if x.ndim == 0 or x.size == 0:
@@ -236,9 +266,12 @@ def calibrate_a(x_calib, cfg: ATMNConfig) -> ATMNParams:
     m = jnp.mean(jnp.abs(x), axis=0)
     m = jnp.maximum(m, jnp.maximum(1e-3 * jnp.mean(m), 1e-12))
 
+    power = jnp.maximum(jnp.mean(jnp.square(x), axis=0), 1e-30)
+
     def err(j):
-        y = _decode_values(x, m * jnp.exp2(j), cfg)
-        return jnp.mean(jnp.square(y - x), axis=0)
+        y, n = _decode_values(x, m * jnp.exp2(j), cfg)
+        nmse = jnp.mean(jnp.square(y - x), axis=0) / power
+        return nmse + cfg.calib_rate_weight * jnp.mean(n, axis=0) if cfg.calib_rate_weight else nmse
 
     errs = jax.lax.map(err, jnp.asarray(_GRID))                  # (G, channels)
     V = m * jnp.exp2(jnp.asarray(_GRID)[jnp.argmin(errs, axis=0)])

@@ -12,16 +12,17 @@ V * s with respect to h is O(1) whatever V is:
                    every h (ternary) or for h > 0 (binary, which only represents the positive
                    side, like a ReLU); ds/dV = 0; `width` is not used
 
-The ternary step s(h) = H(h - V) - H(-h - V) then has
-  ds/dh = sg(h - V) + sg(-h - V),       ds/dV = -sg(h - V) + sg(-h - V)
-and the binary step s(h) = H(h - V) keeps only the first terms.
+The ternary step s(h) = H(h - kV) - H(-h - kV) (k = 1, or 1/2 for the round-to-nearest
+quantiser) then has
+  ds/dh = sg(h - kV) + sg(-h - kV),     ds/dV = k (-sg(h - kV) + sg(-h - kV))
+and the binary step s(h) = H(h - kV) keeps only the first terms.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["SURROGATES", "bump", "step_grads"]
+__all__ = ["SURROGATES", "bump", "step_grads", "count_grads"]
 
 SURROGATES = ("rectangular", "triangular", "sigmoid", "straight_through")
 
@@ -40,15 +41,24 @@ def bump(z, V, kind: str, width: float):
     raise ValueError(f"surrogate must be one of {SURROGATES}, got {kind!r}")
 
 
-def step_grads(h, V, kind: str, width: float, ternary: bool):
-    """(ds/dh, ds/dV) of the spike function at membrane h and threshold V (float32)."""
+def step_grads(h, V, kind: str, width: float, ternary: bool, fire: float = 1.0):
+    """(ds/dh, ds/dV) of the spike function at membrane h and threshold V (float32). The step
+    fires at h >= fire * V (fire = 1, or 1/2 for the round-to-nearest quantiser), so the shift
+    derivative carries the factor `fire`; the bump's width stays w V."""
     if kind == "straight_through":
         d_h = jnp.broadcast_to(1.0 / V, jnp.broadcast_shapes(jnp.shape(h), jnp.shape(V)))
         if not ternary:
             d_h = jnp.where(h > 0, d_h, 0.0)
         return d_h, jnp.zeros_like(d_h)
-    up = bump(h - V, V, kind, width)
-    if not ternary:
-        return up, -up
-    down = bump(-h - V, V, kind, width)
-    return up + down, down - up
+    up, down = count_grads(h, V, kind, width, ternary, fire)
+    return up + down, fire * (down - up)
+
+
+def count_grads(h, V, kind: str, width: float, ternary: bool, fire: float = 1.0):
+    """(d pos/dh, -d neg/dh): surrogate derivatives of the +1 and -1 spike indicators
+    pos = H(h - fire V), neg = H(-h - fire V); straight-through counts use the rectangular bump
+    (a count has no identity to pass through). Then d pos/dV = -fire * up, d neg/dV = -fire * down."""
+    kind = "rectangular" if kind == "straight_through" else kind
+    up = bump(h - fire * V, V, kind, width)
+    down = bump(-h - fire * V, V, kind, width) if ternary else jnp.zeros_like(up)
+    return up, down

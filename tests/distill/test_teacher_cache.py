@@ -16,7 +16,7 @@ from marjax.cli import main
 from marjax.config import ATMNConfig, DistillConfig
 from marjax.distill import losses
 from marjax.distill.init import init_from_attention
-from marjax.distill.run import load_run_config, make_data
+from marjax.app.runner import load_run_config, make_data
 from marjax.distill.stages import make_loss
 from marjax.distill.teacher_cache import TeacherCache, cache_teacher_topk, is_teacher_cache
 from marjax.errors import DataError
@@ -222,7 +222,7 @@ def test_cli_cache_teacher(tmp_path):
 
 def test_cache_must_fit_the_run(teacher, rc, cache_dir):
     import dataclasses
-    from marjax.distill.run import make_data
+    from marjax.app.runner import make_data
     from marjax.errors import DataError
     bad = _with_data(dataclasses.replace(rc, train=dataclasses.replace(rc.train, seq_len=rc.train.seq_len * 2)),
                      str(cache_dir))

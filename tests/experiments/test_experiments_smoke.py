@@ -72,7 +72,7 @@ def test_two_variant_scripts(dirs):
     assert atmn_sweep.main(_args(dirs, "T=2;T=4")) == 0
     md, payload = _check_outputs(dirs[1], "atmn_sweep", 2)
     assert [r[0]["atmn"]["T"] for r in payload["results"].values()] == [2, 4]
-    assert "## T (tau 2, readout ones)" in md
+    assert "## T (tau 1, readout ones)" in md
 
 
 def test_only_rejects_unknown_variant(dirs):

@@ -12,10 +12,12 @@ from marjax.config import ATMNConfig
 from marjax.errors import MarjaxError
 from marjax.spiking import (ATMNParams, atmn, atmn_decode, atmn_spikes, atmn_with_stats, calibrate_a, init_atmn,
                             readout_coeffs)
+from marjax.spiking.reference import atmn_unrolled
 
 
-def np_spikes(x, V, T, tau, ternary=True):
-    """The MAR_SPEC.md section 3 recurrence, written out with numpy float32."""
+def np_spikes(x, V, T, tau, ternary=True, fire=1.0):
+    """The MAR_SPEC.md section 3 recurrence, written out with numpy float32 (fire = 1/2: the
+    round-to-nearest quantiser fires at V/2, the reset still subtracts V)."""
     x = np.asarray(x, np.float32)
     V = np.broadcast_to(np.asarray(V, np.float32), x.shape)
     tau = np.float32(tau)
@@ -23,9 +25,9 @@ def np_spikes(x, V, T, tau, ternary=True):
     out = []
     for t in range(T):
         h = x if t == 0 else u / tau
-        s = (h >= V).astype(np.float32)
+        s = (h >= np.float32(fire) * V).astype(np.float32)
         if ternary:
-            s -= (h <= -V).astype(np.float32)
+            s -= (h <= -np.float32(fire) * V).astype(np.float32)
         u = h - s * V
         out.append(s)
     return np.stack(out).astype(np.int8)
@@ -144,15 +146,15 @@ def test_grad_T1_hand(kind, x):
     np.testing.assert_allclose(float(ga), (s + V * (dn - up)) * V, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("detach", [False, True])
+@pytest.mark.parametrize("mode", ["full", "membrane", "detach"])
 @pytest.mark.parametrize("readout", ["ones", "tau_pow"])
 @pytest.mark.parametrize("x", [1.3, 2.1, -1.6])
-def test_grad_T2_hand(detach, readout, x):
+def test_grad_T2_hand(mode, readout, x):
     # h0 = x; s0; h1 = (x - s0 V)/tau; s1; y = V (s0 + c1 s1).
     a, w, tau, kind = -0.05, 1.5, 0.5, "sigmoid"
     V = np.exp(a)
     c1 = 1.0 if readout == "ones" else tau
-    cfg = ATMNConfig(T=2, tau=tau, surrogate=kind, width=w, readout=readout, detach_reset=detach)
+    cfg = ATMNConfig(T=2, tau=tau, surrogate=kind, width=w, readout=readout, reset_grad=mode)
 
     def parts(h):
         s = float(h >= V) - float(h <= -V)
@@ -162,8 +164,10 @@ def test_grad_T2_hand(detach, readout, x):
     s0, dh0, dV0 = parts(x)
     h1 = (x - s0 * V) / tau
     s1, dh1, dV1 = parts(h1)
-    dh1_dx = 0.0 if detach else (1 - V * dh0) / tau
-    dh1_dV = 0.0 if detach else (-s0 - V * dV0) / tau
+    # h1 = (x - s0 V) / tau: "full" differentiates s0 through the surrogate, "membrane" stops s0,
+    # "detach" stops h1 altogether
+    dh1_dx = {"full": (1 - V * dh0) / tau, "membrane": 1 / tau, "detach": 0.0}[mode]
+    dh1_dV = {"full": (-s0 - V * dV0) / tau, "membrane": -s0 / tau, "detach": 0.0}[mode]
     gx_want = V * dh0 + c1 * V * dh1 * dh1_dx
     gV_want = (s0 + V * dV0) + c1 * (s1 + V * (dV1 + dh1 * dh1_dV))
     gx, ga = jax.grad(lambda x, a: atmn(x, ATMNParams(a), cfg), argnums=(0, 1))(jnp.float32(x), jnp.float32(a))
@@ -171,42 +175,16 @@ def test_grad_T2_hand(detach, readout, x):
     np.testing.assert_allclose(float(ga), gV_want * V, rtol=1e-5, atol=1e-6)
 
 
-def _soft(h, V, kind, w, ternary):
-    """Antiderivative of the surrogate with its width frozen (so d/dV is only the shift)."""
-    wv = w * jax.lax.stop_gradient(V)
-    if kind == "straight_through":
-        return (h if ternary else jax.nn.relu(h)) / jax.lax.stop_gradient(V)
-
-    def F(z):
-        if kind == "rectangular":
-            return jnp.clip(z / wv + 0.5, 0.0, 1.0)
-        if kind == "triangular":
-            r = jnp.clip(2 * z / wv, -1.0, 1.0)
-            return 0.5 + 0.5 * r * (2 - jnp.abs(r))
-        return jax.nn.sigmoid(4 * z / wv)
-    return F(h - V) - F(-h - V) if ternary else F(h - V)
-
-
 def oracle(x, a, cfg):
-    """Unrolled ATMN whose spikes are exact forward and surrogate backward (straight-through
-    trick), so plain autodiff gives the reference gradient."""
-    V = jnp.exp(a)
-    u = jnp.zeros_like(x)
-    y = 0.0
-    c = readout_coeffs(cfg)
-    for t in range(cfg.T):
-        h = x if t == 0 else (jax.lax.stop_gradient(u) if cfg.detach_reset else u) / cfg.tau
-        hard = (h >= V).astype(jnp.float32) - ((h <= -V).astype(jnp.float32) if cfg.ternary else 0.0)
-        soft = _soft(h, V, cfg.surrogate, cfg.width, cfg.ternary)
-        s = soft + jax.lax.stop_gradient(hard - soft)
-        u = h - s * V
-        y = y + c[t] * V * s
-    return y
+    return atmn_unrolled(x, a, cfg)[0]
 
 
 @pytest.mark.parametrize("kind", ["rectangular", "triangular", "sigmoid", "straight_through"])
-@pytest.mark.parametrize("variant", [dict(), dict(detach_reset=True, ternary=False, tau=1.0),
-                                     dict(readout="tau_pow", tau=0.5, T=8, width=0.7)])
+@pytest.mark.parametrize("variant", [dict(reset_grad="full"), dict(reset_grad="membrane"),
+                                     dict(reset_grad="detach", ternary=False, tau=1.0),
+                                     dict(readout="tau_pow", tau=0.5, T=8, width=0.7, reset_grad="membrane"),
+                                     dict(quantizer="round", tau=1.0, reset_grad="membrane"),
+                                     dict(quantizer="round", ternary=False, reset_grad="full")])
 def test_grad_matches_autodiff_oracle(kind, variant):
     cfg = dataclasses.replace(ATMNConfig(T=4, tau=2.0, surrogate=kind, width=1.3), **variant)
     x = jax.random.normal(jax.random.key(7), (6, 5)) * 2.5
@@ -321,3 +299,107 @@ def test_bench_smoke(capsys):
     assert main(["--tokens", "16", "--d", "8", "--f", "8", "--T", "1,2", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "| 1 |" in out and "| 2 |" in out
+
+
+# ---- reset modes, round quantizer, differentiable counts, rate-aware calibration -------------
+@pytest.mark.parametrize("T", [1, 3, 4])
+def test_round_quantizer_spikes_and_rounding(T):
+    rng = np.random.default_rng(T)
+    x = (rng.standard_normal((8, 5)) * 2.0).astype(np.float32)
+    V = np.exp(rng.uniform(-1.0, 0.5, (5,))).astype(np.float32)
+    got = np.asarray(atmn_spikes(jnp.asarray(x), jnp.asarray(V), T=T, tau=1.0, quantizer="round"))
+    np.testing.assert_array_equal(got, np_spikes(x, V, T, 1.0, fire=0.5))
+    # tau = 1, readout ones: y = V * clip(round(x / V), -T, T), |y - x| <= V / 2 inside the range
+    cfg = ATMNConfig(T=T, tau=1.0, quantizer="round")
+    y = np.asarray(atmn(jnp.asarray(x), ATMNParams(jnp.log(jnp.asarray(V))), cfg))
+    q = np.clip(np.floor(x / V + 0.5), -T, T)
+    np.testing.assert_allclose(y, V * q, rtol=1e-5, atol=1e-6)
+
+
+def test_reset_modes_gradient_reach_large_inputs():
+    # x = 3.4 V, T = 4, tau = 1: fires on 3 steps; the t = 0 surrogate alone gives it no gradient,
+    # "membrane" reaches it through h_3 = x - 3V; "full" multiplies (1 - V ds/dh) factors
+    V, T = 1.0, 4
+    x = jnp.array([3.4, 0.3, 1.1, -2.6])
+    g = {m: np.asarray(jax.grad(lambda x: jnp.sum(atmn(x, ATMNParams(jnp.zeros(())),
+                                                        ATMNConfig(T=T, tau=1.0, reset_grad=m))))(x))
+         for m in ("full", "membrane", "detach")}
+    # by hand (rectangular bump, band |h| in (V/2, 3V/2)): 3.4 -> h = 3.4, 2.4, 1.4, 0.4, one step
+    # in band; -2.6 -> h = -2.6, -1.6, -0.6, -0.6 (rests after two spikes), two steps in band
+    np.testing.assert_allclose(g["membrane"], [1.0, 0.0, 1.0, 2.0])
+    np.testing.assert_allclose(g["detach"], [0.0, 0.0, 1.0, 0.0])
+    np.testing.assert_allclose(g["full"], [1.0, 0.0, 1.0, 1.0])
+    for m in g:
+        np.testing.assert_allclose(g[m], np.asarray(jax.grad(lambda x: jnp.sum(oracle(
+            x, jnp.zeros(()), ATMNConfig(T=T, tau=1.0, reset_grad=m))))(x)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["rectangular", "sigmoid", "straight_through"])
+@pytest.mark.parametrize("variant", [dict(reset_grad="membrane"), dict(reset_grad="full", quantizer="round"),
+                                     dict(reset_grad="detach", ternary=False)])
+def test_count_gradients_match_oracle(kind, variant):
+    """The firing fractions are differentiable (surrogate) and equal the oracle's, with a mask."""
+    cfg = dataclasses.replace(ATMNConfig(T=3, tau=1.0, surrogate=kind, width=1.2), **variant)
+    x = jax.random.normal(jax.random.key(21), (2, 5, 6)) * 1.5
+    a = jax.random.uniform(jax.random.key(22), (6,), minval=-0.8, maxval=0.3)
+    mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+    cy = jax.random.normal(jax.random.key(23), x.shape)
+    cp, cn = jnp.array([0.7, -0.2, 1.3]), jnp.array([0.4, 0.9, -0.5])
+
+    def ours(x, a):
+        y, st = atmn_with_stats(x, ATMNParams(a), cfg, mask=mask)
+        return jnp.sum(cy * y) + jnp.sum(cp * st["pos"]) + jnp.sum(cn * st["neg"]), (st["pos"], st["neg"])
+
+    def ref(x, a):
+        y, pos, neg = atmn_unrolled(x, a, cfg, mask=mask)
+        return jnp.sum(cy * y) + jnp.sum(cp * pos) + jnp.sum(cn * neg), (pos, neg)
+
+    (v1, (p1, n1)), g1 = jax.value_and_grad(ours, (0, 1), has_aux=True)(x, a)
+    (v2, (p2, n2)), g2 = jax.value_and_grad(ref, (0, 1), has_aux=True)(x, a)
+    np.testing.assert_allclose(np.asarray(p1), np.asarray(p2), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(n1), np.asarray(n2), rtol=1e-6)
+    np.testing.assert_allclose(float(v1), float(v2), rtol=1e-5)
+    for gg, ww in zip(g1, g2):
+        np.testing.assert_allclose(np.asarray(gg), np.asarray(ww), rtol=1e-4, atol=1e-5)
+    # a rate loss pushes thresholds up: d rate / d a < 0 somewhere, never > 0
+    ga = jax.grad(lambda a: jnp.sum(atmn_with_stats(x, ATMNParams(a), cfg, mask=mask)[1]["nonzero"]))(a)
+    assert float(jnp.max(ga)) <= 1e-7 and float(jnp.min(ga)) < 0
+
+
+def test_rate_aware_calibration_trades_error_for_spikes():
+    x = jax.random.normal(jax.random.key(24), (512, 6)) * jnp.array([0.2, 1.0, 3.0, 1.0, 0.5, 2.0])
+    base = ATMNConfig(T=4, tau=1.0)
+    rates, errs = [], []
+    for w in (0.0, 0.05, 0.5):
+        cfg = dataclasses.replace(base, calib_rate_weight=w)
+        p = calibrate_a(x, cfg)
+        y, st = atmn_with_stats(x, p, cfg)
+        rates.append(float(jnp.sum(st["nonzero"])))
+        errs.append(float(jnp.mean((y - x) ** 2)))
+        # the chosen threshold minimises the stated objective over the grid, per channel (brute force)
+        m = np.maximum(np.mean(np.abs(np.asarray(x)), 0), 1e-3 * np.mean(np.abs(np.asarray(x))))
+        obj = []
+        for j in np.arange(-24, 9) / 4.0:
+            Vj = m * 2.0 ** j
+            s = np_spikes(np.asarray(x), Vj, 4, 1.0).astype(np.float32)
+            yj = Vj * s.sum(0)
+            obj.append(np.mean((yj - np.asarray(x)) ** 2, 0) / np.mean(np.asarray(x) ** 2, 0)
+                       + w * np.abs(s).sum(0).mean(0))
+        best = np.min(np.stack(obj), 0)
+        Vp = np.exp(np.asarray(p.a))
+        s = np_spikes(np.asarray(x), Vp, 4, 1.0).astype(np.float32)
+        mine = np.mean((Vp * s.sum(0) - np.asarray(x)) ** 2, 0) / np.mean(np.asarray(x) ** 2, 0) \
+            + w * np.abs(s).sum(0).mean(0)
+        np.testing.assert_allclose(mine, best, rtol=1e-4, atol=1e-6)
+    assert rates[0] > rates[1] > rates[2] and errs[0] < errs[1] < errs[2]
+
+
+def test_old_detach_reset_configs_still_load():
+    # checkpoints written before reset_grad stored `detach_reset` (a bool)
+    from marjax.config import model_config_from_dict, preset, to_dict
+    d = to_dict(dataclasses.replace(preset("tiny-spiking")))
+    for old, want in ((True, "detach"), (False, "full")):
+        a = dict(d["atmn"])
+        a.pop("reset_grad")
+        a["detach_reset"] = old
+        assert model_config_from_dict(dict(d, atmn=a)).atmn.reset_grad == want

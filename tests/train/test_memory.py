@@ -32,7 +32,7 @@ def test_estimate_grows_with_batch_and_refuses_oom():
 
 def test_stage_refuses_before_training(tmp_path):
     import marjax
-    from marjax.distill.run import RunConfig, run_stage
+    from marjax.app.runner import RunConfig, run_stage
     m = marjax.load("tiny")
     rc = RunConfig()
     rc = dataclasses.replace(rc, train=dataclasses.replace(rc.train, micro_batch=2**22, seq_len=512,

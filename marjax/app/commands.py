@@ -5,7 +5,14 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+import marjax
+from marjax.app import pipeline
+from marjax.app.cache import cache_teacher_topk
+from marjax.app.recipe import Recipe, dense_student, spiking_student
+from marjax.app.runner import load_run_config, run_stage
+from marjax.distill.init import init_from_attention
 from marjax.errors import ConfigError
+from marjax.io.hf import save_hf
 
 __all__ = ["convert_main", "distill_main", "pipeline_main"]
 
@@ -15,11 +22,9 @@ def convert_main(argv=None) -> int:
                                  description="Attention -> SSM init (MambaInLlama/MOHAWK); writes an HF-style SSM dir")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="attention teacher (name or path)")
     ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--decay-bias", type=float, default=-4.0, help="initial A_log bias (decay exp(-softplus(b)))")
+    ap.add_argument("--decay-bias", type=float, default=Recipe().decay_bias,
+                    help="initial A_log bias (decay exp(-softplus(b))); default: the pipeline recipe's")
     a = ap.parse_args(argv)
-    import marjax
-    from marjax.distill.init import init_from_attention
-    from marjax.io.hf import save_hf
     m = marjax.load(a.model)
     scfg, sp = init_from_attention(m.params, m.config, decay_bias=a.decay_bias)
     save_hf(a.out, scfg, sp, m.tokenizer)
@@ -30,30 +35,19 @@ def convert_main(argv=None) -> int:
 
 def _student_for(stage: str, rc, teacher):
     """Student (cfg, params) for a stage: the previous stage's output (explicit path), or the
-    init that the stage implies when no student path is given."""
-    import marjax
-    from marjax.distill.init import init_from_attention
-    from marjax.models.spiking import make_spiking_student
+    recipe's init for the stage when no student path is given."""
     if rc.run.student:
         sm = marjax.load(rc.run.student)
-        cfg, params = sm.config, sm.params
+        cfg = sm.config
         if stage == "sbds" and not cfg.is_spiking:
-            return make_spiking_student(params, cfg, rc.atmn, calib_ids=_calib_ids(rc, teacher, cfg))
+            return spiking_student(sm, rc, Recipe())
         if stage in ("orient", "align", "kd") and (not cfg.is_ssm or cfg.is_spiking):
             raise ConfigError(f"stage {stage!r} trains a dense SSM student; {rc.run.student} holds a "
                               f"{'spiking' if cfg.is_spiking else cfg.mixer} model")
-        return cfg, params
+        return cfg, sm.params
     if stage in ("orient", "align", "kd"):
-        return init_from_attention(teacher.params, teacher.config)
+        return dense_student(teacher, rc, Recipe())
     raise ConfigError("stage 'sbds' needs run.student=PATH (the dense SSM from stage 1)")
-
-
-def _calib_ids(rc, model, cfg, n_seqs: int = 4):
-    from marjax.distill.run import make_data
-    if rc.atmn.init != "stats":
-        return None
-    it = iter(make_data(rc, model.tokenizer, cfg, seed_offset=1000))
-    return next(it)["inputs"][:n_seqs]
 
 
 def distill_main(argv=None) -> int:
@@ -65,14 +59,11 @@ def distill_main(argv=None) -> int:
                     help="instead of training: write the teacher's top-k logits for the data to DIR")
     ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=50 distill.alpha=0.5")
     a = ap.parse_args(argv)
-    import marjax
-    from marjax.distill.run import load_run_config, run_stage
     rc = load_run_config(a.config, a.overrides)
     if a.resume:
         rc = dataclasses.replace(rc, run=dataclasses.replace(rc.run, resume=True))
     teacher = marjax.load(rc.run.teacher)
     if a.cache_teacher:
-        from marjax.distill.teacher_cache import cache_teacher_topk
         cache_teacher_topk(teacher, rc, a.cache_teacher)
         return 0
     if a.stage == "pretrain":
@@ -87,5 +78,4 @@ def distill_main(argv=None) -> int:
 
 
 def pipeline_main(argv=None) -> int:
-    from marjax.distill.pipeline import main
-    return main(argv)
+    return pipeline.main(argv)

@@ -22,9 +22,16 @@ import jax
 import jax.numpy as jnp
 
 from marjax.config import ATMNConfig, DistillConfig, ModelConfig, TrainConfig
+from marjax.distill.stages import make_loss, trainable_mask
+from marjax.distill.teacher_cache import TeacherCache, is_teacher_cache
 from marjax.errors import ConfigError, DataError, MarjaxError
+from marjax.models.lm import forward
+from marjax.train.data import load_documents, make_dataset
+from marjax.train.loop import train
+from marjax.train.memory import check_fits
 
-__all__ = ["RunConfig", "load_run_config", "apply_overrides", "run_stage", "pretrain_loss"]
+__all__ = ["RunConfig", "RunSection", "load_config", "load_run_config", "apply_overrides", "run_stage", "make_data",
+           "pretrain_loss"]
 
 
 @dataclass(frozen=True)
@@ -88,7 +95,7 @@ def _set(cfg, path: list, value):
     return dataclasses.replace(cfg, **{name: new})
 
 
-def apply_overrides(cfg: RunConfig, overrides) -> RunConfig:
+def apply_overrides(cfg, overrides):
     """`section.key=value` strings (e.g. train.steps=10, distill.alpha=0.5, train.mesh.data=2)."""
     for o in overrides:
         if "=" not in o:
@@ -98,8 +105,10 @@ def apply_overrides(cfg: RunConfig, overrides) -> RunConfig:
     return cfg
 
 
-def load_run_config(path: Optional[str] = None, overrides=(), base: Optional[RunConfig] = None) -> RunConfig:
-    cfg = base or RunConfig()
+def load_config(base, path: Optional[str] = None, overrides=()):
+    """`base` (a frozen dataclass) updated from a TOML file (sections = fields) and then from
+    `section.key=value` overrides; unknown keys are errors that name the key."""
+    cfg = base
     if path:
         p = Path(path)
         if not p.is_file():
@@ -110,7 +119,11 @@ def load_run_config(path: Optional[str] = None, overrides=(), base: Optional[Run
             raise ConfigError(f"config file {p} is not valid TOML: {e}") from e
         for section, values in data.items():
             cfg = _set(cfg, [section], values)
-    cfg = apply_overrides(cfg, overrides)
+    return apply_overrides(cfg, overrides)
+
+
+def load_run_config(path: Optional[str] = None, overrides=(), base: Optional[RunConfig] = None) -> RunConfig:
+    cfg = load_config(base or RunConfig(), path, overrides)
     cfg.distill.validate()
     cfg.atmn.validate()
     return cfg
@@ -118,7 +131,6 @@ def load_run_config(path: Optional[str] = None, overrides=(), base: Optional[Run
 
 def pretrain_loss(cfg: ModelConfig):
     """Plain next-token CE (to train a small teacher from scratch for the experiments)."""
-    from marjax.models.lm import forward
 
     def loss_fn(student, teacher, batch, rng):
         lg, _ = forward(student, batch["inputs"], cfg)
@@ -134,13 +146,14 @@ def run_stage(stage: str, teacher_model, student_cfg: ModelConfig, student_param
               out_dir: str, *, data_iter=None, tokenizer=None, progress: bool = True):
     """Train one stage; returns (student params, history). `teacher_model` is a marjax Model
     (for 'pretrain' it may be None: the student trains on the data alone)."""
-    from marjax.distill.stages import make_loss, trainable_mask
-    from marjax.train.loop import train
-    from marjax.train.memory import check_fits
     if stage == "pretrain":
         loss_fn, teacher_params, teacher_cfg = pretrain_loss(student_cfg), None, None
         trainable = "all"
     else:
+        if stage == "sbds" and is_teacher_cache(rc.run.data) and rc.distill.feature != "none":
+            raise ConfigError(f"run.data={rc.run.data} is a teacher top-k cache, which holds no teacher feature "
+                              f"taps, so distill.feature={rc.distill.feature!r} cannot be computed; set "
+                              "distill.feature=none, or train against the teacher model")
         teacher_cfg, teacher_params = teacher_model.config, teacher_model.params
         loss_fn = make_loss(stage, teacher_cfg, student_cfg, rc.distill)
         trainable = {"orient": "mixer", "align": "mixer"}.get(stage, rc.distill.trainable)
@@ -158,8 +171,6 @@ def run_stage(stage: str, teacher_model, student_cfg: ModelConfig, student_param
 
 
 def make_data(rc: RunConfig, tokenizer, model_cfg: ModelConfig, *, seed_offset: int = 0):
-    from marjax.distill.teacher_cache import TeacherCache, is_teacher_cache
-    from marjax.train.data import load_documents, make_dataset
     if is_teacher_cache(rc.run.data):
         cache = TeacherCache(rc.run.data)
         want = {"seq_len": rc.train.seq_len, "batch": rc.train.micro_batch, "vocab_size": model_cfg.vocab_size}
