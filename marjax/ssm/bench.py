@@ -6,7 +6,8 @@ Baselines, measured in the same process:
            exp(segsum) decay matrices, four einsums, and the chunk states combined by one einsum
            with the (chunks+1)^2 decay matrix), written here from the math, block length 64.
 Every time is a speedup over the faster baseline (baseline time / impl time; > 1 is faster),
-from medians over --repeats rounds in which every function runs once in turn (so load from
+from medians (and, less sensitive to load bursts, minima) over --repeats rounds; also from the
+process CPU time of each call (all threads), which other processes' load moves least in which every function runs once in turn (so load from
 other processes hits all alike). Compile time (lower + compile, seconds) is reported apart from
 the steady state. Memory is XLA's compiled estimate (temp + output bytes). fwd+bwd is the
 gradient of sum(y) for x, log_a, B and C.
@@ -121,19 +122,22 @@ def bench_length(names, args, chunk, repeats: int) -> dict:
         both = jax.grad(lambda *a, f=fwd: jnp.sum(f(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3))
         fns[(name, "fwd")], fns[(name, "fwd_bwd")] = _compile(fwd, args), _compile(both, args)
     times = {key: [] for key in fns}
+    cpu_times = {key: [] for key in fns}
     for rnd in range(repeats + 1):                 # round 0 is the warm-up
         for key, (compiled, _) in fns.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             jax.block_until_ready(compiled(*args))
             if rnd:
                 times[key].append(time.perf_counter() - t0)
+                cpu_times[key].append(time.process_time() - c0)
     out = {}
     for name in names:
         rec = out.setdefault(name, {})
         for tag in ("fwd", "fwd_bwd"):
             compiled, compile_s = fns[(name, tag)]
-            rec.update({f"{tag}_s": statistics.median(times[(name, tag)]), f"{tag}_compile_s": compile_s,
-                        f"{tag}_mib": _memory_mib(compiled)})
+            rec.update({f"{tag}_s": statistics.median(times[(name, tag)]), f"{tag}_min_s": min(times[(name, tag)]),
+                        f"{tag}_cpu_s": statistics.median(cpu_times[(name, tag)]),
+                        f"{tag}_compile_s": compile_s, f"{tag}_mib": _memory_mib(compiled)})
     return out
 
 
@@ -168,9 +172,11 @@ def main(argv=None) -> int:
     device = f"{dev.platform}:{getattr(dev, 'device_kind', '')}"
     print(f"# ssd benchmark, backend {jax.default_backend()}, device {device}, b={a.batch} h={a.heads} "
           f"p={a.head_dim} n={a.state} {a.dtype}, median of {a.repeats} interleaved rounds")
-    print("# speedup = faster baseline's time / impl time (> 1: faster); compile s apart; MiB = XLA temp+output")
-    print("| L | impl | fwd speedup | fwd+bwd speedup | fwd compile s | fwd+bwd compile s | fwd MiB | fwd+bwd MiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("# speedup = faster baseline's time / impl time (> 1: faster), median (min in parentheses); "
+          "compile s apart; MiB = XLA temp+output")
+    print("| L | impl | fwd speedup | fwd+bwd speedup | fwd CPU-time speedup | fwd+bwd CPU-time speedup | "
+          "fwd compile s | fwd+bwd compile s | fwd MiB | fwd+bwd MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     records = []
     for l in lengths:
         args = _inputs(a.batch, l, a.heads, a.head_dim, a.state, dtype)
@@ -187,6 +193,8 @@ def main(argv=None) -> int:
             raise MarjaxError(f"--lengths: the minimal baseline needs multiples of {MINIMAL_BLOCK}, got {l}")
         res = bench_length(run, args, a.chunk, a.repeats)
         best = {tag: min(res[b][f"{tag}_s"] for b in BASELINES) for tag in ("fwd", "fwd_bwd")}
+        best_min = {tag: min(res[b][f"{tag}_min_s"] for b in BASELINES) for tag in ("fwd", "fwd_bwd")}
+        best_cpu = {tag: min(res[b][f"{tag}_cpu_s"] for b in BASELINES) for tag in ("fwd", "fwd_bwd")}
         fastest = {tag: min(BASELINES, key=lambda b: res[b][f"{tag}_s"]) for tag in ("fwd", "fwd_bwd")}
         for name in run + list(skipped):
             rec = {"impl": name, "length": l, "batch": a.batch, "heads": a.heads, "head_dim": a.head_dim,
@@ -201,8 +209,17 @@ def main(argv=None) -> int:
                 rec.update(res[name])
                 rec["fwd_speedup"] = best["fwd"] / rec["fwd_s"]
                 rec["fwd_bwd_speedup"] = best["fwd_bwd"] / rec["fwd_bwd_s"]
+                # from the fastest call of each: less sensitive to other processes' load bursts
+                rec["fwd_min_speedup"] = best_min["fwd"] / rec["fwd_min_s"]
+                rec["fwd_bwd_min_speedup"] = best_min["fwd_bwd"] / rec["fwd_bwd_min_s"]
+                # process CPU seconds (all threads): on a CPU shared with other jobs, waiting for a
+                # core does not count, so this ratio moves least with their load
+                rec["fwd_cpu_speedup"] = best_cpu["fwd"] / rec["fwd_cpu_s"]
+                rec["fwd_bwd_cpu_speedup"] = best_cpu["fwd_bwd"] / rec["fwd_bwd_cpu_s"]
                 mib = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
-                print(f"| {l} | {name} | {rec['fwd_speedup']:.2f} | {rec['fwd_bwd_speedup']:.2f} | "
+                print(f"| {l} | {name} | {rec['fwd_speedup']:.2f} ({rec['fwd_min_speedup']:.2f}) | "
+                      f"{rec['fwd_bwd_speedup']:.2f} ({rec['fwd_bwd_min_speedup']:.2f}) | "
+                      f"{rec['fwd_cpu_speedup']:.2f} | {rec['fwd_bwd_cpu_speedup']:.2f} | "
                       f"{rec['fwd_compile_s']:.1f} | {rec['fwd_bwd_compile_s']:.1f} | {mib(rec['fwd_mib'])} | "
                       f"{mib(rec['fwd_bwd_mib'])} |")
             if not on_cpu and "fwd_s" in rec:

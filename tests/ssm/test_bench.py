@@ -28,5 +28,5 @@ def test_bench_ssd_json(tmp_path):
     assert set(by) == {"scan", "minimal", "auto", "chunked"}
     assert min(by["scan"]["fwd_speedup"], by["minimal"]["fwd_speedup"]) <= 1.0 + 1e-9   # one of them is the base
     for r in by.values():
-        assert r["fwd_s"] > 0 and r["fwd_bwd_compile_s"] > 0 and r["fwd_bwd_speedup"] > 0
+        assert r["fwd_s"] > 0 and r["fwd_bwd_compile_s"] > 0 and r["fwd_bwd_speedup"] > 0 and r["fwd_cpu_speedup"] > 0
     assert by["auto"]["auto_choice"]["impl"] in IMPL_FNS
