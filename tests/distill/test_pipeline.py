@@ -1,20 +1,51 @@
-"""`marjax pipeline --preset tiny` end to end (CI runs it in the fast suite)."""
+"""`marjax pipeline --preset tiny` end to end (CI runs it in the fast suite), with its models
+bounded against their teachers, and the pipeline's config file / overrides."""
 import json
 
+import pytest
+
+from marjax.app.pipeline import PIPELINES, PipelineConfig
+from marjax.app.runner import load_config
 from marjax.cli import main
+from marjax.errors import ConfigError
 
 
 def test_tiny_pipeline_end_to_end(tmp_path):
     out = tmp_path / "tiny"
-    assert main(["pipeline", "--preset", "tiny", "--out", str(out), "--quiet"]) == 0
+    assert main(["pipeline", "--preset", "tiny", "--out", str(out), "--quiet", "sbds.steps=60"]) == 0
     res = json.loads((out / "metrics.json").read_text())
     assert set(res["models"]) == {"teacher", "ssm", "spiking"}
-    for name in ("teacher", "ssm", "spiking"):
-        assert res["models"][name]["ppl"]["token_ppl"] > 1.0
+    ppl = {n: res["models"][n]["ppl"]["token_ppl"] for n in ("teacher", "ssm", "spiking")}
+    # a byte-level teacher trained 150 steps is far below uniform (256); its students stay close
+    assert ppl["teacher"] < 20.0
+    assert ppl["ssm"] < 1.5 * ppl["teacher"], ppl
+    assert ppl["spiking"] < 2.0 * ppl["ssm"], ppl
+    assert res["ppl_ratio_spiking_vs_ssm"] == pytest.approx(ppl["spiking"] / ppl["ssm"])
     assert 0.0 < res["models"]["spiking"]["firing_rate"] < 1.0
+    assert res["models"]["spiking"]["energy_ratio_vs_teacher"] < 1.0
+    # the resolved config is recorded, the override included
+    assert res["config"]["sbds"]["steps"] == 60 and res["config"]["atmn"]["reset_grad"] == "membrane"
+    assert res["steps"]["sbds"] == 60
     for f in ("README.md", "loss_curves.png", "firing_rates.png", "energy.json", "energy.png"):
         assert (out / f).is_file(), f
-    # each stage's loss fell
     for stage in ("pretrain", "kd", "sbds"):
         hist = [json.loads(l) for l in (out / stage / "metrics.jsonl").read_text().splitlines()]
         assert hist[-1]["loss"] < hist[0]["loss"], stage
+
+
+def test_pipeline_config_file_and_overrides(tmp_path):
+    f = tmp_path / "p.toml"
+    f.write_text('[atmn]\nT = 2\nquantizer = "round"\n[distill]\nrate_weight = 0.5\nrate_target = 0.1\n'
+                 '[sbds]\nsteps = 7\n[train]\nlr = 0.001\n')
+    pc = load_config(PIPELINES["tiny"], str(f), ["atmn.tau=0.5", "recipe.align_lr=2"])
+    assert isinstance(pc, PipelineConfig)
+    assert (pc.atmn.T, pc.atmn.quantizer, pc.atmn.tau) == (2, "round", 0.5)
+    assert (pc.distill.rate_weight, pc.sbds.steps, pc.train.lr, pc.recipe.align_lr) == (0.5, 7, 0.001, 2.0)
+    assert pc.train.seq_len == PIPELINES["tiny"].train.seq_len            # untouched fields keep the preset's
+    pc.validate()
+    with pytest.raises(ConfigError, match="unknown config key 'Tee'"):
+        load_config(PIPELINES["tiny"], None, ["atmn.Tee=2"])
+    with pytest.raises(ConfigError, match="reset_grad"):
+        load_config(PIPELINES["tiny"], None, ["atmn.reset_grad=sometimes"]).validate()
+    with pytest.raises(ConfigError, match="sbds.steps"):
+        load_config(PIPELINES["tiny"], None, ["sbds.steps=0"]).validate()

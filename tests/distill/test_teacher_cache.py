@@ -18,7 +18,8 @@ from marjax.distill import losses
 from marjax.distill.init import init_from_attention
 from marjax.app.runner import load_run_config, make_data
 from marjax.distill.stages import make_loss
-from marjax.distill.teacher_cache import TeacherCache, cache_teacher_topk, is_teacher_cache
+from marjax.app.cache import cache_teacher_topk
+from marjax.distill.teacher_cache import TeacherCache, is_teacher_cache
 from marjax.errors import DataError
 from marjax.models.lm import forward, head_matrix
 from marjax.models.spiking import make_spiking_student
@@ -157,7 +158,7 @@ def students(teacher):
 @pytest.mark.parametrize("stage", ["kd", "sbds"])
 def test_offline_loss_equals_kd_from_topk_and_dense_oracle(teacher, cache_dir, students, stage):
     scfg, sp = students[stage]
-    dcfg = DistillConfig(kl_chunk=8)                     # 4 sequence chunks of the 32 tokens
+    dcfg = DistillConfig(kl_chunk=8, feature="none")     # 4 sequence chunks; a cache holds no feature taps
     alpha, beta = (1.0, 0.0) if stage == "kd" else (dcfg.alpha, dcfg.beta)
     loss_fn = jax.jit(make_loss(stage, teacher.config, scfg, dcfg))
     b = next(TeacherCache(str(cache_dir)))
@@ -228,3 +229,25 @@ def test_cache_must_fit_the_run(teacher, rc, cache_dir):
                      str(cache_dir))
     with pytest.raises(DataError, match="does not fit"):
         make_data(bad, None, teacher.config)
+
+
+def test_cache_holds_every_micro_batch_of_an_accumulating_run(teacher, rc, tmp_path):
+    """steps x accum_steps micro-batches, in the order the run consumes them (nothing repeats)."""
+    acc = dataclasses.replace(rc, train=dataclasses.replace(rc.train, steps=2, batch_tokens=2 * SEQ * MB))
+    cache_teacher_topk(teacher, acc, str(tmp_path), k=K)
+    assert json.loads((tmp_path / "index.json").read_text())["n_batches"] == 4
+    fresh, cache = iter(make_data(acc, teacher.tokenizer, teacher.config)), TeacherCache(str(tmp_path), loop=False)
+    for b in cache:
+        np.testing.assert_array_equal(b["inputs"], next(fresh)["inputs"])
+
+
+def test_sbds_with_features_from_a_cache_is_refused(teacher, rc, cache_dir, students):
+    from marjax.app.runner import run_stage
+    from marjax.errors import ConfigError
+    scfg, sp = students["sbds"]
+    bad = _with_data(rc, cache_dir)
+    with pytest.raises(ConfigError, match="feature"):
+        run_stage("sbds", teacher, scfg, sp, bad, str(cache_dir / "never"))
+    b = next(TeacherCache(str(cache_dir)))   # the loss itself refuses too (never a silent drop)
+    with pytest.raises(ConfigError, match="feature"):
+        make_loss("sbds", teacher.config, scfg, DistillConfig())(sp, None, b, jax.random.PRNGKey(0))
