@@ -5,10 +5,10 @@ Baselines, measured in the same process:
   minimal  the chunked-einsum SSD in its usual public form (Mamba-2's "minimal discrete" SSD:
            exp(segsum) decay matrices, four einsums, and the chunk states combined by one einsum
            with the (chunks+1)^2 decay matrix), written here from the math, block length 64.
-Every time is a speedup over the faster baseline (baseline time / impl time; > 1 is faster),
-from medians (and, less sensitive to load bursts, minima) over --repeats rounds; also from the
-process CPU time of each call (all threads), which other processes' load moves least in which every function runs once in turn (so load from
-other processes hits all alike). Compile time (lower + compile, seconds) is reported apart from
+Every time is a speedup over the faster baseline (baseline time / impl time; > 1 is faster):
+from wall-clock medians (and minima, less sensitive to load bursts) over --repeats rounds in
+which every function runs once, in a rotating order, and from the process CPU time of each call
+(all threads), which the load of other processes on a shared CPU moves least. Compile time (lower + compile, seconds) is reported apart from
 the steady state. Memory is XLA's compiled estimate (temp + output bytes). fwd+bwd is the
 gradient of sum(y) for x, log_a, B and C.
 """
@@ -123,13 +123,18 @@ def bench_length(names, args, chunk, repeats: int) -> dict:
         fns[(name, "fwd")], fns[(name, "fwd_bwd")] = _compile(fwd, args), _compile(both, args)
     times = {key: [] for key in fns}
     cpu_times = {key: [] for key in fns}
-    for rnd in range(repeats + 1):                 # round 0 is the warm-up
-        for key, (compiled, _) in fns.items():
-            c0, t0 = time.process_time(), time.perf_counter()
-            jax.block_until_ready(compiled(*args))
-            if rnd:
-                times[key].append(time.perf_counter() - t0)
-                cpu_times[key].append(time.process_time() - c0)
+    # forward calls first, then forward+backward ones (a 2 GB token-scan backward freed just
+    # before a forward call slows that call); the order rotates each round, so no function
+    # always follows the same one
+    for tag in ("fwd", "fwd_bwd"):
+        keys = [key for key in fns if key[1] == tag]
+        for rnd in range(repeats + 1):             # round 0 is the warm-up
+            for key in keys[rnd % len(keys):] + keys[:rnd % len(keys)]:
+                c0, t0 = time.process_time(), time.perf_counter()
+                jax.block_until_ready(fns[key][0](*args))
+                if rnd:
+                    times[key].append(time.perf_counter() - t0)
+                    cpu_times[key].append(time.process_time() - c0)
     out = {}
     for name in names:
         rec = out.setdefault(name, {})
