@@ -10,7 +10,9 @@ Layout facts this file relies on (checked by tests/io/test_gguf.py against writt
 from __future__ import annotations
 
 import dataclasses
+import mmap
 import os
+import struct
 import warnings
 from typing import Optional
 
@@ -22,8 +24,8 @@ from marjax.io.hf import (build_params, expected_shapes, params_to_numpy, permut
                           unpermute_pairs_to_half)
 from marjax.nn.layers import rope_inv_freq
 
-__all__ = ["load_gguf", "save_gguf", "read_gguf", "gguf_config", "QTYPES", "permute_half_to_pairs",
-           "unpermute_pairs_to_half"]
+__all__ = ["load_gguf", "save_gguf", "read_gguf", "check_gguf_layout", "gguf_config", "QTYPES",
+           "permute_half_to_pairs", "unpermute_pairs_to_half"]
 
 QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 _WRITE_QTYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")
@@ -45,6 +47,7 @@ def read_gguf(path: str):
         magic = f.read(4)
     if magic != b"GGUF":
         raise CheckpointError(f"{path}: not a GGUF file (magic bytes {magic!r}, expected b'GGUF')")
+    check_gguf_layout(path)
     try:
         reader = gguf.GGUFReader(path)
         fields = {}
@@ -62,6 +65,109 @@ def read_gguf(path: str):
             raise CheckpointError(f"{path}: truncated GGUF file: tensor {t.name} needs bytes up to {end}, "
                                   f"file has {size}")
     return fields, tensors
+
+
+# GGUF value types -> byte size (8: string, 9: array, sized while walking)
+_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_MAX_DIMS = 4                       # GGML_MAX_DIMS
+
+
+def check_gguf_layout(path: str) -> None:
+    """Walk the GGUF header (key/values and tensor infos) over an mmap, checking every count and
+    length against the bytes that remain, so a hostile or truncated file is refused before the
+    gguf reader loops over (or allocates) a claimed size. Errors are CheckpointErrors naming the
+    file, the offset and the field."""
+    import gguf
+    size = os.path.getsize(path)
+    if size < 24:
+        raise CheckpointError(f"{path}: truncated GGUF file ({size} bytes; the header alone is 24)")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        end = "<" if struct.unpack_from("<I", m, 4)[0] & 0xFFFF else ">"      # a byte-swapped version: big-endian
+        pos = 4
+
+        def take(fmt: str, what: str):
+            nonlocal pos
+            n = struct.calcsize(fmt)
+            if pos + n > size:
+                raise CheckpointError(f"{path}: truncated GGUF file: {what} at byte {pos} runs past the end ({size})")
+            v = struct.unpack_from(end + fmt, m, pos)
+            pos += n
+            return v[0] if len(v) == 1 else v
+
+        def skip(n: int, what: str) -> None:
+            nonlocal pos
+            if n < 0 or pos + n > size:
+                raise CheckpointError(f"{path}: corrupt GGUF file: {what} at byte {pos} claims {n} bytes, only "
+                                      f"{size - pos} remain")
+            pos += n
+
+        def value(vtype: int, what: str, depth: int = 0) -> None:
+            if vtype in _SCALAR:
+                skip(_SCALAR[vtype], what)
+            elif vtype == 8:
+                skip(take("Q", what + " length"), what)
+            elif vtype == 9 and depth == 0:
+                etype, count = take("I", what + " element type"), take("Q", what + " count")
+                if etype in _SCALAR:
+                    skip(count * _SCALAR[etype], f"{what} ({count} elements)")
+                elif etype == 8:
+                    if count * 8 > size - pos:
+                        raise CheckpointError(f"{path}: corrupt GGUF file: {what} claims {count} strings, more than "
+                                              f"the {size - pos} bytes left can hold")
+                    for _ in range(count):
+                        skip(take("Q", what + " element length"), what)
+                else:
+                    raise CheckpointError(f"{path}: corrupt GGUF file: {what} has element type {etype}")
+            else:
+                raise CheckpointError(f"{path}: corrupt GGUF file: {what} has value type {vtype}")
+
+        version = take("I", "version")
+        if version not in (2, 3):
+            raise CheckpointError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+        n_tensors, n_kv = take("Q", "tensor count"), take("Q", "metadata count")
+        if n_tensors * 24 + n_kv * 13 > size:       # the smallest tensor info / key-value entry
+            raise CheckpointError(f"{path}: corrupt GGUF header: {n_tensors} tensors and {n_kv} metadata entries "
+                                  f"cannot fit in {size} bytes")
+        alignment = 32
+        for i in range(n_kv):
+            klen = take("Q", f"metadata key {i} length")
+            kpos = pos
+            skip(klen, f"metadata key {i}")
+            key = bytes(m[kpos:kpos + min(klen, 200)]).decode("utf-8", "replace")
+            vtype = take("I", f"metadata {key!r} type")
+            vpos = pos
+            value(vtype, f"metadata {key!r}")
+            if key == "general.alignment" and vtype == 4:
+                alignment = struct.unpack_from(end + "I", m, vpos)[0]
+        if alignment < 1 or alignment & (alignment - 1):
+            raise CheckpointError(f"{path}: corrupt GGUF file: general.alignment {alignment} is not a power of two")
+        infos = []
+        for i in range(n_tensors):
+            nlen = take("Q", f"tensor {i} name length")
+            npos = pos
+            skip(nlen, f"tensor {i} name")
+            name = bytes(m[npos:npos + min(nlen, 200)]).decode("utf-8", "replace")
+            n_dims = take("I", f"tensor {name!r} n_dims")
+            if not 1 <= n_dims <= _MAX_DIMS:
+                raise CheckpointError(f"{path}: corrupt GGUF file: tensor {name!r} has {n_dims} dims (1..{_MAX_DIMS})")
+            dims = [take("Q", f"tensor {name!r} dim") for _ in range(n_dims)]
+            ttype, offset = take("I", f"tensor {name!r} type"), take("Q", f"tensor {name!r} offset")
+            try:
+                block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
+            except (ValueError, KeyError):
+                raise CheckpointError(f"{path}: tensor {name!r} has unknown GGML type {ttype}") from None
+            n = 1
+            for d in dims:
+                n *= d
+            if n % block:
+                raise CheckpointError(f"{path}: corrupt GGUF file: tensor {name!r} has {n} elements, not a multiple "
+                                      f"of its type's block size {block}")
+            infos.append((name, offset, n // block * nbytes))
+        data_start = -(-pos // alignment) * alignment
+        for name, offset, nbytes in infos:
+            if data_start + offset + nbytes > size:
+                raise CheckpointError(f"{path}: truncated GGUF file: tensor {name!r} needs bytes up to "
+                                      f"{data_start + offset + nbytes}, file has {size}")
 
 
 def _field(fields: dict, key: str, path: str, default=None, required: bool = True):
@@ -161,7 +267,12 @@ def load_gguf(path: str, dtype: Optional[str] = None):
     from marjax.io.tokenizer import from_gguf_fields
     path = os.fspath(path)
     fields, tensors = read_gguf(path)
-    cfg = gguf_config(fields, tensors, path)
+    try:
+        cfg = gguf_config(fields, tensors, path)
+    except MarjaxError:
+        raise
+    except (TypeError, ValueError, OverflowError, AttributeError) as e:   # a metadata value of the wrong type
+        raise CheckpointError(f"{path}: malformed GGUF metadata ({type(e).__name__}: {e})") from None
     if dtype is not None:
         cfg = dataclasses.replace(cfg, dtype=dtype).validate()
     top, layer = expected_shapes(cfg)

@@ -245,7 +245,8 @@ class Checkpointer:
         data_handler = _pausing_json(self.directory) if pause_target("save") is not None else ocp.JsonCheckpointHandler()
         handlers = {"params": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
                     "data": data_handler, "meta": ocp.JsonCheckpointHandler()}
-        self.mgr = ocp.CheckpointManager(self.directory, options=opts, item_handlers=handlers)
+        with _ReadErrors(self.directory):      # it reads every step's _CHECKPOINT_METADATA
+            self.mgr = ocp.CheckpointManager(self.directory, options=opts, item_handlers=handlers)
         self._pending: Optional[int] = None     # the step of the latest save call (maybe in flight)
         self._failed = False                     # a failed save was reported: close() does not repeat it
 

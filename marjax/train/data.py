@@ -127,12 +127,16 @@ def _read_json_docs(path: Path, text_field: str) -> list:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: bad JSON ({e.msg} at column {e.colno})") from e
+            except (ValueError, RecursionError) as e:     # a 5000-digit number, nesting deeper than Python's stack
+                raise DataError(f"{path}:{lineno}: unreadable JSON ({type(e).__name__}: {str(e)[:120]})") from None
             docs.append(_doc_from_record(obj, f"{path}:{lineno}", text_field))
     else:
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: bad JSON ({e.msg} at column {e.colno})") from e
+        except (ValueError, RecursionError) as e:
+            raise DataError(f"{path}: unreadable JSON ({type(e).__name__}: {str(e)[:120]})") from None
         records = obj if isinstance(obj, list) else [obj]
         docs = [_doc_from_record(r, f"{path}[{i}]", text_field) for i, r in enumerate(records)]
     return [d for d in docs if d is not None]

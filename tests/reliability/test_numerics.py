@@ -1,0 +1,156 @@
+"""Non-finite numbers: NaN/inf injected into a batch's teacher logits (offline top-k kd), into a
+gradient (finite loss), into a parameter (at the start, and through an overflowing update).
+TrainConfig.nonfinite="skip" drops the update inside the jitted step and logs the event with its
+step; "stop" raises TrainingDiverged with the last good checkpoint kept; every checkpoint written
+is read back and checked finite."""
+import sys
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from marjax.config import DistillConfig, preset
+from marjax.distill.init import init_from_attention
+from marjax.distill.stages import make_loss
+from marjax.errors import MarjaxError
+from marjax.models.lm import init_params
+from marjax.train.checkpoint import Checkpointer
+from marjax.train.loop import TrainingDiverged, nonfinite_leaves, read_metrics, train
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+from test_loop import CFG, META, _params, ce_loss, grain_iter, tcfg  # noqa: E402  (the tiny CE trainer)
+
+K, L, B = 8, 16, 4
+
+
+def _all_checkpoints_finite(out, like) -> dict:
+    """Every kept step's params read back from disk: {step: params}, each checked finite."""
+    got = {}
+    with Checkpointer(out, read_only=True) as ck:
+        for s in ck.all_steps():
+            p = ck.restore_params(like, s)
+            assert nonfinite_leaves(p) == [], (s, nonfinite_leaves(p))
+            got[s] = p
+    return got
+
+
+def _same(a, b) -> bool:
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _topk_batches(poison: dict):
+    """Offline kd batches (teacher top-k log-probs as if read from a cache); poison {i: value}
+    writes the value into batch i's teacher log-probs."""
+    r = np.random.default_rng(0)
+    i = 0
+    while True:
+        ids = r.integers(0, 256, (B, L + 1)).astype(np.int32)
+        lp = np.log(0.9 * jax.nn.softmax(r.normal(size=(B, L, K)), -1)).astype(np.float32)
+        if i in poison:
+            lp[1, 3, 0] = poison[i]
+        yield {"inputs": ids[:, :-1], "targets": ids[:, 1:], "mask": np.ones((B, L), np.float32),
+               "topk_logprobs": lp, "topk_ids": np.argsort(r.random((B, L, 256)), -1)[..., :K].astype(np.int32)}
+        i += 1
+
+
+def test_nan_and_inf_teacher_logits_are_skipped(tmp_path):
+    teacher = init_params(jax.random.PRNGKey(0), preset("tiny"))
+    scfg, student = init_from_attention(teacher, preset("tiny"))
+    loss = make_loss("kd", preset("tiny"), scfg, DistillConfig())
+    tc = tcfg(steps=5, save_every=1, keep=10, nonfinite="skip")
+    meta = {"stage": "kd", "model_config": __import__("dataclasses").asdict(scfg)}
+    with pytest.warns(UserWarning, match="step 3: .* not finite; update skipped"):
+        params, hist = train(loss, student, None, _topk_batches({2: np.nan, 4: np.inf}), tc, tmp_path,
+                             model_meta=meta, progress=False)
+    recs = read_metrics(tmp_path)
+    events = [r for r in recs if r.get("status")]
+    assert [(r["step"], r["status"], r["event"]) for r in events] == [(3, "skipped", "nonfinite"),
+                                                                     (5, "skipped", "nonfinite")]
+    assert [h["step"] for h in hist] == [1, 2, 4] and all(np.isfinite(h["loss"]) for h in hist)
+    saved = _all_checkpoints_finite(tmp_path, student)
+    assert sorted(saved) == [1, 2, 3, 4, 5]
+    assert _same(saved[3], saved[2]) and _same(saved[5], saved[4])     # skipped: the update was dropped
+    assert not _same(saved[2], saved[1]) and not _same(saved[4], saved[3])
+    assert _same(params, saved[5])
+
+
+@jax.custom_vjp
+def _poison_grad(x, flag):
+    return x
+
+
+def _pg_fwd(x, flag):
+    return x, flag
+
+
+def _pg_bwd(flag, g):
+    return g * jnp.where(flag > 0, jnp.nan, 1.0), jnp.zeros_like(flag)
+
+
+_poison_grad.defvjp(_pg_fwd, _pg_bwd)
+
+
+def _grad_poisoned_loss():
+    """The CE loss whose gradient (not its value) is NaN on batches flagged "poison"."""
+    base = ce_loss(CFG)
+
+    def loss_fn(student, teacher, batch, rng):
+        flag = jnp.max(batch["poison"])
+        return base(jax.tree.map(lambda p: _poison_grad(p, flag), student), teacher,
+                    {k: v for k, v in batch.items() if k != "poison"}, rng)
+    return loss_fn
+
+
+def _flagged(bad: set):
+    for i, b in enumerate(grain_iter(4)):
+        b["poison"] = np.full((4,), float(i in bad), np.float32)
+        yield b
+
+
+def test_nan_gradient_with_finite_loss_stops_with_last_good_checkpoint(tmp_path):
+    with pytest.raises(TrainingDiverged, match="diverged at step 4") as ei:
+        train(_grad_poisoned_loss(), _params(), None, _flagged({3}), tcfg(save_every=2), tmp_path,
+              model_meta=META, progress=False)
+    assert ei.value.last_good_step == 2
+    last = read_metrics(tmp_path)[-1]
+    assert last["step"] == 4 and last["status"] == "diverged"
+    assert np.isfinite(last["loss"]) and last["grad_norm"] == "nan"     # the loss itself was fine
+    assert sorted(_all_checkpoints_finite(tmp_path, _params())) == [2]
+    assert nonfinite_leaves(ei.value.params) == []          # in memory: the params after step 3
+
+
+def test_nan_gradient_skipped_then_training_goes_on(tmp_path):
+    with pytest.warns(UserWarning, match="update skipped"):
+        p, hist = train(_grad_poisoned_loss(), _params(), None, _flagged({1, 2}), tcfg(nonfinite="skip"),
+                        tmp_path, model_meta=META, progress=False)
+    assert [r["step"] for r in read_metrics(tmp_path) if r.get("status") == "skipped"] == [2, 3]
+    assert hist[-1]["step"] == 6 and hist[-1]["loss"] < hist[0]["loss"]
+    _all_checkpoints_finite(tmp_path, _params())
+
+
+def test_nan_parameter_at_start_is_refused(tmp_path):
+    p = _params()
+    p = jax.tree_util.tree_map_with_path(
+        lambda k, x: x.at[(0,) * x.ndim].set(jnp.inf) if "wq" in jax.tree_util.keystr(k) else x, p)
+    with pytest.raises(MarjaxError, match=r"NaN/inf in 1 leaves: \[.*wq.*\]"):
+        train(ce_loss(CFG), p, None, grain_iter(4), tcfg(), tmp_path, model_meta=META, progress=False)
+    assert not (tmp_path / "metrics.jsonl").exists() or read_metrics(tmp_path) == []
+
+
+def test_overflowing_update_never_reaches_a_checkpoint(tmp_path):
+    """lr = 1e39 is inf in float32: loss and gradients are finite, the updated params are not.
+    Skipped twice (max_skips=2), then stopped; the checkpoints hold the initial params."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with pytest.raises(TrainingDiverged, match="step 3 after 2 skipped updates in a row"):
+            train(ce_loss(CFG), _params(), None, grain_iter(4), tcfg(lr=1e39, warmup=0, save_every=1, keep=10,
+                                                                     nonfinite="skip", max_skips=2),
+                  tmp_path, model_meta=META, progress=False)
+    recs = read_metrics(tmp_path)
+    assert [(r["step"], r["status"]) for r in recs] == [(1, "skipped"), (2, "skipped"), (3, "diverged")]
+    assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in recs)
+    saved = _all_checkpoints_finite(tmp_path, _params())
+    assert sorted(saved) == [1, 2] and all(_same(v, _params()) for v in saved.values())
