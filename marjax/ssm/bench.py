@@ -8,8 +8,8 @@ Baselines, measured in the same process:
 Every time is a speedup over the faster baseline (baseline time / impl time; > 1 is faster):
 from wall-clock medians (and minima, less sensitive to load bursts) over --repeats rounds in
 which every function runs once, in a rotating order, and from the process CPU time of each call
-(all threads), which the load of other processes on a shared CPU moves least. Compile time (lower + compile, seconds) is reported apart from
-the steady state. Memory is XLA's compiled estimate (temp + output bytes). fwd+bwd is the
+(all threads), which the load of other processes on a shared CPU moves least. Compile time
+(lower + compile, seconds) is reported apart from the steady state. Memory is XLA's compiled estimate (temp + output bytes). fwd+bwd is the
 gradient of sum(y) for x, log_a, B and C.
 """
 from __future__ import annotations
