@@ -8,7 +8,7 @@ import sys
 from marjax import __version__  # the package is already imported (marjax.cli lives in it)
 
 COMMANDS = {
-    "generate": ("marjax.api", "generate_main", "generate text from a model (streams tokens)"),
+    "generate": ("marjax.app.generate", "main", "generate text from a model (streams tokens)"),
     "convert": ("marjax.app.commands", "convert_main", "attention -> SSM init of a Llama model"),
     "distill": ("marjax.app.commands", "distill_main", "run one distillation stage (orient|align|kd|sbds)"),
     "pipeline": ("marjax.app.commands", "pipeline_main", "the whole MAR pipeline, then eval + energy"),

@@ -12,8 +12,8 @@
 Every module mirrors one of the core's registered dataclasses field by field (one `nnx.Param`
 per array leaf, nested dataclasses as submodules), rebuilds that dataclass in `to_params()` and
 calls the core function on it, so there is one implementation of every layer. Each Param carries
-its logical axis names (`nnx.with_partitioning`), read from `marjax.train.mesh.logical_axes`, the
-table the functional trainer shards with; `shard(module, mesh)` places a module by those rules.
+its logical axis names (`nnx.with_partitioning`), read by `marjax.train.mesh.logical_axes` from the
+param declarations the functional trainer shards with; `shard(module, mesh)` places a module by those rules.
 
 `LM` runs its layers with `nnx.scan` over one stacked `SSMBlock` (params with a leading layer
 axis, as in the core), each step calling `marjax.models.lm.block`.
@@ -29,13 +29,15 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from marjax.api import Model, load
 from marjax.config import ATMNConfig, ModelConfig, SSMConfig
 from marjax.errors import ConfigError, MarjaxError
 from marjax.models import lm
 from marjax.nn import mamba2
-from marjax.nn.layers import rms_norm
+from marjax.nn.layers import MLPParams, rms_norm
 from marjax.spiking import ATMNParams, atmn, atmn_spikes, atmn_with_stats, init_atmn
 from marjax.train.mesh import DEFAULT_RULES, ShardingRules, logical_axes, partition_spec
+from marjax.typing import declarations
 
 __all__ = ["ATMN", "DiscreteMamba2", "SSMBlock", "Block", "SpikingLinear", "SpikingLinearParams", "LM",
            "block_axes", "partition_specs", "shard"]
@@ -43,24 +45,16 @@ __all__ = ["ATMN", "DiscreteMamba2", "SSMBlock", "Block", "SpikingLinear", "Spik
 
 # ----------------------------------------------------------------------------- logical axes
 
-def _is_axes(x) -> bool:
-    return type(x) is tuple
-
-
 def block_axes(tree, stacked: bool = False, path: tuple = ()):
-    """Logical axis names for a per-block param tree (e.g. `MixerParams`, `ATMNParams`), read
-    from the core's `logical_axes` as if the tree sat at `blocks.<path>` of an `LMParams`. An
-    unstacked tree (no leading layer axis) is looked up with a dummy layer axis that is then
-    dropped, so it gets exactly the names its leaves have inside the stacked model."""
-    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct((() if stacked else (1,)) + tuple(jnp.shape(x)),
-                                                         jnp.result_type(x)), tree)
-    wrapped = shapes
-    for name in reversed(("blocks",) + tuple(path)):
-        wrapped = {name: wrapped}
-    axes = logical_axes(wrapped)
-    for name in ("blocks",) + tuple(path):
-        axes = axes[name]
-    return axes if stacked else jax.tree.map(lambda a: a[1:], axes, is_leaf=_is_axes)
+    """Logical axis names for a per-block param tree (e.g. `MixerParams`, `BlockParams`), from
+    the core's declarations, with "layers" in front when `stacked`. `path=("spikes", site)` names
+    an ATMN neuron by its site in `SpikeSites` (the neuron's type declares no axes itself)."""
+    lead = ("layers",) if stacked else ()
+    if tuple(path[:1]) == ("spikes",):
+        # axes in front of a neuron's one channel axis (an ensemble made with nnx.vmap) stay unsharded
+        extra = max([jnp.ndim(x) - len(lead) - 1 for x in jax.tree.leaves(tree)] + [0])
+        return getattr(logical_axes(lm.SpikeSites(**{path[1]: tree}), lead + (None,) * extra), path[1])
+    return logical_axes(tree, lead)
 
 
 def _param(value, axes) -> nnx.Param:
@@ -163,7 +157,7 @@ class DiscreteMamba2(_Mirror):
             if d_model is None or rngs is None:
                 raise MarjaxError("DiscreteMamba2: give d_model and rngs (random init) or params")
             mcfg = _mixer_model_config(d_model, cfg, n_layers)
-            params = lm._init_block(rngs.params(), mcfg, jnp.float32).mixer
+            params = lm.init_block(rngs.params(), mcfg, jnp.float32).mixer
         self._fill(params, axes if axes is not None else block_axes(params, path=("mixer",)))
 
     @classmethod
@@ -209,7 +203,7 @@ class SSMBlock(_Mirror):
         if params is None:
             if rngs is None:
                 raise MarjaxError("SSMBlock: give rngs (random init) or params")
-            params = lm._init_block(rngs.params(), cfg, jnp.dtype(cfg.dtype))
+            params = lm.init_block(rngs.params(), cfg, jnp.dtype(cfg.dtype))
         stacked = jnp.ndim(params.mixer_norm) == 2
         self._fill(params, axes if axes is not None else block_axes(params, stacked=stacked),
                    _typed_children(cfg))
@@ -242,8 +236,8 @@ class SpikingLinearParams:
 
 
 # which core weight a site's projection is (its logical axes are that weight's)
-_SITE_WEIGHT = {"in_proj": ("mixer", "in_proj"), "out_proj": ("mixer", "out_proj"),
-                "mlp_in": ("mlp", "gate"), "mlp_down": ("mlp", "down")}
+_SITE_WEIGHT = {"in_proj": (mamba2.MixerParams, "in_proj"), "out_proj": (mamba2.MixerParams, "out_proj"),
+                "mlp_in": (MLPParams, "gate"), "mlp_down": (MLPParams, "down")}
 
 
 class SpikingLinear(_Mirror):
@@ -265,10 +259,9 @@ class SpikingLinear(_Mirror):
                 raise MarjaxError("SpikingLinear: give in_features, out_features and rngs, or params")
             kernel = in_features ** -0.5 * jax.random.normal(rngs.params(), (in_features, out_features), jnp.float32)
             params = SpikingLinearParams(neuron=init_atmn(None, in_features, cfg), kernel=kernel)
-        field_path = _SITE_WEIGHT[site]
+        owner, weight = _SITE_WEIGHT[site]
         axes = SpikingLinearParams(neuron=block_axes(params.neuron, path=("spikes", site)),
-                                   kernel=block_axes({field_path[1]: params.kernel},
-                                                     path=field_path[:1])[field_path[1]])
+                                   kernel=declarations(owner)[weight].axes)
         self._fill(params, axes, lambda name, v, ax: ATMN(cfg=cfg, params=v, axes=ax))
 
     @classmethod
@@ -320,17 +313,15 @@ class LM(_Mirror):
     @classmethod
     def load(cls, name_or_path: str) -> "LM":
         """Any name or path `marjax.load` resolves (GGUF, HF dir, Llamba, marjax checkpoint, preset)."""
-        from marjax.api import load   # floor 5 entry point: imported on use, not at module import
         return cls.from_model(load(name_or_path))
 
     def as_model(self, tokenizer=None, source: str = "nnx"):
         """A `marjax.Model` over the current params, for marjax.generate / marjax.logits."""
-        from marjax.api import Model
         return Model(config=self.config, params=self.to_params(), tokenizer=tokenizer, source=source)
 
     def forward(self, ids, *, taps=(), head: bool = True):
         """As `marjax.models.lm.forward`: (logits float32 (b, l, v) or hidden (b, l, d), aux)."""
-        lm._check_ids(ids, self.config)
+        lm.check_ids(ids, self.config)
         cfg, taps = self.config, tuple(taps)
         positions = jnp.broadcast_to(jnp.arange(ids.shape[1])[None], ids.shape)
         p = self.to_params()

@@ -16,7 +16,6 @@ Taps (static) come back in `aux`:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import jax
@@ -25,70 +24,64 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from marjax.config import ModelConfig
+from marjax.errors import MarjaxError
 from marjax.nn import mamba2
-from marjax.nn.layers import AttnParams, MLPParams, attention, attention_matrix, mlp_hidden, rms_norm
+from marjax.nn.layers import (AttnParams, MLPParams, attention, attention_dims, attention_matrix, mlp_hidden,
+                              rms_norm)
+from marjax.spiking import atmn_with_stats, init_atmn
+from marjax.typing import array, fan_in_normal, init_dataclass, normal, ones, param_dataclass, subtree
 
-__all__ = ["SpikeSites", "BlockParams", "LMParams", "init_params", "forward", "init_cache",
-           "forward_cached", "lm_head", "block", "embed"]
+__all__ = ["SpikeSites", "BlockParams", "LMParams", "param_dims", "init_params", "init_block", "forward",
+           "init_cache", "forward_cached", "lm_head", "block", "embed", "check_ids"]
 
 
-@jax.tree_util.register_dataclass
-@dataclass
+@param_dataclass
 class SpikeSites:
-    """One ATMN neuron per site (None where the site is not spiking)."""
-    in_proj: Any = None
-    out_proj: Any = None
-    mlp_in: Any = None     # shared by the MLP gate and up projections
-    mlp_down: Any = None
+    """One ATMN neuron per site (None where the site is not spiking); a neuron's threshold `a` is
+    per channel (width,) or one scalar, its channel axis named "act"."""
+    in_proj: Any = subtree(leaf_axes=("act",), default=None)
+    out_proj: Any = subtree(leaf_axes=("act",), default=None)
+    mlp_in: Any = subtree(leaf_axes=("act",), default=None)     # shared by the MLP gate and up projections
+    mlp_down: Any = subtree(leaf_axes=("act",), default=None)
 
 
-@jax.tree_util.register_dataclass
-@dataclass
+@param_dataclass
 class BlockParams:
-    mixer_norm: Float[Array, "d"]
-    mixer: Any                      # AttnParams or MixerParams
-    mlp_norm: Float[Array, "d"]
-    mlp: MLPParams
-    spikes: Optional[SpikeSites] = None
+    mixer_norm: Float[Array, "d"] = array(("d",), ("embed",), ones)
+    mixer: Any = subtree()                          # AttnParams or mamba2.MixerParams
+    mlp_norm: Float[Array, "d"] = array(("d",), ("embed",), ones)
+    mlp: MLPParams = subtree()
+    spikes: Optional[SpikeSites] = subtree(default=None)
 
 
-@jax.tree_util.register_dataclass
-@dataclass
+@param_dataclass
 class LMParams:
-    embed: Float[Array, "v d"]
-    blocks: BlockParams             # every leaf has a leading n_layers axis
-    final_norm: Float[Array, "d"]
-    lm_head: Optional[Float[Array, "d v"]] = None   # None: tied to embed
+    embed: Float[Array, "v d"] = array(("v", "d"), ("vocab", "embed"), normal(1.0))
+    blocks: BlockParams = subtree(lead=("layers",))   # every leaf has a leading L axis (lax.scan)
+    final_norm: Float[Array, "d"] = array(("d",), ("embed",), ones)
+    lm_head: Optional[Float[Array, "d v"]] = array(("d", "v"), ("embed", "vocab"), fan_in_normal,
+                                                   default=None)   # None: tied to embed
 
 
-def _normal(key, shape, scale, dtype):
-    return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+def param_dims(cfg: ModelConfig) -> dict:
+    """The legend dims (marjax.typing) that the declared param shapes of `cfg`'s LM use."""
+    dims = {"d": cfg.d_model, "f": cfg.d_ff, "v": cfg.vocab_size, "L": cfg.n_layers}
+    dims.update(mamba2.mixer_dims(cfg.ssm) if cfg.is_ssm else attention_dims(cfg))
+    return dims
 
 
-def _init_block(key, cfg: ModelConfig, dtype) -> BlockParams:
-    d, f = cfg.d_model, cfg.d_ff
+def init_block(key, cfg: ModelConfig, dtype) -> BlockParams:
+    """One block's params from the declarations (norms 1, projections scaled normal, identity conv
+    tap, decay bias -4); ATMN sites when the config is spiking."""
+    dims = param_dims(cfg)
     ks = jax.random.split(key, 8)
-    s = d ** -0.5
     if cfg.is_ssm:
-        sc = cfg.ssm
-        w = mamba2.in_proj_width(sc)
-        k_conv = jnp.zeros((sc.conv_kernel, sc.conv_dim), dtype).at[-1].set(1.0)  # identity tap
-        mixer = mamba2.MixerParams(
-            in_proj=_normal(ks[0], (d, w), s, dtype), conv_w=k_conv,
-            conv_b=jnp.zeros((sc.conv_dim,), dtype), D=jnp.ones((sc.n_heads,), dtype),
-            a_log_bias=jnp.full((sc.n_heads,), -4.0, dtype),
-            z_bias=jnp.zeros((sc.d_inner,), dtype),
-            out_proj=_normal(ks[1], (sc.d_inner, d), sc.d_inner ** -0.5 / (2 * cfg.n_layers) ** 0.5, dtype))
+        mixer = init_dataclass(mamba2.MixerParams, dims, dtype, {"in_proj": ks[0], "out_proj": ks[1]})
     else:
-        hq, hkv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-        mixer = AttnParams(wq=_normal(ks[0], (d, hq), s, dtype), wk=_normal(ks[1], (d, hkv), s, dtype),
-                           wv=_normal(ks[2], (d, hkv), s, dtype),
-                           wo=_normal(ks[3], (hq, d), hq ** -0.5 / (2 * cfg.n_layers) ** 0.5, dtype))
-    mlp = MLPParams(gate=_normal(ks[4], (d, f), s, dtype), up=_normal(ks[5], (d, f), s, dtype),
-                    down=_normal(ks[6], (f, d), f ** -0.5 / (2 * cfg.n_layers) ** 0.5, dtype))
+        mixer = init_dataclass(AttnParams, dims, dtype, dict(zip(("wq", "wk", "wv", "wo"), ks[:4])))
+    mlp = init_dataclass(MLPParams, dims, dtype, dict(zip(("gate", "up", "down"), ks[4:7])))
     spikes = init_spike_sites(cfg, dtype) if cfg.is_spiking else None
-    return BlockParams(mixer_norm=jnp.ones((d,), dtype), mixer=mixer, mlp_norm=jnp.ones((d,), dtype),
-                       mlp=mlp, spikes=spikes)
+    return init_dataclass(BlockParams, dims, dtype, mixer=mixer, mlp=mlp, spikes=spikes)
 
 
 def site_widths(cfg: ModelConfig) -> dict:
@@ -97,20 +90,19 @@ def site_widths(cfg: ModelConfig) -> dict:
 
 
 def init_spike_sites(cfg: ModelConfig, dtype=jnp.float32) -> SpikeSites:
-    from marjax.spiking import init_atmn
     widths = site_widths(cfg)
     return SpikeSites(**{s: init_atmn(None, widths[s], cfg.atmn) for s in cfg.atmn.sites})
 
 
 def init_params(key, cfg: ModelConfig) -> LMParams:
-    """Random params (scaled normal); layers stacked along axis 0."""
+    """Random params from the declarations; layers stacked along axis 0."""
     cfg.validate()
     dtype = jnp.dtype(cfg.dtype)
     k_emb, k_blocks, k_head = jax.random.split(key, 3)
-    blocks = jax.vmap(lambda k: _init_block(k, cfg, dtype))(jax.random.split(k_blocks, cfg.n_layers))
-    head = None if cfg.tie_embeddings else _normal(k_head, (cfg.d_model, cfg.vocab_size), cfg.d_model ** -0.5, dtype)
-    return LMParams(embed=_normal(k_emb, (cfg.vocab_size, cfg.d_model), 1.0, dtype), blocks=blocks,
-                    final_norm=jnp.ones((cfg.d_model,), dtype), lm_head=head)
+    blocks = jax.vmap(lambda k: init_block(k, cfg, dtype))(jax.random.split(k_blocks, cfg.n_layers))
+    given = {"lm_head": None} if cfg.tie_embeddings else {}
+    return init_dataclass(LMParams, param_dims(cfg), dtype, {"embed": k_emb, "lm_head": k_head}, blocks=blocks,
+                          **given)
 
 
 def embed(params: LMParams, ids: Int[Array, "b l"]) -> Float[Array, "b l d"]:
@@ -125,29 +117,28 @@ def lm_head(params: LMParams, h: Float[Array, "... d"]) -> Float[Array, "... v"]
     return jnp.einsum("...d,dv->...v", h, head_matrix(params), preferred_element_type=jnp.float32)
 
 
-def _spike_fn(sites: Optional[SpikeSites], cfg: ModelConfig, stats: dict, inputs: Optional[dict] = None):
+def _spike_fn(sites: Optional[SpikeSites], cfg: ModelConfig, stats: dict, inputs: Optional[dict] = None,
+              mask=None):
     """The block's spike(name, x) callback: ATMN at configured sites, identity elsewhere.
-    Firing statistics go into `stats`, site inputs into `inputs` when given (trace-time dicts,
-    returned as scan outputs)."""
-    from marjax.spiking import atmn_with_stats
-
+    Firing statistics (over the tokens `mask` (b, l) keeps, all when None) go into `stats`, site
+    inputs into `inputs` when given (trace-time dicts, returned as scan outputs)."""
     def spike(name, x):
         if inputs is not None:
             inputs[name] = x
         p = None if sites is None else getattr(sites, name)
         if p is None:
             return x
-        y, st = atmn_with_stats(x, p, cfg.atmn)
+        y, st = atmn_with_stats(x, p, cfg.atmn, mask=mask)
         stats[name] = st
         return y
     return spike
 
 
-def block(p: BlockParams, x: Float[Array, "b l d"], cfg: ModelConfig, positions, cache=None, taps=()):
+def block(p: BlockParams, x: Float[Array, "b l d"], cfg: ModelConfig, positions, cache=None, taps=(), mask=None):
     """One pre-norm residual block. Returns (x_out, new_cache, aux)."""
     aux, stats = {}, {}
     site_inputs = {} if "site_inputs" in taps else None
-    spike = _spike_fn(p.spikes, cfg, stats, site_inputs)
+    spike = _spike_fn(p.spikes, cfg, stats, site_inputs, mask)
     h = rms_norm(p.mixer_norm, x, cfg.rms_eps)
     if cfg.is_ssm:
         m, cache = mamba2.mixer(p.mixer, h, cfg.ssm, cache, spike)
@@ -172,18 +163,19 @@ def block(p: BlockParams, x: Float[Array, "b l d"], cfg: ModelConfig, positions,
     return out, cache, aux
 
 
-def _run_blocks(params: LMParams, x, cfg: ModelConfig, positions, cache, taps):
+def _run_blocks(params: LMParams, x, cfg: ModelConfig, positions, cache, taps, mask=None):
     def body(carry, layer):
         p, c = layer
-        y, c, aux = block(p, carry, cfg, positions, c, taps)
+        y, c, aux = block(p, carry, cfg, positions, c, taps, mask)
         return y, (c, aux)
 
     x, (cache, aux) = jax.lax.scan(body, x, (params.blocks, cache))
     return x, cache, aux
 
 
-def _check_ids(ids, cfg: ModelConfig):
-    from marjax.errors import MarjaxError
+def check_ids(ids, cfg: ModelConfig) -> None:
+    """MarjaxError unless ids are integers of shape (b, l), l >= 1, within the vocab (the range is
+    checked when the ids are concrete)."""
     if ids.ndim != 2:
         raise MarjaxError(f"token ids must have shape (batch, length), got shape {tuple(ids.shape)}")
     if not jnp.issubdtype(ids.dtype, jnp.integer):
@@ -197,11 +189,13 @@ def _check_ids(ids, cfg: ModelConfig):
             raise MarjaxError(f"token ids out of range: min {lo}, max {hi}, vocab_size {cfg.vocab_size}")
 
 
-def forward(params: LMParams, ids: Int[Array, "b l"], cfg: ModelConfig, *, taps=(), head: bool = True):
-    """Full-sequence forward. Returns (logits float32 (b,l,v) or final hidden (b,l,d), aux)."""
-    _check_ids(ids, cfg)
+def forward(params: LMParams, ids: Int[Array, "b l"], cfg: ModelConfig, *, taps=(), head: bool = True,
+            mask=None):
+    """Full-sequence forward. Returns (logits float32 (b,l,v) or final hidden (b,l,d), aux).
+    `mask` (b, l) only selects the tokens counted in the firing-rate taps (padding left out)."""
+    check_ids(ids, cfg)
     positions = jnp.broadcast_to(jnp.arange(ids.shape[1])[None], ids.shape)
-    x, _, aux = _run_blocks(params, embed(params, ids), cfg, positions, None, taps)
+    x, _, aux = _run_blocks(params, embed(params, ids), cfg, positions, None, taps, mask)
     h = rms_norm(params.final_norm, x, cfg.rms_eps)
     if "hidden" in taps:
         aux["hidden"] = h

@@ -6,31 +6,37 @@ result is cast back to the activation dtype.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-__all__ = ["MLPParams", "AttnParams", "rms_norm", "rope_inv_freq", "rope_tables", "apply_rope", "mlp", "attention",
-           "attention_matrix", "repeat_kv"]
+from marjax.typing import array, depth_scaled_normal, fan_in_normal, param_dataclass
+
+__all__ = ["MLPParams", "AttnParams", "attention_dims", "rms_norm", "rope_inv_freq", "rope_tables", "apply_rope",
+           "mlp", "attention", "attention_matrix", "repeat_kv"]
 
 
-@jax.tree_util.register_dataclass
-@dataclass
+@param_dataclass
 class MLPParams:
-    gate: Float[Array, "d f"]
-    up: Float[Array, "d f"]
-    down: Float[Array, "f d"]
+    gate: Float[Array, "d f"] = array(("d", "f"), ("embed", "mlp"), fan_in_normal)
+    up: Float[Array, "d f"] = array(("d", "f"), ("embed", "mlp"), fan_in_normal)
+    down: Float[Array, "f d"] = array(("f", "d"), ("mlp", "embed"), depth_scaled_normal)
 
 
-@jax.tree_util.register_dataclass
-@dataclass
+@param_dataclass
 class AttnParams:
-    wq: Float[Array, "d hq_hd"]
-    wk: Float[Array, "d hkv_hd"]
-    wv: Float[Array, "d hkv_hd"]
-    wo: Float[Array, "hq_hd d"]
+    """GQA projections: hp = query heads x head dim, gp = KV heads x head dim."""
+    wq: Float[Array, "d hp"] = array(("d", "hp"), ("embed", "heads"), fan_in_normal)
+    wk: Float[Array, "d gp"] = array(("d", "gp"), ("embed", "kv_heads"), fan_in_normal)
+    wv: Float[Array, "d gp"] = array(("d", "gp"), ("embed", "kv_heads"), fan_in_normal)
+    wo: Float[Array, "hp d"] = array(("hp", "d"), ("heads", "embed"), depth_scaled_normal)
+
+
+def attention_dims(cfg) -> dict:
+    """Legend dims of AttnParams for a ModelConfig."""
+    return {"h": cfg.n_heads, "p": cfg.head_dim, "hp": cfg.n_heads * cfg.head_dim,
+            "gp": cfg.n_kv_heads * cfg.head_dim}
 
 
 def rms_norm(w: Float[Array, "d"], x: Float[Array, "... d"], eps: float) -> Float[Array, "... d"]:
@@ -89,21 +95,21 @@ def mlp(p: MLPParams, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
     return mlp_down(p, mlp_hidden(p, x))
 
 
-def mlp_hidden(p: MLPParams, x):
+def mlp_hidden(p: MLPParams, x: Float[Array, "... d"]) -> Float[Array, "... f"]:
     """silu(gate(x)) * up(x): the input of the down projection (a spiking site)."""
     return jax.nn.silu(x @ p.gate) * (x @ p.up)
 
 
-def mlp_down(p: MLPParams, h):
+def mlp_down(p: MLPParams, h: Float[Array, "... f"]) -> Float[Array, "... d"]:
     return h @ p.down
 
 
-def repeat_kv(x: Float[Array, "b l hkv hd"], n_rep: int) -> Float[Array, "b l hq hd"]:
+def repeat_kv(x: Float[Array, "b l g p"], n_rep: int) -> Float[Array, "b l h p"]:
     return x if n_rep == 1 else jnp.repeat(x, n_rep, axis=2)
 
 
-def qkv(p: AttnParams, x, cfg, positions):
-    """Projected, rotated q (b,l,hq,hd), k and v (b,l,hkv,hd)."""
+def qkv(p: AttnParams, x: Float[Array, "b l d"], cfg, positions: Int[Array, "b l"]):
+    """Projected, rotated q (b, l, h, p), k and v (b, l, g, p) (g KV heads)."""
     b, l, _ = x.shape
     q = (x @ p.wq).reshape(b, l, cfg.n_heads, cfg.head_dim)
     k = (x @ p.wk).reshape(b, l, cfg.n_kv_heads, cfg.head_dim)
@@ -123,7 +129,8 @@ def _scores_softmax(q, k, q_pos, k_pos, k_valid=None):
     return jax.nn.softmax(s, axis=-1)
 
 
-def attention_matrix(p: AttnParams, x, cfg, positions) -> Float[Array, "b hq l l"]:
+def attention_matrix(p: AttnParams, x: Float[Array, "b l d"], cfg,
+                     positions: Int[Array, "b l"]) -> Float[Array, "b h l l"]:
     """The (l x l) causal attention matrix per query head (MOHAWK matrix orientation target)."""
     q, k, _ = qkv(p, x, cfg, positions)
     k = repeat_kv(k, cfg.n_heads // cfg.n_kv_heads)

@@ -5,18 +5,19 @@
     shardings = param_shardings(params, mesh)                  # NamedSharding per leaf
     params = init_sharded(lambda: init_params(key, cfg), mesh)  # materialised already sharded
 
-Logical names come from the dataclass field path of each leaf (`blocks.mixer.wq` ->
-("layers", "embed", "heads")), so the same function names the leaves of an optimizer state
-whose moments mirror the params (`...mu.blocks.mixer.wq`). `ShardingRules` maps each logical
-name to mesh axes; a dimension that the mesh axes do not divide stays replicated, so tiny models
-still run on 8 devices. Unknown leaves are replicated (with the `layers` axis named when they
-sit under `blocks`), never an error: new param fields shard conservatively until named here.
+Logical names are what each param dataclass declares beside its fields (`marjax.typing.array`,
+e.g. `AttnParams.wq` -> ("embed", "heads"), with "layers" in front under `LMParams.blocks`), so
+the same walk names the leaves of an optimizer state whose moments mirror the params. An array
+that no declaration covers is an error, not a silent replication. `ShardingRules` has one field
+per logical name, holding its mesh axes; an unknown name is an error. A dimension that the mesh
+axes do not divide stays replicated, so tiny models still run on 8 devices.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import numpy as np
@@ -24,10 +25,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from marjax.config import MeshConfig
 from marjax.errors import ConfigError
+from marjax.typing import ArrayInfo, declarations
 
 __all__ = ["AXES", "make_mesh", "ShardingRules", "DEFAULT_RULES", "logical_axes", "partition_spec",
            "param_shardings", "batch_sharding", "batch_shardings", "replicated", "init_sharded",
-           "shard_params", "tree_names"]
+           "shard_params"]
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -61,119 +63,122 @@ def make_mesh(mcfg: MeshConfig = MeshConfig(), devices: Optional[Sequence] = Non
 
 # ----------------------------------------------------------------------------- logical axes
 
-# field name -> logical names, leading "layers" included for per-block leaves
-_BLOCK_AXES = {
-    "mixer_norm": ("layers", "embed"),
-    "mlp_norm": ("layers", "embed"),
-    # attention
-    "wq": ("layers", "embed", "heads"),
-    "wk": ("layers", "embed", "kv_heads"),
-    "wv": ("layers", "embed", "kv_heads"),
-    "wo": ("layers", "heads", "embed"),
-    # SwiGLU MLP
-    "gate": ("layers", "embed", "mlp"),
-    "up": ("layers", "embed", "mlp"),
-    "down": ("layers", "mlp", "embed"),
-    # Discrete Mamba-2 mixer
-    "in_proj": ("layers", "embed", "ssm_inner"),
-    "out_proj": ("layers", "ssm_inner", "embed"),
-    "conv_w": ("layers", None, "ssm_inner"),
-    "conv_b": ("layers", "ssm_inner"),
-    "z_bias": ("layers", "ssm_inner"),
-    "D": ("layers", "ssm_heads"),
-    "a_log_bias": ("layers", "ssm_heads"),
-}
-_TOP_AXES = {
-    "embed": ("vocab", "embed"),
-    "lm_head": ("embed", "vocab"),
-    "final_norm": ("embed",),
-}
-
-
-def tree_names(path) -> list:
-    """The attribute / dict-key names along a key path (sequence indices skipped)."""
-    out = []
-    for k in path:
-        if isinstance(k, jax.tree_util.GetAttrKey):
-            out.append(k.name)
-        elif isinstance(k, jax.tree_util.DictKey):
-            out.append(str(k.key))
-    return out
-
-
-def _axes_for(names: list, ndim: int) -> tuple:
-    in_blocks = "blocks" in names
-    last = names[-1] if names else None
-    if in_blocks and "spikes" in names:
-        # ATMN thresholds: (layers,) per site, or (layers, channels)
-        axes = ("layers",) + ("act",) * (ndim - 1) if ndim >= 1 else ()
-    elif in_blocks and last in _BLOCK_AXES:
-        axes = _BLOCK_AXES[last]
-    elif not in_blocks and last in _TOP_AXES:
-        axes = _TOP_AXES[last]
-    elif in_blocks and ndim >= 1:
-        axes = ("layers",) + (None,) * (ndim - 1)
-    else:
-        axes = (None,) * ndim
-    if len(axes) == ndim:
-        return axes
-    if axes and axes[0] == "layers" and len(axes) == ndim + 1:   # one block, no stacked axis
-        return axes[1:]
-    return (None,) * ndim
-
-
 def _shape(x) -> tuple:
     return tuple(x.shape) if hasattr(x, "shape") else tuple(np.shape(x))
 
 
+def _leaf_axes(x, where: str, lead: tuple, axes: Optional[tuple], trailing: Optional[tuple]) -> tuple:
+    """The logical axes of one array: `lead + axes` when declared; `lead` + the last k of
+    `trailing` for a leaf of an undeclared type below a subtree declaration; () for a scalar."""
+    shape = _shape(x)
+    if axes is not None:
+        if len(shape) != len(lead) + len(axes):
+            raise ConfigError(f"{where}: declared axes {lead + axes} do not fit an array of shape {shape}")
+        return lead + axes
+    k = len(shape) - len(lead)
+    if trailing is not None and 0 <= k <= len(trailing):
+        return lead + tuple(trailing[len(trailing) - k:])
+    if not shape:
+        return ()        # scalars (an optimizer's step count) are never sharded
+    raise ConfigError(f"{where}: no logical axes are declared for this array of shape {shape} "
+                      "(declare its field with marjax.typing.array / subtree)")
+
+
+def _walk(node, where: str, lead: tuple, trailing: Optional[tuple], fn: Callable):
+    """fn(logical axes, leaf) at every leaf below `node`, rebuilt into its structure."""
+    if node is None:
+        return None
+    decl = declarations(node)
+    if decl:
+        kw = {}
+        for name, info in decl.items():
+            v, here = getattr(node, name), f"{where}.{name}"
+            if v is None:
+                kw[name] = None
+            elif isinstance(info, ArrayInfo):
+                kw[name] = fn(_leaf_axes(v, here, lead, info.axes, None), v)
+            else:
+                kw[name] = _walk(v, here, lead + info.lead, info.leaf_axes, fn)
+        return type(node)(**kw)
+    if hasattr(node, "shape") or isinstance(node, (int, float, complex, np.number)):
+        return fn(_leaf_axes(node, where, lead, None, trailing), node)
+    children, treedef = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
+    if jax.tree_util.treedef_is_leaf(treedef):
+        return fn((), node)      # not an array (a string, an object): nothing to shard
+    return jax.tree_util.tree_unflatten(
+        treedef, [_walk(c, where + jax.tree_util.keystr(k), lead, trailing, fn) for k, c in children])
+
+
+def logical_axes(tree, lead: tuple = ()) -> Any:
+    """Same-structure pytree with a tuple of logical axis names (None: a dim never sharded) per
+    array leaf, read from the param declarations. Works on params, on abstract params
+    (ShapeDtypeStruct) and on optimizer states; `lead` names leading axes the tree's own
+    declarations do not have (("layers",) for one stacked BlockParams). ConfigError for an array
+    no declaration covers. (To map it against the params use `is_leaf=lambda x: type(x) is tuple`.)"""
+    return _walk(tree, "params", tuple(lead), None, lambda axes, _: axes)
+
+
 def _map_with_axes(fn: Callable, tree):
     """fn(logical_axes, leaf) for every leaf, rebuilt into the tree's structure."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    return jax.tree_util.tree_unflatten(
-        treedef, [fn(_axes_for(tree_names(path), len(_shape(leaf))), leaf) for path, leaf in flat])
-
-
-def logical_axes(tree) -> Any:
-    """Same-structure pytree with a tuple of logical axis names (or None) per array leaf.
-    Works on params, on abstract params (ShapeDtypeStruct) and on optimizer states. (To map
-    it against the params use `is_leaf=lambda x: type(x) is tuple`.)"""
-    return _map_with_axes(lambda axes, _: axes, tree)
+    return _walk(tree, "params", (), None, fn)
 
 
 # ----------------------------------------------------------------------------- rules
 
+MeshAxes = Union[None, str, tuple]
+
+
 @dataclass(frozen=True)
 class ShardingRules:
-    """Logical axis name -> mesh axis (a name, a tuple of names, or None = replicated)."""
-    rules: tuple = (
-        ("batch", ("data", "fsdp")),
-        ("embed", "fsdp"),
-        ("vocab", "tensor"),
-        ("heads", "tensor"),
-        ("kv_heads", "tensor"),
-        ("mlp", "tensor"),
-        ("ssm_inner", "tensor"),
-        ("ssm_heads", "tensor"),
-        ("act", None),
-        ("layers", None),
-        ("seq", None),
-    )
+    """One field per logical axis name: the mesh axis (a name, a tuple of names, or None =
+    replicated) that dims of that name are split over. Unknown names raise, at construction
+    (`replace`) and at lookup (`mesh_axes`); a rule naming an axis outside AXES, or one mesh axis
+    twice, is refused."""
+    batch: MeshAxes = ("data", "fsdp")
+    embed: MeshAxes = "fsdp"
+    vocab: MeshAxes = "tensor"
+    heads: MeshAxes = "tensor"
+    kv_heads: MeshAxes = "tensor"
+    mlp: MeshAxes = "tensor"
+    ssm_inner: MeshAxes = "tensor"
+    ssm_heads: MeshAxes = "tensor"
+    act: MeshAxes = None
+    layers: MeshAxes = None
+    seq: MeshAxes = None
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            target = self._targets(getattr(self, f.name))
+            bad = [a for a in target if a not in AXES]
+            if bad:
+                raise ConfigError(f"ShardingRules.{f.name}: mesh axes must be among {AXES}, got {bad}")
+            if len(set(target)) != len(target):
+                raise ConfigError(f"ShardingRules.{f.name}: maps onto mesh axis {target} more than once")
+
+    @staticmethod
+    def _targets(value) -> tuple:
+        if value is None:
+            return ()
+        return (value,) if isinstance(value, str) else tuple(value)
 
     def mesh_axes(self, logical: Optional[str]) -> tuple:
+        """The mesh axes of a logical name (() for None or a replicated name)."""
         if logical is None:
             return ()
-        for name, target in self.rules:
-            if name == logical:
-                if target is None:
-                    return ()
-                return (target,) if isinstance(target, str) else tuple(target)
-        return ()
+        if logical not in self.names():
+            raise ConfigError(f"unknown logical axis {logical!r}; ShardingRules knows {self.names()}")
+        return self._targets(getattr(self, logical))
+
+    @classmethod
+    def names(cls) -> tuple:
+        return tuple(f.name for f in dataclasses.fields(cls))
 
     def replace(self, **overrides) -> "ShardingRules":
         """Rules with some logical names remapped, e.g. `.replace(embed=None)`."""
-        known = dict(self.rules)
-        known.update(overrides)
-        return ShardingRules(tuple(known.items()))
+        unknown = sorted(set(overrides) - set(self.names()))
+        if unknown:
+            raise ConfigError(f"ShardingRules.replace: unknown logical axes {unknown}; known {self.names()}")
+        return dataclasses.replace(self, **overrides)
 
 
 DEFAULT_RULES = ShardingRules()

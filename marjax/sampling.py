@@ -1,0 +1,92 @@
+"""Decoding: pick the next token from logits (greedy, temperature, nucleus top-p) and the cached
+decode loop over an LM's params (KV cache for attention, conv window + SSD state for the SSM).
+
+    new_ids = decode(params, cfg, prompt_ids, max_new_tokens=32, temperature=0.7, top_p=0.9)
+
+Sampling runs on the host in float64 numpy (one row of v logits per step), so a seed gives the
+same tokens on every backend.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Float, Int
+
+from marjax.config import ModelConfig
+from marjax.errors import MarjaxError
+from marjax.models import lm
+
+__all__ = ["sample_token", "cache_length", "as_ids", "decode"]
+
+CACHE_BUCKET = 256   # the KV cache length is rounded up to this, so decoding compiles once per bucket
+
+_forward_cached = jax.jit(lm.forward_cached, static_argnames=("cfg",), donate_argnames=("cache",))
+
+
+def sample_token(logits_v: Float[np.ndarray, "v"], temperature: float, top_p: float,
+                 rng: np.random.Generator) -> int:
+    """argmax when temperature <= 0; else a draw from softmax(logits / temperature) restricted to
+    the smallest set of tokens whose probability reaches top_p."""
+    if temperature <= 0:
+        return int(np.argmax(logits_v))
+    z = logits_v.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p)
+        keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)]
+        q = np.zeros_like(p)
+        q[keep] = p[keep]
+        p = q / q.sum()
+    return int(rng.choice(len(p), p=p))
+
+
+def cache_length(n: int, bucket: int = CACHE_BUCKET) -> int:
+    """n rounded up to a multiple of `bucket`."""
+    return -(-n // bucket) * bucket
+
+
+def as_ids(token_ids) -> Int[jax.Array, "b l"]:
+    """int32 (b, l) from ids of shape (l,) or (b, l); MarjaxError for non-integers."""
+    ids = np.asarray(token_ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.dtype.kind not in "iu":
+        raise MarjaxError(f"token_ids must be integers, got dtype {ids.dtype}")
+    return jnp.asarray(ids, jnp.int32)
+
+
+def decode(params: lm.LMParams, cfg: ModelConfig, prompt_ids: Sequence[int], max_new_tokens: int = 32, *,
+           temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, stop_ids: Sequence[int] = (),
+           on_token: Optional[Callable[[int], None]] = None) -> list:
+    """The new ids after `prompt_ids` (one sequence): prefill once, then one cached step per token,
+    until max_new_tokens or a token in stop_ids (which is returned, then decoding stops)."""
+    prompt = [int(t) for t in prompt_ids]
+    if not prompt:
+        raise MarjaxError("prompt is empty: give at least one token (an empty string encodes to none)")
+    if max_new_tokens < 0:
+        raise MarjaxError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    total = len(prompt) + max_new_tokens
+    if total > cfg.max_seq_len:
+        raise MarjaxError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
+                          f"max_seq_len {cfg.max_seq_len}")
+    ids = as_ids(prompt)
+    lm.check_ids(ids, cfg)
+    out: list = []
+    if max_new_tokens == 0:
+        return out
+    stop, rng = set(stop_ids), np.random.default_rng(seed)
+    cache = lm.init_cache(cfg, 1, min(cache_length(total), cfg.max_seq_len))
+    lg, cache = _forward_cached(params, ids, cache, cfg=cfg)
+    for _ in range(max_new_tokens):
+        tok = sample_token(np.asarray(lg[0, -1]), temperature, top_p, rng)
+        out.append(tok)
+        if on_token is not None:
+            on_token(tok)
+        if tok in stop or len(out) == max_new_tokens:
+            break
+        lg, cache = _forward_cached(params, jnp.asarray([[tok]], jnp.int32), cache, cfg=cfg)
+    return out
