@@ -237,8 +237,24 @@ class SafetensorsDir:
                                   f"a float type ({', '.join(FLOAT_DTYPES)})")
         return a
 
+    def slice_of(self, name: str):
+        """A lazy view of one tensor: indexing it reads only that block from the file (sharded loads)."""
+        try:
+            sl = self._handles[self._where[name]].get_slice(name)
+            kind = sl.get_dtype()
+        except Exception as e:
+            raise CheckpointError(f"{self.file_of(name)}: cannot read tensor {name} ({e})") from None
+        if kind not in _SLICE_DTYPES:
+            raise CheckpointError(f"{self.file_of(name)}: tensor {name} has dtype {kind}, expected a float type "
+                                  f"({', '.join(FLOAT_DTYPES)})")
+        return sl
+
+    def shape_of(self, name: str) -> tuple:
+        return tuple(int(n) for n in self.slice_of(name).get_shape())
+
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+_SLICE_DTYPES = ("F16", "BF16", "F32", "F64")     # the same, as safetensors headers spell them
 _MAX_HEADER = 100 << 20   # safetensors' own limit on the JSON header
 
 

@@ -51,7 +51,7 @@ import jax
 from marjax.config import ModelConfig, model_config_from_dict, to_dict
 from marjax.errors import CheckpointError
 
-__all__ = ["Checkpointer", "load_model_dir", "check_compatible", "read_run_meta", "make_meta", "model_kind",
+__all__ = ["Checkpointer", "load_model_dir", "load_on_mesh", "check_compatible", "read_run_meta", "make_meta", "model_kind",
            "RUN_META", "FORMAT", "tree_to_dict", "dict_to_tree", "config_field_errors", "PAUSE_ENV",
            "PAUSE_MARKER", "pause_target"]
 
@@ -557,6 +557,20 @@ def load_model_dir(path, *, step: Optional[int] = None, mesh=None, rules=None):
         ck.close()
     tok = _load_tokenizer(meta.get("tokenizer_source") or run.get("tokenizer_source"))
     return cfg, params, tok
+
+
+def load_on_mesh(name_or_path, mesh, rules=None, *, dtype: Optional[str] = None, step: Optional[int] = None):
+    """(cfg, params, tokenizer) with every param leaf created directly in its sharding on `mesh`
+    (by `rules`; each device reads only its slices, no full copy on one device): a marjax run
+    directory through Orbax, anything else (.gguf, HF / Llamba / marjax model dir, preset)
+    through marjax.io.sharded.load_sharded."""
+    # late import: the io readers (gguf, safetensors) are only needed when loading from a file
+    from marjax.io.sharded import load_sharded
+    from marjax.train.mesh import param_shardings   # late import: as above (only with a mesh)
+    path = os.fspath(name_or_path)
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, RUN_META)):
+        return load_model_dir(path, step=step, mesh=mesh, rules=rules)
+    return load_sharded(path, lambda shapes: param_shardings(shapes, mesh, rules), dtype=dtype)
 
 
 def _load_tokenizer(src: Optional[str]):
