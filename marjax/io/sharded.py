@@ -36,7 +36,6 @@ from marjax.config import PRESETS, preset
 from marjax.errors import CheckpointError, MarjaxError, ModelNotFoundError
 from marjax.io.gguf import _LAYER, _TOP, gguf_config, read_gguf
 from marjax.io.hf import SafetensorsDir, _config_for, _file_shape, _make_getter, expected_shapes, read_config
-from marjax.io.resolve import KNOWN_MODELS, smollm2_gguf_path
 from marjax.io.tokenizer import ByteTokenizer, from_gguf_fields, load_tokenizer_dir
 from marjax.models.lm import init_params, init_spike_sites
 
@@ -235,12 +234,8 @@ def load_sharded(name_or_path, shardings: Shardings, *, dtype: Optional[str] = N
     """(cfg, params, tokenizer) like `marjax.io.resolve_model`, every param leaf created in the
     sharding `shardings(abstract params)` gives it: a .gguf file, an HF / Llamba / marjax model
     directory, or a preset name (random params, initialised under jit with those out_shardings).
-    A marjax run directory (Orbax) needs the train floor: marjax.train.checkpoint.load_on_mesh."""
+    Known model names and marjax run directories (Orbax): marjax.train.checkpoint.load_on_mesh."""
     name = os.fspath(name_or_path)
-    key = name.strip().lower()
-    if key in KNOWN_MODELS:
-        cfg, params, tok = load_gguf_sharded(smollm2_gguf_path(), shardings, dtype)
-        return dataclasses.replace(cfg, name="smollm2-135m-instruct"), params, tok
     if name.lower().endswith(".gguf"):
         if not os.path.isfile(name):
             raise ModelNotFoundError(f"GGUF file not found: {name}")

@@ -565,12 +565,16 @@ def load_on_mesh(name_or_path, mesh, rules=None, *, dtype: Optional[str] = None,
     directory through Orbax, anything else (.gguf, HF / Llamba / marjax model dir, preset)
     through marjax.io.sharded.load_sharded."""
     # late import: the io readers (gguf, safetensors) are only needed when loading from a file
-    from marjax.io.sharded import load_sharded
+    from marjax.io.sharded import load_sharded   # late import: as above
     from marjax.train.mesh import param_shardings   # late import: as above (only with a mesh)
+    from marjax.io.resolve import KNOWN_MODELS, smollm2_gguf_path   # late import: as above
     path = os.fspath(name_or_path)
     if os.path.isdir(path) and os.path.exists(os.path.join(path, RUN_META)):
         return load_model_dir(path, step=step, mesh=mesh, rules=rules)
-    return load_sharded(path, lambda shapes: param_shardings(shapes, mesh, rules), dtype=dtype)
+    named = path.strip().lower() in KNOWN_MODELS
+    cfg, params, tok = load_sharded(smollm2_gguf_path() if named else path,
+                                    lambda shapes: param_shardings(shapes, mesh, rules), dtype=dtype)
+    return (dataclasses.replace(cfg, name="smollm2-135m-instruct") if named else cfg), params, tok
 
 
 def _load_tokenizer(src: Optional[str]):
