@@ -41,6 +41,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import shutil
 import typing
 import warnings
 from pathlib import Path
@@ -294,6 +295,14 @@ class Checkpointer:
 
     def _save_failed(self, step: Optional[int], e: BaseException) -> CheckpointError:
         self._failed = True
+        # free what the failed save wrote (a partial step is never read) and record the last
+        # complete step, both best effort: the disk may still be full
+        for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            self._refresh_run_meta()
+        except Exception:  # noqa: BLE001 - the error below is the one to report
+            pass
         full = any(getattr(x, "errno", None) == 28 or "No space left" in str(x) or "os_error_code='28'" in str(x)
                    for x in _chain(e))                                          # ENOSPC, also via tensorstore
         try:
@@ -412,10 +421,16 @@ class Checkpointer:
         # latest finished step: Orbax already lists the step whose async save is in flight, which
         # is not restorable yet (its predecessor is: a save waits for the previous one)
         saving = meta.get("latest_step")
-        done = saving if not self.async_save else max((s for s in self.mgr.all_steps() if s != saving), default=None)
+        done = saving if not self.async_save else self._done_step(exclude=saving)
         run["latest_step"] = None if done is None else int(done)
         run["saving_step"] = meta.get("latest_step")
         _atomic_write(self.directory / RUN_META, json.dumps(run, indent=1))
+
+    def _done_step(self, exclude: Optional[int] = None) -> Optional[int]:
+        """The latest finalised step: Orbax's list also holds a step whose save is in flight or
+        failed; on a local disk a step is final once its directory has its own name."""
+        return max((s for s in self.mgr.all_steps() if s != exclude and (self.directory / str(s)).is_dir()),
+                   default=None)
 
     def _refresh_run_meta(self) -> None:
         path = self.directory / RUN_META
@@ -427,7 +442,7 @@ class Checkpointer:
             run = {}
         if not isinstance(run, dict):
             run = {}
-        done = self.mgr.latest_step()
+        done = self._done_step()
         run["latest_step"] = None if done is None else int(done)
         run.pop("saving_step", None)
         _atomic_write(path, json.dumps(run, indent=1))

@@ -81,7 +81,8 @@ def test_kill_during_async_save_matches_a_separate_run(tmp_path, xla_cache, refe
 def test_kill_mid_step_resumes_exactly(tmp_path, xla_cache, reference):
     out = tmp_path / "run"
     env = distill_env(xla_cache)
-    start_and_kill_at(out, env, "step:5")        # update 5 dispatched, its batch consumed, nothing saved
+    # update 5 dispatched, its batch consumed, nothing saved; killed once step 4's save is final
+    start_and_kill_at(out, env, "step:5", until=lambda: (out / "4").is_dir())
     assert _steps_on_disk(out) == [2, 4]
     assert [r["step"] for r in curve(out)] == [1, 2, 3, 4]
     _resume_and_compare(out, env, reference)
@@ -95,8 +96,8 @@ def test_killed_three_times_resumes_exactly(tmp_path, xla_cache, reference):
     start_and_kill_at(out, env, "step:3")
     assert _steps_on_disk(out) == [2]
     for pause, steps in (("save:4", [2]), ("step:6", [2, 4])):
-        start_and_kill_at(out, env, pause, "--resume", until=lambda: pause == "step:6" or
-                          run_meta(out).get("saving_step") == 4)
+        start_and_kill_at(out, env, pause, "--resume", until=lambda: (out / "4").is_dir() if pause == "step:6"
+                          else run_meta(out).get("saving_step") == 4)
         assert _steps_on_disk(out) == steps, pause
     _resume_and_compare(out, env, reference)
 
