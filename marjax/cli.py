@@ -15,6 +15,8 @@ COMMANDS = {
     "eval": ("marjax.eval.cli", "main", "perplexity and zero-shot multiple-choice tasks"),
     "energy": ("marjax.eval.energy", "main", "analytic energy report (45 nm constants)"),
     "bench": ("marjax.bench", "main", "benchmarks: ssd | decode | spiking"),
+    "plan": ("marjax.app.plan", "main", "lower/compile a stage's step on a mesh: bytes, FLOPs, tokens/s"),
+    "launch": ("marjax.app.launch", "main", "run a marjax command as N JAX processes (jax.distributed)"),
 }
 
 

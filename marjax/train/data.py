@@ -35,10 +35,13 @@ Tokens and packing
   The stream is built in memory up front (fine up to ~1e8 tokens).
 
 Order, sharding, epochs
-  Shard s of S takes windows s, s+S, s+2S, ... (the same count on every shard, so all processes
-  run the same number of steps); each shard shuffles its windows with `seed`, reshuffled every
-  epoch (Grain's shuffle-then-repeat), and batches them (a batch may span an epoch boundary;
-  with a finite `num_epochs` the last partial batch is dropped).
+  All shards see one order: the windows shuffled with `seed`, reshuffled every epoch (Grain's
+  shuffle-then-repeat), cut into batches of `batch_size` (a batch may span an epoch boundary;
+  with a finite `num_epochs` the last partial batch is dropped); shard s of S takes batches
+  s, s+S, s+2S, ... (the same count on every shard, so all processes run the same number of
+  steps). So the S shards' k-th batches, stacked in shard order, are exactly batch k of one
+  shard with batch_size * S: a job on S processes trains on the same global batches as one
+  process does, and every shard's iterator state (its position) is the same.
 """
 from __future__ import annotations
 
@@ -370,9 +373,12 @@ class PackedBatches(grain.DatasetIterator):
     def set_state(self, state: dict) -> None:
         if not isinstance(state, dict) or "grain" not in state or "dataset" not in state:
             raise DataError(f"not a marjax data iterator state: {state!r:.200}")
-        if dict(state["dataset"]) != self._fingerprint:
+        # the shard index is not compared: every shard walks the same order (module doc), so the
+        # state one process saved (Orbax writes it from process 0) resumes every shard
+        saved = {k: v for k, v in dict(state["dataset"]).items() if k != "shard_index"}
+        if saved != {k: v for k, v in self._fingerprint.items() if k != "shard_index"}:
             diff = {k: (state["dataset"].get(k), v) for k, v in self._fingerprint.items()
-                    if state["dataset"].get(k) != v}
+                    if state["dataset"].get(k) != v and k != "shard_index"}
             raise DataError(f"data iterator state is from a different dataset; (saved, current): {diff}")
         self._parent.set_state(state["grain"])
 
@@ -415,10 +421,14 @@ def make_dataset(source: Union[None, str, Path, Sequence[Document]], tokenizer, 
         raise DataError("mask='assistant' but the documents contain no assistant tokens")
 
     windows = _Windows(ids, bits if mask == "assistant" else np.ones_like(bits), seq_len, int(tokenizer.eos_id))
-    ds = grain.MapDataset.range(per_shard).map(lambda j: shard_index + shard_count * j)
+    ds = grain.MapDataset.range(n_windows)
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(num_epochs).map(windows).batch(batch_size, drop_remainder=True)
+    if shard_count > 1:
+        if num_epochs is not None:    # an equal number of batches on every shard
+            ds = ds[:len(ds) // shard_count * shard_count]
+        ds = ds[shard_index::shard_count]
     it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
     fingerprint = {"n_tokens": int(len(ids)), "seq_len": seq_len, "batch_size": batch_size, "seed": int(seed),
                    "shuffle": bool(shuffle), "mask": mask, "shard_index": int(shard_index),

@@ -222,7 +222,10 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, tcfg: Tr
     step_fn, metrics_path = None, out / METRICS_FILE
     bar = _progress(progress, tcfg.steps, start, meta["stage"])
     iv, t_run = _Interval(), time.perf_counter()
-    tokens_total = int(history[-1]["tokens"]) if history else start * tcfg.batch_tokens
+    # TrainConfig.micro_batch / batch_tokens count one process's rows (marjax.train.data shards
+    # a global order across processes): the logged tokens are the global ones
+    n_proc = jax.process_count()
+    tokens_total = int(history[-1]["tokens"]) if history else start * tcfg.batch_tokens * n_proc
     last_saved, last_grad_norm, skips = (start if start > 0 else None), None, 0
 
     def log(s: int, i: int, with_eval: bool = False) -> dict:
@@ -254,7 +257,10 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, tcfg: Tr
                 break
             batch = stack_micro_batches(micro)
             if step_fn is None:
-                sh = make_step_shardings(state, teacher, batch, mesh, rules)
+                # shardings of the global batch (each process holds micro_batch of its rows)
+                glob = batch if n_proc == 1 else jax.tree.map(
+                    lambda x: jax.ShapeDtypeStruct((x.shape[0], x.shape[1] * n_proc) + x.shape[2:], x.dtype), batch)
+                sh = make_step_shardings(state, teacher, glob, mesh, rules)
                 step_fn = make_train_step(loss_fn, tx, mesh, sh, n_micro, trainable=trainable,
                                           compute_dtype=compute_dtype)
             state, res = step_fn(state, teacher, _put(batch, sh.batch))
@@ -263,6 +269,7 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, tcfg: Tr
             res = jax.device_get(res)
             n_tok = int(np.prod(np.shape(batch["inputs"]))) if "inputs" in batch else \
                 int(np.prod(np.shape(jax.tree.leaves(batch)[0])[:2]))
+            n_tok *= n_proc
             tokens_total += n_tok              # consumed, trained on or skipped
             event = {"step": s, "event": "nonfinite", "loss": _f(res["loss"]), "grad_norm": _f(res["grad_norm"])}
             if not bool(res["finite"]):
