@@ -248,11 +248,13 @@ def _models(teacher: str, student: str, stage: str, atmn: ATMNConfig, ssd_impl: 
 
 
 def _simulate_devices(n: int) -> None:
-    """n CPU devices, set before the backend starts (afterwards the count is fixed)."""
-    try:
-        jax.config.update("jax_num_cpu_devices", n)
-    except RuntimeError:       # the backend is already up: what it has is what we get
-        pass
+    """n CPU devices, set before the backend starts (afterwards the count is fixed). Not under
+    `marjax launch` (MARJAX_NUM_PROCESSES set), where the processes' devices are the job's."""
+    if not os.environ.get("MARJAX_NUM_PROCESSES"):
+        try:
+            jax.config.update("jax_num_cpu_devices", n)
+        except RuntimeError:       # the backend is already up: what it has is what we get
+            pass
     if len(jax.devices()) < n:
         raise ConfigError(f"--devices {n}: this process has {len(jax.devices())} {jax.default_backend()} devices "
                           f"(run on CPU with JAX_PLATFORMS=cpu, or set XLA_FLAGS="

@@ -1,0 +1,53 @@
+"""`marjax plan` on tiny presets over 8 simulated devices: the printed fields, and the analytic
+FLOPs per token against XLA's cost analysis of the (scan-unrolled) train step."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _plan(tmp_path, *args):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("MARJAX_NUM_PROCESSES", None)
+    out = tmp_path / "plan.json"
+    r = subprocess.run([sys.executable, "-m", "marjax", "plan", *args, "--json", str(out)], env=env,
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout, json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("stage,teacher,student", [("kd", "tiny", "tiny-ssm"), ("pretrain", "tiny", "tiny")])
+def test_plan_fields_and_flops_agree(tmp_path, stage, teacher, student):
+    text, p = _plan(tmp_path, "--teacher", teacher, "--student", student, "--stage", stage, "--mesh", "2,2,2",
+                    "--seq-len", "64", "--micro-batch", "8", "--no-compile")
+    for field in ("per-device bytes:", "student params", "optimizer state", "teacher params",
+                  "activations (analytic)", "FLOPs per token:", "analytic total", "xla cost analysis",
+                  "analytic / xla", "tokens/s ceiling", "H100 SXM (bf16 989 TFLOP/s)", "TPU v5e (bf16 197 TFLOP/s)",
+                  "compiled: no"):
+        assert field in text, field
+    assert p["devices"] == 8 and p["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    b = p["bytes_per_device"]
+    assert b["student params"] > 0 and b["optimizer state"] >= 2 * b["student params"] * 0.99   # two Adam moments
+    assert (b["teacher params"] > 0) == (stage != "pretrain")
+    assert 0.9 <= p["ratio_analytic_over_xla"] <= 1.1, p["ratio_analytic_over_xla"]
+    # XLA counts a while loop's body once: the step as lowered (layer scans) must count less
+    assert p["xla_flops_per_token_loop_bodies_once"] < 0.8 * p["xla_flops_per_token"]
+    ceil = p["tokens_per_s_ceiling"]["H100 SXM (bf16 989 TFLOP/s)"]
+    assert abs(ceil - 8 * 989e12 / p["xla_flops_per_token"]) < 1e-6 * ceil
+
+
+@pytest.mark.slow
+def test_plan_compiles_and_reports_xla_memory(tmp_path):
+    text, p = _plan(tmp_path, "--teacher", "tiny", "--student", "tiny-ssm", "--stage", "sbds", "--mesh", "2,2,2",
+                    "--seq-len", "64", "--micro-batch", "8", "--compute-dtype", "float32")
+    assert p["compiled"] and "compiled: yes" in text and "xla argument_size" in text
+    b, m = p["bytes_per_device"], p["xla_memory"]
+    state = b["student params"] + b["optimizer state"] + b["teacher params"]
+    # the step's arguments per device: the sharded state and teacher, plus the batch and scalars
+    assert state <= m["argument_size_in_bytes"] <= 1.1 * state + 64 * 1024
