@@ -93,7 +93,7 @@ def test_killed_three_times_resumes_exactly(tmp_path, xla_cache, reference):
     """Killed mid-step, resumed and killed in a save, resumed and killed mid-step again."""
     out = tmp_path / "run"
     env = distill_env(xla_cache)
-    start_and_kill_at(out, env, "step:3")
+    start_and_kill_at(out, env, "step:3", until=lambda: (out / "2").is_dir())   # step 2's save final
     assert _steps_on_disk(out) == [2]
     for pause, steps in (("save:4", [2]), ("step:6", [2, 4])):
         start_and_kill_at(out, env, pause, "--resume", until=lambda: (out / "4").is_dir() if pause == "step:6"
