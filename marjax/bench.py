@@ -1,8 +1,11 @@
-"""`marjax bench ssd|decode|spiking`: benchmarks that print ratios measured side by side in one
-run (absolute times only on GPU, with the device named)."""
+"""`marjax bench ssd|decode|spiking` (floor 5, the application): the dispatcher and the decode
+benchmark, which loads whole models. Each op's own bench lives in its room: `marjax.ssm.bench`
+(ssd), `marjax.spiking.bench` (spiking). Ratios are measured side by side in one run (absolute
+times only on GPU, with the device named)."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import statistics
 import time
@@ -10,6 +13,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from marjax.api import Model, load
+from marjax.distill.init import init_from_attention
+from marjax.models import lm
 
 __all__ = ["main", "decode_main", "timeit", "device_name"]
 
@@ -34,7 +41,6 @@ def timeit(fn, *args, repeats: int = 3, warmup: int = 1) -> float:
 def _decode_kv_vs_full(m, prompt_len: int, n_new: int) -> dict:
     """Greedy decode of n_new tokens: with the model's cache vs re-running the full forward per
     token over a fixed-size buffer (so neither side recompiles per token)."""
-    from marjax.models import lm
     cfg, params = m.config, m.params
     total = prompt_len + n_new
     prompt = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, prompt_len)), jnp.int32)
@@ -81,7 +87,6 @@ def _decode_kv_vs_full(m, prompt_len: int, n_new: int) -> dict:
 
 def _ssm_decode_curve(m, contexts) -> list:
     """Per-step decode time and cache bytes after `ctx` tokens: flat for the SSM, linear for KV."""
-    from marjax.models import lm
     cfg, params = m.config, m.params
     step = jax.jit(lm.forward_cached, static_argnames="cfg")
     tok = jnp.zeros((1, 1), jnp.int32)
@@ -105,8 +110,7 @@ def decode_main(argv=None) -> int:
     ap.add_argument("--ssm-model", default="", help="SSM model for the curve (default: the converted --model)")
     ap.add_argument("--json", default="")
     a = ap.parse_args(argv)
-    import marjax
-    m = marjax.load(a.model)
+    m = load(a.model)
     out = {"device": device_name(), "model": a.model, "decode": []}
     print(f"# decode benchmark on {out['device']}, model {a.model} (ratios measured in one run)")
     print("| new tokens | KV-cache tok/s over full-forward tok/s | same tokens |")
@@ -118,11 +122,10 @@ def decode_main(argv=None) -> int:
     if a.curve:
         ctxs = [int(x) for x in a.curve.split(",")]
         if a.ssm_model:
-            sm = marjax.load(a.ssm_model)
+            sm = load(a.ssm_model)
         else:
-            from marjax.distill.init import init_from_attention
-            scfg, sp = init_from_attention(m.params, m.config)
-            sm = marjax.Model(scfg, sp, m.tokenizer, "converted")
+            student_cfg, sp = init_from_attention(m.params, m.config)
+            sm = Model(student_cfg, sp, m.tokenizer, "converted")
         kv, ss = _ssm_decode_curve(m, ctxs), _ssm_decode_curve(sm, ctxs)
         base_kv, base_ss = kv[0]["step_s"], ss[0]["step_s"]
         print("\n| context | KV step / KV step@first | SSM step / SSM step@first | SSM step / KV step | KV cache MiB | SSM state MiB |")
@@ -140,10 +143,9 @@ def decode_main(argv=None) -> int:
 def main(argv=None) -> int:
     argv = list(argv or [])
     subs = {"ssd": ("marjax.ssm.bench", "main"), "decode": ("marjax.bench", "decode_main"),
-            "spiking": ("marjax.bench_spiking", "main")}
+            "spiking": ("marjax.spiking.bench", "main")}
     if not argv or argv[0] not in subs:
         print("usage: marjax bench {ssd|decode|spiking} [--help]")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    import importlib
     mod, fn = subs[argv[0]]
     return int(getattr(importlib.import_module(mod), fn)(argv[1:]) or 0)

@@ -8,7 +8,7 @@ same tokens on every backend.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +60,7 @@ def as_ids(token_ids) -> Int[jax.Array, "b l"]:
 
 
 def decode(params: lm.LMParams, cfg: ModelConfig, prompt_ids: Sequence[int], max_new_tokens: int = 32, *,
-           temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, stop_ids: Sequence[int] = (),
+           temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, stop_ids: Iterable[int] = (),
            on_token: Optional[Callable[[int], None]] = None) -> list:
     """The new ids after `prompt_ids` (one sequence): prefill once, then one cached step per token,
     until max_new_tokens or a token in stop_ids (which is returned, then decoding stops)."""

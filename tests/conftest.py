@@ -24,3 +24,12 @@ def shared_data_dir() -> Path:
 @pytest.fixture
 def shared_data() -> Path:
     return shared_data_dir()
+
+
+# Shape legend checks (marjax/typing.py): while the tests run, jaxtyping + beartype check the
+# annotated signatures of the core layers, the LM and the sampler (dims consistent across the
+# arguments of one call). Installed before any marjax module is imported by a test.
+from jaxtyping import install_import_hook  # noqa: E402
+
+_TYPECHECKED = ("marjax.nn", "marjax.models.lm", "marjax.sampling")
+_typecheck_hook = install_import_hook(list(_TYPECHECKED), "beartype.beartype")

@@ -189,9 +189,10 @@ def check_ids(ids, cfg: ModelConfig) -> None:
             raise MarjaxError(f"token ids out of range: min {lo}, max {hi}, vocab_size {cfg.vocab_size}")
 
 
-def forward(params: LMParams, ids: Int[Array, "b l"], cfg: ModelConfig, *, taps=(), head: bool = True,
+def forward(params: LMParams, ids, cfg: ModelConfig, *, taps=(), head: bool = True,
             mask=None):
-    """Full-sequence forward. Returns (logits float32 (b,l,v) or final hidden (b,l,d), aux).
+    """Full-sequence forward of int ids (b, l), checked by `check_ids` (a MarjaxError, not a type
+    error, for a bad shape, dtype or range). Returns (logits float32 (b,l,v) or final hidden (b,l,d), aux).
     `mask` (b, l) only selects the tokens counted in the firing-rate taps (padding left out)."""
     check_ids(ids, cfg)
     positions = jnp.broadcast_to(jnp.arange(ids.shape[1])[None], ids.shape)

@@ -19,12 +19,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from marjax.bench import device_name
 from marjax.config import ATMNConfig
 from marjax.errors import ConfigError
 from marjax.spiking import ATMNParams, atmn, atmn_spikes, readout_coeffs
 
 __all__ = ["main", "layer_bench"]
+
+
+def device_name() -> str:
+    d = jax.devices()[0]
+    return f"{d.platform}:{getattr(d, 'device_kind', '')}"
 
 
 def _fns(cfg: ATMNConfig):
