@@ -93,8 +93,8 @@ def _walk(node, where: str, lead: tuple, trailing: Optional[tuple], fn: Callable
         kw = {}
         for name, info in decl.items():
             v, here = getattr(node, name), f"{where}.{name}"
-            if v is None:
-                kw[name] = None
+            if v is None or not jax.tree_util.tree_leaves(v):
+                kw[name] = v     # None, or an empty node (optax's MaskedNode for a frozen leaf)
             elif isinstance(info, ArrayInfo):
                 kw[name] = fn(_leaf_axes(v, here, lead, info.axes, None), v)
             else:
