@@ -24,7 +24,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert 0.0 < res["models"]["spiking"]["firing_rate"] < 1.0
     assert res["models"]["spiking"]["energy_ratio_vs_teacher"] < 1.0
     # the resolved config is recorded, the override included
-    assert res["config"]["sbds"]["steps"] == 60 and res["config"]["atmn"]["reset_grad"] == "membrane"
+    assert res["config"]["sbds"]["steps"] == 60 and res["config"]["atmn"]["reset_grad"] == "full"
     assert res["steps"]["sbds"] == 60
     for f in ("README.md", "loss_curves.png", "firing_rates.png", "energy.json", "energy.png"):
         assert (out / f).is_file(), f

@@ -295,7 +295,7 @@ def test_calibrate_under_vmap_over_layers():
 
 
 def test_bench_smoke(capsys):
-    from marjax.bench_spiking import main
+    from marjax.spiking.bench import main
     assert main(["--tokens", "16", "--d", "8", "--f", "8", "--T", "1,2", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "| 1 |" in out and "| 2 |" in out
