@@ -52,8 +52,10 @@ class StagePlan:
 
 
 def calibration_ids(rc: RunConfig, tokenizer, model_cfg, rows: int, seed_offset: int) -> np.ndarray:
-    """`rows` sequences from the run's data at a data seed no training batch uses."""
-    return np.asarray(next(iter(make_data(rc, tokenizer, model_cfg, seed_offset=seed_offset)))["inputs"][:rows])
+    """`rows` sequences from the run's data at a data seed no training batch uses; the same on
+    every process (the calibrated student must be identical across a multi-process job)."""
+    batches = make_data(rc, tokenizer, model_cfg, seed_offset=seed_offset, all_processes_same=True)
+    return np.asarray(next(iter(batches))["inputs"][:rows])
 
 
 def dense_student(teacher, rc: RunConfig, recipe: Recipe = Recipe()):

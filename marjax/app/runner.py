@@ -170,7 +170,10 @@ def run_stage(stage: str, teacher_model, student_cfg: ModelConfig, student_param
                  resume=rc.run.resume, progress=progress)
 
 
-def make_data(rc: RunConfig, tokenizer, model_cfg: ModelConfig, *, seed_offset: int = 0):
+def make_data(rc: RunConfig, tokenizer, model_cfg: ModelConfig, *, seed_offset: int = 0,
+              all_processes_same: bool = False):
+    """The run's batches (this process's shard), or a teacher cache. all_processes_same: every
+    process reads the same batches (calibration: the students built from them must agree)."""
     if is_teacher_cache(rc.run.data):
         cache = TeacherCache(rc.run.data)
         want = {"seq_len": rc.train.seq_len, "batch": rc.train.micro_batch, "vocab_size": model_cfg.vocab_size}
@@ -183,7 +186,8 @@ def make_data(rc: RunConfig, tokenizer, model_cfg: ModelConfig, *, seed_offset: 
     if rc.train.seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"train.seq_len {rc.train.seq_len} exceeds the model's max_seq_len {model_cfg.max_seq_len}")
     docs = load_documents(rc.run.data or None, text_field=rc.run.text_field)
+    shard = dict(shard_index=0, shard_count=1) if all_processes_same else {}
     return make_dataset(docs, tokenizer, rc.train.seq_len, rc.train.micro_batch, rc.train.seed + seed_offset,
-                        mask=rc.run.loss_mask, max_seq_len=model_cfg.max_seq_len)
+                        mask=rc.run.loss_mask, max_seq_len=model_cfg.max_seq_len, **shard)
 
 

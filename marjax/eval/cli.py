@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="marjax eval",
         description="Evaluate a model: sliding-window perplexity (ppl), zero-shot multiple choice "
                     "(lm-eval-harness conventions) and, with --teacher, generation metrics (gen). "
-                    "Data files: see marjax/eval/README_EVAL.md.")
+                    "Data files: see the README section 'Evaluation (marjax eval)' > 'Data files' and docs/data_formats.md.")
     ap.add_argument("--model", default=None, help="model name or path (default: the package default model)")
     ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
                     help=f"comma-separated, from {', '.join(T.KNOWN_TASKS)}; 'all' (the default) is every task but gen")

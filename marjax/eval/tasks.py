@@ -1,5 +1,5 @@
 """Readers for the zero-shot tasks, each from its original file format, and the requests that
-score them (lm-evaluation-harness prompt conventions; README_EVAL.md lists the files).
+score them (lm-evaluation-harness prompt conventions; the README's Evaluation section and docs/data_formats.md list the files).
 
 Every multiple-choice item becomes an `MCItem`: one (context, continuation) pair per choice.
 The continuation carries the target delimiter (a leading space), as lm-eval builds it, and
@@ -65,7 +65,7 @@ def task_paths(name: str, data_dir: str) -> tuple:
     for p in paths:
         if not os.path.isfile(p):
             raise DataError(f"task {name!r} needs the file {p} (expected layout: <data-dir>/"
-                            f"{', <data-dir>/'.join(TASK_FILES[name])}); see marjax/eval/README_EVAL.md")
+                            f"{', <data-dir>/'.join(TASK_FILES[name])}); see the README's Evaluation section (Data files)")
     return paths
 
 
