@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments import common as C  # noqa: E402
+from marjax.config import ATMNConfig
 
 
 def sweeps(res: dict) -> dict:
@@ -37,7 +38,6 @@ def best(res: dict, names: list, key: str = "agreement", higher: bool = True) ->
 
 
 def recommendation(res: dict, sw: dict) -> str:
-    from marjax.config import ATMNConfig
     d = ATMNConfig()
     lib = {"T (tau 1, readout ones)": d.T, "tau (T 4, readout ones)": d.tau, "readout (T 4, tau 0.5)": d.readout}
     lines = []
@@ -60,9 +60,9 @@ def recommendation(res: dict, sw: dict) -> str:
 
 
 def plot(res: dict, sw: dict, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # late import: matplotlib is slow to import and only needed for the plots
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # late import: matplotlib is slow to import and only needed for the plots
     metrics = [("agreement w/ SSM", "agreement", 1.0), ("KL to SSM", "kl", 1.0), ("energy / token (nJ)",
                                                                                   "energy_pj_per_token", 1e-3)]
     fig, axes = plt.subplots(len(metrics), len(sw), figsize=(3.4 * len(sw), 2.6 * len(metrics)), squeeze=False)

@@ -39,6 +39,26 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
+from marjax.errors import ConfigError
+from marjax.app.recipe import Recipe
+from marjax.config import ATMNConfig, DistillConfig
+import jax
+from marjax.config import TrainConfig
+from marjax.app.runner import run_stage
+from marjax.app.runner import RunConfig, RunSection
+import marjax
+from marjax.app.recipe import dense_student, stage_train_config
+from marjax.config import ATMNConfig, DistillConfig, ModelConfig
+from marjax.io.tokenizer import ByteTokenizer
+from marjax.models.lm import init_params
+from marjax.train.data import heldout_text
+from marjax.app.recipe import spiking_student, stage_train_config
+from marjax.eval.scoring import encode_text
+from marjax.errors import DataError
+from marjax.models.lm import forward
+from marjax.eval.energy import energy_report
+from marjax.eval.suite import evaluate
+from marjax.eval.perplexity import text_perplexity
 
 ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent
@@ -121,7 +141,6 @@ class ExperimentConfig:
 
 
 def _replace_checked(cfg, values: dict, where: str):
-    from marjax.errors import ConfigError
     known = {f.name: f for f in dataclasses.fields(cfg)}
     bad = [k for k in values if k not in known]
     if bad:
@@ -136,7 +155,6 @@ def _replace_checked(cfg, values: dict, where: str):
 def _pinned(cls, values: dict, where: str):
     """cls(**values) where `values` must name every field: a library default change can then never
     rewrite a committed table (an unpinned or unknown field is an error that names it)."""
-    from marjax.errors import ConfigError
     names = [f.name for f in dataclasses.fields(cls)]
     missing = [n for n in names if n not in values]
     if missing:
@@ -147,9 +165,6 @@ def _pinned(cls, values: dict, where: str):
 def load_experiment(path: str, name: Optional[str] = None) -> ExperimentConfig:
     """An ExperimentConfig from a TOML file (module docstring). The library configs ([atmn],
     [distill], [recipe]) must pin every field."""
-    from marjax.app.recipe import Recipe
-    from marjax.config import ATMNConfig, DistillConfig
-    from marjax.errors import ConfigError
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"experiment config not found: {p}")
@@ -180,7 +195,6 @@ def _key(*objs) -> str:
 
 def _enable_compile_cache(runs_dir: Path) -> None:
     """Persistent XLA cache: variants that share a config (seeds, reruns) skip recompiling."""
-    import jax
     jax.config.update("jax_compilation_cache_dir", str(runs_dir / ".jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
@@ -198,7 +212,6 @@ class Setup:
 
 
 def _train_cfg(steps: int, seq_len: int, micro_batch: int, lr: float, seed: int):
-    from marjax.config import TrainConfig
     return TrainConfig(steps=steps, seq_len=seq_len, micro_batch=micro_batch, batch_tokens=seq_len * micro_batch,
                        lr=lr, warmup=max(1, steps // 10), seed=seed, log_every=max(1, steps // 10),
                        save_every=steps, keep=1)
@@ -206,7 +219,6 @@ def _train_cfg(steps: int, seq_len: int, micro_batch: int, lr: float, seed: int)
 
 def _stage(stage: str, teacher, scfg, sparams, tc, dcfg, atmn, data: str, out: Path, tok):
     """run_stage with resume=True: a finished stage directory is restored, not retrained."""
-    from marjax.app.runner import run_stage
     rc = _run_cfg(tc, dcfg, atmn, data, out)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="resume=True but")
@@ -214,7 +226,6 @@ def _stage(stage: str, teacher, scfg, sparams, tc, dcfg, atmn, data: str, out: P
 
 
 def _run_cfg(tc, dcfg, atmn, data: str, out: Path):
-    from marjax.app.runner import RunConfig, RunSection
     return RunConfig(run=RunSection(teacher="tiny", data=data, out=str(out), resume=True), train=tc,
                      distill=dcfg, atmn=atmn)
 
@@ -222,14 +233,7 @@ def _run_cfg(tc, dcfg, atmn, data: str, out: Path):
 def build_setup(cfg: SetupConfig, recipe, runs_dir: Path = DEFAULT_RUNS, log: Callable = print) -> Setup:
     """Pretrain the teacher and distil the dense SSM with the library's stage recipe (the one
     `marjax pipeline` runs), or restore them from runs_dir."""
-    import jax
 
-    import marjax
-    from marjax.app.recipe import dense_student, stage_train_config
-    from marjax.config import ATMNConfig, DistillConfig, ModelConfig
-    from marjax.io.tokenizer import ByteTokenizer
-    from marjax.models.lm import init_params
-    from marjax.train.data import heldout_text
     runs_dir = Path(runs_dir)
     _enable_compile_cache(runs_dir)
     d = runs_dir / f"setup-{_key(cfg, recipe)}"
@@ -275,8 +279,6 @@ def run_variant(setup: Setup, v: Variant, seed: int, sb: SBDSConfig, ev: EvalCon
                 log: Callable = print) -> dict:
     """SBDS from the shared dense SSM for one variant and seed (the library recipe's calibrated
     spiking student); evaluated; cached on disk."""
-    import marjax
-    from marjax.app.recipe import spiking_student, stage_train_config
     # keyed by content, not by name: experiments that share a variant share its run
     out = setup.dir / "sbds" / f"{_key(v.atmn, _effective(v.distill), sb, recipe)}-s{seed}"
     mpath = out / f"metrics-{_key(ev)}.json"
@@ -330,17 +332,14 @@ def _effective(d) -> dict:
 # ----------------------------------------------------------------------------- evaluation
 
 def _heldout_windows(text: str, tok, ev: EvalConfig) -> np.ndarray:
-    from marjax.eval.scoring import encode_text
     ids = np.asarray(encode_text(tok, text), np.int32)
     n = min(len(ids) - 1, ev.heldout_tokens) // ev.window
     if n < 1:
-        from marjax.errors import DataError
         raise DataError(f"held-out text has {len(ids)} tokens, fewer than one window of {ev.window}")
     return ids[:n * ev.window].reshape(n, ev.window)
 
 
 def _logits(m, ids: np.ndarray, bs: int = 8) -> np.ndarray:
-    import marjax
     return np.concatenate([np.asarray(marjax.logits(m, ids[i:i + bs])) for i in range(0, len(ids), bs)])
 
 
@@ -358,9 +357,7 @@ def agreement_and_kl(student_logits: np.ndarray, teacher_logits: np.ndarray) -> 
 
 def measure_firing(m, ids: np.ndarray):
     """{site: {"nonzero": (n_layers, T), ...}} on held-out windows (None for a dense model)."""
-    import jax
 
-    from marjax.models.lm import forward
     if not m.config.is_spiking:
         return None
     _, aux = jax.jit(forward, static_argnames=("cfg", "taps", "head"))(m.params, jax.numpy.asarray(ids), cfg=m.config,
@@ -371,10 +368,6 @@ def measure_firing(m, ids: np.ndarray):
 def evaluate_model(m, setup: Setup, ev: EvalConfig, reference=None) -> dict:
     """Held-out ppl (text_perplexity), agreement and KL vs `reference` (a marjax Model), firing
     rate, energy per token (measured firing) and the zero-shot tasks."""
-    import marjax
-    from marjax.eval.energy import energy_report
-    from marjax.eval.suite import evaluate
-    from marjax.eval.perplexity import text_perplexity
     logits_fn = lambda x: np.asarray(marjax.logits(m, x))  # noqa: E731
     ppl = text_perplexity(logits_fn, m.tokenizer, setup.heldout, window=ev.window, max_tokens=ev.heldout_tokens)
     res: dict = {"ppl": ppl["token_ppl"], "bits_per_byte": ppl["bits_per_byte"]}
@@ -514,7 +507,6 @@ def config_from_args(a: argparse.Namespace) -> ExperimentConfig:
     if a.limit >= 0:
         exp = dataclasses.replace(exp, eval=dataclasses.replace(exp.eval, limit=a.limit))
     if a.only:
-        from marjax.errors import ConfigError
         names = [n.strip() for n in a.only.split(";") if n.strip()]
         known = [v.name for v in exp.variants]
         if any(n not in known for n in names):
@@ -535,9 +527,9 @@ def write_outputs(results_dir: str, stem: str, md: str, payload: dict) -> Path:
 
 def bar_plot(results: dict, metrics: Sequence[tuple], path: Path, title: str, labels: Optional[list] = None) -> None:
     """One panel per (label, key, scale) metric: mean over seeds with ±std error bars."""
-    import matplotlib
+    import matplotlib  # late import: matplotlib is slow to import and only needed for the plots
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # late import: matplotlib is slow to import and only needed for the plots
     names = list(results)
     labels = labels or names
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.3 * len(metrics), 3.6), squeeze=False)

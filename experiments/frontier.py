@@ -25,9 +25,9 @@ def pareto(points: dict) -> list:
 
 
 def plot(points: dict, front: list, chosen: str, path: Path, title: str) -> None:
-    import matplotlib
+    import matplotlib  # late import: matplotlib is slow to import and only needed for the plots
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # late import: matplotlib is slow to import and only needed for the plots
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for n, (e, p) in points.items():
         ax.scatter([e], [p], color="tab:red" if n == chosen else ("tab:blue" if n in front else "tab:gray"),

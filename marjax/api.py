@@ -17,9 +17,10 @@ from jaxtyping import Array, Float
 
 from marjax.config import ModelConfig
 from marjax.errors import MarjaxError
-from marjax.io.resolve import resolve_model
+from marjax.io.resolve import is_marjax_checkpoint, resolve_model
 from marjax.models import lm
 from marjax.sampling import as_ids, decode
+from marjax.train.checkpoint import load_model_dir
 
 __all__ = ["Model", "load", "logits", "generate", "generate_ids", "DEFAULT_MODEL"]
 
@@ -38,8 +39,9 @@ class Model:
 def load(name_or_path: str = DEFAULT_MODEL) -> Model:
     """A model by name ("smollm2-135m-instruct", a preset such as "tiny"), a .gguf file, an HF
     Llama directory, a Llamba/marjax SSM directory or a marjax checkpoint directory."""
-    cfg, params, tok = resolve_model(str(name_or_path))
-    return Model(config=cfg, params=params, tokenizer=tok, source=str(name_or_path))
+    path = str(name_or_path)
+    cfg, params, tok = load_model_dir(path) if is_marjax_checkpoint(path) else resolve_model(path)
+    return Model(config=cfg, params=params, tokenizer=tok, source=path)
 
 
 _forward = jax.jit(lm.forward, static_argnames=("cfg", "taps", "head"))

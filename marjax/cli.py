@@ -6,6 +6,7 @@ import importlib
 import sys
 
 from marjax import __version__  # the package is already imported (marjax.cli lives in it)
+from marjax.errors import MarjaxError
 
 COMMANDS = {
     "generate": ("marjax.app.generate", "main", "generate text from a model (streams tokens)"),
@@ -40,7 +41,6 @@ def main(argv=None) -> int:
         print(f"marjax: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[cmd]
-    from marjax.errors import MarjaxError
     try:
         return int(getattr(importlib.import_module(module), func)(rest) or 0)
     except MarjaxError as e:  # user-facing errors: one clear line, no JAX traceback

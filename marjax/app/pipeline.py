@@ -178,9 +178,9 @@ def evaluate_models(models: dict, text: str, max_tokens: int, window: int, data_
 
 
 def write_plots(histories: dict, results: dict, outp: Path) -> None:
-    import matplotlib
+    import matplotlib  # late import: matplotlib is slow to import and only needed for the plots
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # late import: matplotlib is slow to import and only needed for the plots
     fig, axes = plt.subplots(1, len(histories), figsize=(3.2 * len(histories), 3), squeeze=False)
     for ax, (stage, hist) in zip(axes[0], histories.items()):
         ax.plot([h["step"] for h in hist], [h["loss"] for h in hist])

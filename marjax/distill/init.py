@@ -18,6 +18,8 @@ from marjax.errors import ConfigError
 from marjax.models.lm import BlockParams, LMParams
 from marjax.nn.layers import AttnParams
 from marjax.nn.mamba2 import MixerParams
+from marjax.models.lm import forward
+from marjax.nn import mamba2
 
 __all__ = ["student_config", "init_from_attention", "mixer_from_attention", "fit_mixer_scale", "GATE_BIAS"]
 
@@ -74,8 +76,6 @@ def fit_mixer_scale(student: LMParams, scfg: ModelConfig, teacher: LMParams, tcf
     attention matrix A (both on the teacher's layer inputs for `ids`). Unnormalised linear
     attention is orders of magnitude larger than softmax attention, so this removes most of the
     initial gap that MOHAWK's orient step would otherwise spend its first steps on."""
-    from marjax.models.lm import forward
-    from marjax.nn import mamba2
     _, aux = forward(teacher, jnp.asarray(ids), tcfg, taps=("mixer_io", "attn"), head=False)
     M = jax.vmap(lambda p, u: mamba2.materialize(p, u, scfg.ssm))(student.blocks.mixer, aux["mixer_io"]["input"])
     A = aux["attn"]                                                         # (L, b, h, l, l)

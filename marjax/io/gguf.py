@@ -23,6 +23,8 @@ from marjax.errors import CheckpointError, ConfigError, MarjaxError
 from marjax.io.hf import (build_params, expected_shapes, params_to_numpy, permute_half_to_pairs,
                           unpermute_pairs_to_half)
 from marjax.nn.layers import rope_inv_freq
+from marjax.io.tokenizer import from_gguf_fields
+from marjax.io.tokenizer import ByteTokenizer
 
 __all__ = ["load_gguf", "save_gguf", "read_gguf", "check_gguf_layout", "gguf_config", "QTYPES",
            "permute_half_to_pairs", "unpermute_pairs_to_half"]
@@ -39,7 +41,7 @@ _ARCHS = ("llama",)
 
 def read_gguf(path: str):
     """(metadata dict of plain Python values, {tensor name: ReaderTensor}); errors name the file."""
-    import gguf
+    import gguf  # late import: the gguf package, only needed for GGUF files
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
@@ -77,7 +79,7 @@ def check_gguf_layout(path: str) -> None:
     length against the bytes that remain, so a hostile or truncated file is refused before the
     gguf reader loops over (or allocates) a claimed size. Errors are CheckpointErrors naming the
     file, the offset and the field."""
-    import gguf
+    import gguf  # late import: the gguf package, only needed for GGUF files
     size = os.path.getsize(path)
     if size < 24:
         raise CheckpointError(f"{path}: truncated GGUF file ({size} bytes; the header alone is 24)")
@@ -254,7 +256,7 @@ def _f32(x) -> float:
 
 
 def _dequant(t, path: str) -> np.ndarray:
-    import gguf
+    import gguf  # late import: the gguf package, only needed for GGUF files
     try:
         return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
     except NotImplementedError:
@@ -264,7 +266,6 @@ def _dequant(t, path: str) -> np.ndarray:
 
 def load_gguf(path: str, dtype: Optional[str] = None):
     """(ModelConfig, LMParams, tokenizer or None) from a Llama-architecture GGUF file."""
-    from marjax.io.tokenizer import from_gguf_fields
     path = os.fspath(path)
     fields, tensors = read_gguf(path)
     try:
@@ -297,7 +298,7 @@ def load_gguf(path: str, dtype: Optional[str] = None):
 
 
 def _qtype(name: str):
-    import gguf
+    import gguf  # late import: the gguf package, only needed for GGUF files
     if name not in _WRITE_QTYPES:
         raise MarjaxError(f"save_gguf qtype must be one of {_WRITE_QTYPES}, got {name!r}")
     return gguf.GGMLQuantizationType[name]
@@ -307,7 +308,7 @@ def save_gguf(path: str, cfg: ModelConfig, params, tokenizer=None, qtype: str = 
     """Write a Llama GGUF the way llama.cpp's converter does (q/k in "pairs" order, 2-D weights
     quantised to `qtype`, norms F32). 2-D tensors whose input width is not a multiple of the
     quantisation block (32) stay F32."""
-    import gguf
+    import gguf  # late import: the gguf package, only needed for GGUF files
     if cfg.is_ssm:
         raise MarjaxError(f"save_gguf writes Llama (attention) models; config {cfg.name!r} has mixer='ssm'")
     cfg.validate()
@@ -376,9 +377,8 @@ def save_gguf(path: str, cfg: ModelConfig, params, tokenizer=None, qtype: str = 
 
 
 def _write_tokenizer(w, tok, cfg: ModelConfig) -> None:
-    import gguf
+    import gguf  # late import: the gguf package, only needed for GGUF files
 
-    from marjax.io.tokenizer import ByteTokenizer
     if tok.vocab_size > cfg.vocab_size:
         raise MarjaxError(f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}")
     if isinstance(tok, ByteTokenizer):

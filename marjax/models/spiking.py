@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from marjax.config import ATMNConfig, ModelConfig
 from marjax.errors import ConfigError
 from marjax.models.lm import LMParams, SpikeSites, forward, init_spike_sites
+from marjax.spiking import calibrate_a
 
 __all__ = ["spiking_config", "make_spiking_student"]
 
@@ -31,7 +32,6 @@ def make_spiking_student(dense_params: LMParams, dense_cfg: ModelConfig, atmn: A
                          calib_ids=None) -> tuple[ModelConfig, LMParams]:
     """(config, params) of the spiking student. With atmn.init == 'stats', `calib_ids` (b, l)
     is run through the dense model and each site's threshold is set from its input statistics."""
-    from marjax.spiking import calibrate_a
     cfg = spiking_config(dense_cfg, atmn)
     sites = jax.vmap(lambda _: init_spike_sites(cfg))(jnp.arange(cfg.n_layers))
     if atmn.init == "stats":

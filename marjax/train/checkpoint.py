@@ -51,6 +51,9 @@ import jax
 
 from marjax.config import ModelConfig, model_config_from_dict, to_dict
 from marjax.errors import CheckpointError
+from marjax.train.state import TrainState
+from marjax.models.lm import init_params
+from marjax.train.mesh import param_shardings
 
 __all__ = ["Checkpointer", "load_model_dir", "load_on_mesh", "check_compatible", "read_run_meta", "make_meta", "model_kind",
            "RUN_META", "FORMAT", "tree_to_dict", "dict_to_tree", "config_field_errors", "PAUSE_ENV",
@@ -107,7 +110,7 @@ def _pausing_json(run_dir: Path):
     """A JsonCheckpointHandler whose background write of step MARJAX_TEST_PAUSE="save:N" first
     marks and sleeps (test hook; built only when the variable is set). The instance's write
     function is wrapped, not subclassed: Orbax maps JsonSaveArgs to the exact handler class."""
-    import orbax.checkpoint as ocp
+    import orbax.checkpoint as ocp  # late import: orbax is slow to import and only needed when checkpointing
     target, h = pause_target("save"), ocp.JsonCheckpointHandler()
     write = h._save_fn
 
@@ -221,7 +224,7 @@ class Checkpointer:
     def __init__(self, directory, *, keep: int = 2, best_metric: Optional[str] = None, best_mode: str = "min",
                  async_save: bool = True, read_only: bool = False):
         # read_only: only open an existing directory (Orbax's own read_only mode logs warnings)
-        import orbax.checkpoint as ocp
+        import orbax.checkpoint as ocp  # late import: orbax is slow to import and only needed when checkpointing
         self._ocp = ocp
         if keep is not None and keep < 1:
             raise CheckpointError(f"keep must be >= 1 (checkpoints to keep), got {keep}")
@@ -232,7 +235,7 @@ class Checkpointer:
         self.best_metric, self.best_mode = best_metric, best_mode
         policy, best_fn = None, None
         if best_metric:
-            from orbax.checkpoint import checkpoint_managers as cm
+            from orbax.checkpoint import checkpoint_managers as cm  # late import: orbax is slow to import and only needed when checkpointing
             best_fn = lambda m: float(m[best_metric])  # noqa: E731
             # BestN keeps the last `n` of the ascending sort: reverse=True keeps the smallest.
             # LatestN(1): the newest step survives too, so resume never loses progress.
@@ -335,7 +338,6 @@ class Checkpointer:
             if got[item] is not None and not isinstance(got[item], dict):
                 raise CheckpointError(f"checkpoint {self.directory / str(step) / item}: expected a JSON object, got "
                                       f"{type(got[item]).__name__}")
-        from marjax.train.state import TrainState
         state = TrainState(step=got["train"]["step"], params=dict_to_tree(got["params"], target.params, "params"),
                            opt_state=dict_to_tree(got["train"]["opt_state"], target.opt_state, "optimizer state"),
                            rng=got["train"]["rng"])
@@ -547,7 +549,6 @@ def load_model_dir(path, *, step: Optional[int] = None, mesh=None, rules=None):
     """(ModelConfig, params, tokenizer or None) from a marjax run directory (latest step by
     default). Params land on the default device, or sharded by `rules` on `mesh` when given.
     The tokenizer comes from the metadata's "tokenizer_source" (a model name/path)."""
-    from marjax.models.lm import init_params
     run = read_run_meta(path)
     ck = Checkpointer(path, read_only=True, async_save=False, keep=None)
     try:
@@ -561,7 +562,6 @@ def load_model_dir(path, *, step: Optional[int] = None, mesh=None, rules=None):
             raise CheckpointError(f"checkpoint {path}: bad model_config in metadata: {e}") from e
         shapes = jax.eval_shape(lambda: init_params(jax.random.PRNGKey(0), cfg))
         if mesh is not None:
-            from marjax.train.mesh import param_shardings
             sh = param_shardings(shapes, mesh, rules)
         else:
             dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -596,13 +596,9 @@ def _load_tokenizer(src: Optional[str]):
     if not src:
         return None
     try:
-        from marjax.io.resolve import resolve_model
-    except ImportError:
-        return None
-    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")        # a preset source warns about random weights
-            return resolve_model(src)[2]
+            return resolve_tokenizer(src)          # the tokenizer only, not the whole teacher
     except Exception as e:  # noqa: BLE001 - the params are still usable without a tokenizer
         warnings.warn(f"checkpoint tokenizer source {src!r} could not be loaded ({e}); no tokenizer", stacklevel=3)
         return None

@@ -10,7 +10,7 @@ __all__ = ["default_documents", "default_text", "default_source"]
 
 
 def _topics() -> dict:
-    from pydoc_data.topics import topics
+    from pydoc_data.topics import topics  # late import: a 1 MB module, only needed for the embedded corpus
     return topics
 
 

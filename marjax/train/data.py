@@ -56,6 +56,7 @@ import numpy as np
 
 from marjax.errors import ConfigError, DataError
 from marjax.train import corpus
+import jax
 
 __all__ = ["load_documents", "heldout_text", "split_heldout", "tokenize_documents", "make_dataset",
            "PackedBatches", "Document", "TEXT_SUFFIXES", "JSON_SUFFIXES"]
@@ -400,7 +401,6 @@ def make_dataset(source: Union[None, str, Path, Sequence[Document]], tokenizer, 
     if num_epochs is not None and num_epochs < 1:
         raise ConfigError(f"num_epochs must be None or >= 1, got {num_epochs}")
     if shard_index is None or shard_count is None:
-        import jax
         shard_index = jax.process_index() if shard_index is None else shard_index
         shard_count = jax.process_count() if shard_count is None else shard_count
     if not 0 <= shard_index < shard_count:

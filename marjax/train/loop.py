@@ -52,6 +52,7 @@ from marjax.train.mesh import ShardingRules, make_mesh, shard_params
 from marjax.train.optim import accum_steps as _accum_steps, lr_schedule, make_optimizer
 from marjax.train.state import abstract_state, init_state
 from marjax.train.step import all_finite, make_step_shardings, make_train_step, stack_micro_batches
+from tqdm.auto import tqdm
 
 __all__ = ["train", "TrainingDiverged", "read_metrics", "nonfinite_leaves", "METRICS_FILE"]
 
@@ -382,5 +383,4 @@ def _rewrite_metrics(path: Path, records: list) -> None:
 def _progress(enabled: bool, total: int, initial: int, desc: str):
     if not enabled:
         return None
-    from tqdm.auto import tqdm
     return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)

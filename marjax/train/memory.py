@@ -15,6 +15,7 @@ import numpy as np
 
 from marjax.config import ModelConfig, TrainConfig
 from marjax.errors import ConfigError
+from marjax.models.lm import init_params
 
 __all__ = ["param_count", "estimate_stage_bytes", "available_bytes", "check_fits"]
 
@@ -22,7 +23,6 @@ F32 = 4
 
 
 def param_count(cfg: ModelConfig) -> int:
-    from marjax.models.lm import init_params
     shapes = jax.eval_shape(lambda: init_params(jax.random.PRNGKey(0), cfg))
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(shapes)))
 

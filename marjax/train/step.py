@@ -34,6 +34,7 @@ from marjax.errors import ConfigError
 from marjax.train.mesh import ShardingRules, batch_shardings, param_shardings, replicated
 from marjax.train.optim import trainable_leaves
 from marjax.train.state import TrainState, state_shardings
+import numpy as np
 
 __all__ = ["StepShardings", "make_step_shardings", "make_train_step", "stack_micro_batches", "cast_floating",
            "all_finite"]
@@ -56,7 +57,6 @@ def make_step_shardings(state: TrainState, teacher_params, batch, mesh: Mesh,
 
 def stack_micro_batches(batches: list) -> Any:
     """[micro_batch pytrees] -> one pytree with a leading accumulation axis (host numpy)."""
-    import numpy as np
     return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *batches)
 
 
