@@ -337,14 +337,17 @@ def test_resolve_paths_and_checkpoint_hook(tmp_path, ref, monkeypatch):
     ck = tmp_path / "ck"
     ck.mkdir()
     (ck / "marjax_checkpoint.json").write_text("{}")
-    fake = types.ModuleType("marjax.train.checkpoint")
-    fake.load_model_dir = lambda p: ("cfg", "params", p)
-    monkeypatch.setitem(sys.modules, "marjax.train.checkpoint", fake)
-    assert resolve_model(str(ck)) == ("cfg", "params", str(ck))
+    # a training checkpoint is train/'s to read (io never imports train): resolve_model points there,
+    # and marjax.load dispatches it to marjax.train.checkpoint.load_model_dir
+    with pytest.raises(ModelNotFoundError, match="marjax training checkpoint"):
+        resolve_model(str(ck))
+    import marjax.api
+    monkeypatch.setattr(marjax.api, "load_model_dir", lambda p: ("cfg", "params", None))
+    assert marjax.api.load(str(ck)).params == "params"
 
 
 def test_resolve_smollm2_name(smollm2_path, monkeypatch):
-    import marjax.io.gguf as g
+    import marjax.io.resolve as g     # resolve binds load_gguf at import
     from marjax.config import preset
     seen = []
 
