@@ -38,27 +38,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-import numpy as np
-from marjax.errors import ConfigError
-from marjax.app.recipe import Recipe
-from marjax.config import ATMNConfig, DistillConfig
 import jax
-from marjax.config import TrainConfig
-from marjax.app.runner import run_stage
-from marjax.app.runner import RunConfig, RunSection
+import numpy as np
+
 import marjax
-from marjax.app.recipe import dense_student, stage_train_config
-from marjax.config import ATMNConfig, DistillConfig, ModelConfig
-from marjax.io.tokenizer import ByteTokenizer
-from marjax.models.lm import init_params
-from marjax.train.data import heldout_text
-from marjax.app.recipe import spiking_student, stage_train_config
-from marjax.eval.scoring import encode_text
-from marjax.errors import DataError
-from marjax.models.lm import forward
+from marjax.app.recipe import Recipe, dense_student, spiking_student, stage_train_config
+from marjax.app.runner import RunConfig, RunSection, run_stage
+from marjax.config import ATMNConfig, DistillConfig, ModelConfig, TrainConfig
+from marjax.errors import ConfigError, DataError
 from marjax.eval.energy import energy_report
-from marjax.eval.suite import evaluate
 from marjax.eval.perplexity import text_perplexity
+from marjax.eval.scoring import encode_text
+from marjax.eval.suite import evaluate
+from marjax.io.tokenizer import ByteTokenizer
+from marjax.models.lm import forward, init_params
+from marjax.train.data import heldout_text
 
 ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent

@@ -264,8 +264,9 @@ def _dequant(t, path: str) -> np.ndarray:
                               f"dequantised (supported: {QTYPES} and the other gguf.quants types)") from None
 
 
-def load_gguf(path: str, dtype: Optional[str] = None):
-    """(ModelConfig, LMParams, tokenizer or None) from a Llama-architecture GGUF file."""
+def read_gguf_model(path, dtype: Optional[str] = None):
+    """(fields, tensors, ModelConfig) of a Llama-architecture GGUF file; a malformed metadata value
+    is a CheckpointError naming the file. Shared by the whole-array and the sharded loaders."""
     path = os.fspath(path)
     fields, tensors = read_gguf(path)
     try:
@@ -276,6 +277,13 @@ def load_gguf(path: str, dtype: Optional[str] = None):
         raise CheckpointError(f"{path}: malformed GGUF metadata ({type(e).__name__}: {e})") from None
     if dtype is not None:
         cfg = dataclasses.replace(cfg, dtype=dtype).validate()
+    return fields, tensors, cfg
+
+
+def load_gguf(path: str, dtype: Optional[str] = None):
+    """(ModelConfig, LMParams, tokenizer or None) from a Llama-architecture GGUF file."""
+    path = os.fspath(path)
+    fields, tensors, cfg = read_gguf_model(path, dtype)
     top, layer = expected_shapes(cfg)
     required = [_TOP[k] for k in top] + [f"blk.{i}.{_LAYER[k]}" for i in range(cfg.n_layers) for k in layer]
     missing = [n for n in required if n not in tensors]

@@ -34,7 +34,7 @@ import numpy as np
 
 from marjax.config import PRESETS, preset
 from marjax.errors import CheckpointError, MarjaxError, ModelNotFoundError
-from marjax.io.gguf import _LAYER, _TOP, gguf_config, read_gguf
+from marjax.io.gguf import _LAYER, _TOP, read_gguf_model
 from marjax.io.hf import SafetensorsDir, _config_for, _file_shape, _make_getter, expected_shapes, read_config
 from marjax.io.tokenizer import ByteTokenizer, from_gguf_fields, load_tokenizer_dir
 from marjax.models.lm import init_params, init_spike_sites
@@ -178,15 +178,7 @@ def load_gguf_sharded(path, shardings: Shardings, dtype: Optional[str] = None):
     """`load_gguf` with every leaf created in its target sharding: each device dequantises only
     the rows of its blocks."""
     path = os.fspath(path)
-    fields, tensors = read_gguf(path)
-    try:
-        cfg = gguf_config(fields, tensors, path)
-    except MarjaxError:
-        raise
-    except (TypeError, ValueError, OverflowError, AttributeError) as e:
-        raise CheckpointError(f"{path}: malformed GGUF metadata ({type(e).__name__}: {e})") from None
-    if dtype is not None:
-        cfg = dataclasses.replace(cfg, dtype=dtype).validate()
+    fields, tensors, cfg = read_gguf_model(path, dtype)
     top, layer = expected_shapes(cfg)
 
     def name_of(key, i):

@@ -51,6 +51,7 @@ import jax
 
 from marjax.config import ModelConfig, model_config_from_dict, to_dict
 from marjax.errors import CheckpointError
+from marjax.io.resolve import resolve_tokenizer
 from marjax.train.state import TrainState
 from marjax.models.lm import init_params
 from marjax.train.mesh import param_shardings

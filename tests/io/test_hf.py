@@ -3,8 +3,6 @@ models are compared with the in-memory params and with numpy forwards that read 
 their HF / Llamba tensor names."""
 import json
 import os
-import sys
-import types
 import warnings
 
 import jax.numpy as jnp
