@@ -39,15 +39,17 @@ def _per_q_head(w, n_kv, n_q, hd):
     return jnp.repeat(w.reshape(d, n_kv, hd), n_q // n_kv, axis=1).reshape(d, n_q * hd)
 
 
-def mixer_from_attention(a: AttnParams, tcfg: ModelConfig, scfg: ModelConfig, decay_bias: float = -4.0) -> MixerParams:
+def mixer_from_attention(a: AttnParams, teacher_cfg: ModelConfig, student_cfg: ModelConfig,
+                         decay_bias: float = -4.0) -> MixerParams:
     """One layer's mixer from its attention weights (unstacked, or vmapped over layers)."""
-    sc = scfg.ssm
-    if (sc.n_heads, sc.head_dim, sc.state_dim) != (tcfg.n_heads, tcfg.head_dim, tcfg.head_dim):
+    sc = student_cfg.ssm
+    if (sc.n_heads, sc.head_dim, sc.state_dim) != (teacher_cfg.n_heads, teacher_cfg.head_dim, teacher_cfg.head_dim):
         raise ConfigError(f"SSM shape (heads {sc.n_heads}, head_dim {sc.head_dim}, state {sc.state_dim}) must equal "
-                          f"the attention shape (heads {tcfg.n_heads}, head_dim {tcfg.head_dim}) to copy weights")
+                          f"the attention shape (heads {teacher_cfg.n_heads}, head_dim {teacher_cfg.head_dim}) to "
+                          "copy weights")
     d, dtype = a.wq.shape[0], a.wq.dtype
-    x = _per_q_head(a.wv, tcfg.n_kv_heads, tcfg.n_heads, tcfg.head_dim)
-    B = _per_q_head(a.wk, tcfg.n_kv_heads, tcfg.n_heads, tcfg.head_dim)
+    x = _per_q_head(a.wv, teacher_cfg.n_kv_heads, teacher_cfg.n_heads, teacher_cfg.head_dim)
+    B = _per_q_head(a.wk, teacher_cfg.n_kv_heads, teacher_cfg.n_heads, teacher_cfg.head_dim)
     C = a.wq
     z = jnp.zeros((d, sc.d_inner), dtype)
     a_log = jnp.zeros((d, sc.n_heads), dtype)
@@ -59,31 +61,31 @@ def mixer_from_attention(a: AttnParams, tcfg: ModelConfig, scfg: ModelConfig, de
                        out_proj=(a.wo / jax.nn.silu(jnp.float32(GATE_BIAS))).astype(dtype))
 
 
-def init_from_attention(teacher: LMParams, tcfg: ModelConfig, scfg: ModelConfig | None = None,
+def init_from_attention(teacher: LMParams, teacher_cfg: ModelConfig, student_cfg: ModelConfig | None = None,
                         decay_bias: float = -4.0) -> tuple[ModelConfig, LMParams]:
     """Student (config, params) for a stage-1 run; everything but the mixers is copied."""
-    scfg = student_config(tcfg) if scfg is None else scfg
-    mixers = jax.vmap(lambda a: mixer_from_attention(a, tcfg, scfg, decay_bias))(teacher.blocks.mixer)
+    student_cfg = student_config(teacher_cfg) if student_cfg is None else student_cfg
+    mixers = jax.vmap(lambda a: mixer_from_attention(a, teacher_cfg, student_cfg, decay_bias))(teacher.blocks.mixer)
     blocks = dataclasses.replace(teacher.blocks, mixer=mixers, spikes=None)
     assert isinstance(blocks, BlockParams)
-    return scfg, dataclasses.replace(teacher, blocks=blocks)
+    return student_cfg, dataclasses.replace(teacher, blocks=blocks)
 
 
-def fit_mixer_scale(student: LMParams, scfg: ModelConfig, teacher: LMParams, tcfg: ModelConfig, ids,
+def fit_mixer_scale(student: LMParams, student_cfg: ModelConfig, teacher: LMParams, teacher_cfg: ModelConfig, ids,
                     min_scale: float = 1e-4) -> LMParams:
     """One-shot matrix orientation: per layer and head, scale C by the least-squares factor
     s = <M, A> / <M, M> between the student's materialised mixing matrix M and the teacher's
     attention matrix A (both on the teacher's layer inputs for `ids`). Unnormalised linear
     attention is orders of magnitude larger than softmax attention, so this removes most of the
     initial gap that MOHAWK's orient step would otherwise spend its first steps on."""
-    _, aux = forward(teacher, jnp.asarray(ids), tcfg, taps=("mixer_io", "attn"), head=False)
-    M = jax.vmap(lambda p, u: mamba2.materialize(p, u, scfg.ssm))(student.blocks.mixer, aux["mixer_io"]["input"])
+    _, aux = forward(teacher, jnp.asarray(ids), teacher_cfg, taps=("mixer_io", "attn"), head=False)
+    M = jax.vmap(lambda p, u: mamba2.materialize(p, u, student_cfg.ssm))(student.blocks.mixer, aux["mixer_io"]["input"])
     A = aux["attn"]                                                         # (L, b, h, l, l)
     s = jnp.sum(M * A, axis=(1, 3, 4)) / jnp.maximum(jnp.sum(M * M, axis=(1, 3, 4)), 1e-30)   # (L, h)
     s = jnp.maximum(s, min_scale)
-    sc = scfg.ssm
+    sc = student_cfg.ssm
     c0 = sc.d_inner + sc.n_heads * sc.state_dim                              # C columns of in_proj
-    col_scale = jnp.ones((scfg.n_layers, mamba2.in_proj_width(sc)), jnp.float32)
+    col_scale = jnp.ones((student_cfg.n_layers, mamba2.in_proj_width(sc)), jnp.float32)
     col_scale = col_scale.at[:, c0:c0 + sc.n_heads * sc.state_dim].set(jnp.repeat(s, sc.state_dim, axis=1))
     mixer = student.blocks.mixer
     in_proj = (mixer.in_proj * col_scale[:, None, :]).astype(mixer.in_proj.dtype)

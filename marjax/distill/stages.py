@@ -1,6 +1,6 @@
 """The four distillation stages as loss functions for the generic trainer.
 
-    loss_fn = make_loss(stage, teacher_cfg, student_cfg, dcfg)
+    loss_fn = make_loss(stage, teacher_cfg, student_cfg, distill_cfg)
     loss_sum, count, metrics = loss_fn(student_params, teacher_params, batch, rng)
 
 MOHAWK (stage 1, attention teacher -> SSM student):
@@ -36,83 +36,83 @@ def _positions(ids):
     return jnp.broadcast_to(jnp.arange(ids.shape[1])[None], ids.shape)
 
 
-def _orient_loss(tcfg, scfg, dcfg):
+def _orient_loss(teacher_cfg, student_cfg, distill_cfg):
     def loss_fn(student: LMParams, teacher: LMParams, batch, rng):
         teacher = jax.lax.stop_gradient(teacher)
-        _, aux = forward(teacher, batch["inputs"], tcfg, taps=("mixer_io", "attn"), head=False)
+        _, aux = forward(teacher, batch["inputs"], teacher_cfg, taps=("mixer_io", "attn"), head=False)
         u, attn = aux["mixer_io"]["input"], aux["attn"]                     # (L,b,l,d), (L,b,h,l,l)
-        M = jax.vmap(lambda p, x: mamba2.materialize(p, x, scfg.ssm))(student.blocks.mixer, u)
+        M = jax.vmap(lambda p, x: mamba2.materialize(p, x, student_cfg.ssm))(student.blocks.mixer, u)
         s, c = losses.matrix_orientation_loss(M, attn, batch["mask"])
         return s, c, {"orient": (s, c)}
     return loss_fn
 
 
-def _align_loss(tcfg, scfg, dcfg):
+def _align_loss(teacher_cfg, student_cfg, distill_cfg):
     def loss_fn(student: LMParams, teacher: LMParams, batch, rng):
         teacher = jax.lax.stop_gradient(teacher)
         ids = batch["inputs"]
         pos = _positions(ids)
-        _, aux = forward(teacher, ids, tcfg, taps=("prenorm",), head=False)
+        _, aux = forward(teacher, ids, teacher_cfg, taps=("prenorm",), head=False)
         x_in = aux["prenorm"][:, 0]                                           # (L, b, l, d) block inputs
-        y_t = jax.vmap(lambda p, x: block(p, x, tcfg, pos)[0])(teacher.blocks, x_in)
-        y_s = jax.vmap(lambda p, x: block(p, x, scfg, pos)[0])(student.blocks, x_in)
+        y_t = jax.vmap(lambda p, x: block(p, x, teacher_cfg, pos)[0])(teacher.blocks, x_in)
+        y_s = jax.vmap(lambda p, x: block(p, x, student_cfg, pos)[0])(student.blocks, x_in)
         s, c = losses.hidden_alignment_loss(y_s, y_t, batch["mask"])
         return s, c, {"align": (s, c)}
     return loss_fn
 
 
-def _with_rates(total, metrics: dict, aux: dict, student: LMParams, dcfg: DistillConfig):
+def _with_rates(total, metrics: dict, aux: dict, student: LMParams, distill_cfg: DistillConfig):
     """Add the firing-rate metric and, when rate_weight > 0, the rate term to a per-token loss."""
     if "spikes" not in aux:
         return total, metrics
     rates = {site: jnp.mean(st["nonzero"], axis=-1) for site, st in aux["spikes"].items()}   # (L,) each
     metrics = dict(metrics, firing_rate=(jax.lax.stop_gradient(jnp.mean(jnp.stack(list(rates.values())))),
                                          jnp.float32(1.0)))
-    if dcfg.rate_weight > 0:
-        r = rate_loss(rates, site_fanout(student), dcfg.rate_target)
+    if distill_cfg.rate_weight > 0:
+        r = rate_loss(rates, site_fanout(student), distill_cfg.rate_target)
         metrics["rate_loss"] = (jax.lax.stop_gradient(r), jnp.float32(1.0))
-        total = total + dcfg.rate_weight * r
+        total = total + distill_cfg.rate_weight * r
     return total, metrics
 
 
-def _kl_loss(tcfg, scfg, dcfg, alpha, beta):
+def _kl_loss(teacher_cfg, student_cfg, distill_cfg, alpha, beta):
     feats = {"prenorm": ("prenorm",), "postnorm": ("postnorm",), "both": ("prenorm", "postnorm"),
-             "none": ()}[dcfg.feature if dcfg.stage == "sbds" else "none"]
+             "none": ()}[distill_cfg.feature if distill_cfg.stage == "sbds" else "none"]
 
     def loss_fn(student: LMParams, teacher: LMParams, batch, rng):
         if "topk_ids" in batch:   # offline: teacher top-k from disk (KL terms only; features refused)
             if feats:
-                raise ConfigError(f"distill.feature={dcfg.feature!r} needs the teacher's feature taps, which a "
+                raise ConfigError(f"distill.feature={distill_cfg.feature!r} needs the teacher's feature taps, which a "
                                   "teacher top-k cache does not hold; set distill.feature=none to train from the "
                                   "cache, or train against the teacher model")
-            _, as_ = forward(student, batch["inputs"], scfg, taps=("hidden", "spikes"), head=False,
+            _, as_ = forward(student, batch["inputs"], student_cfg, taps=("hidden", "spikes"), head=False,
                              mask=batch["mask"])
             s, n, m = losses.kd_from_topk(batch["topk_logprobs"], batch["topk_ids"], as_["hidden"],
                                           head_matrix(student), batch["mask"], alpha=alpha, beta=beta,
-                                          temperature=dcfg.temperature, chunk=dcfg.kl_chunk,
-                                          ce_targets=batch["targets"] if dcfg.ce_weight > 0 else None,
-                                          ce_weight=dcfg.ce_weight)
-            total, metrics = _with_rates(s / jnp.maximum(n, 1), dict(m, kl=(s, n)), as_, student, dcfg)
+                                          temperature=distill_cfg.temperature, chunk=distill_cfg.kl_chunk,
+                                          ce_targets=batch["targets"] if distill_cfg.ce_weight > 0 else None,
+                                          ce_weight=distill_cfg.ce_weight)
+            total, metrics = _with_rates(s / jnp.maximum(n, 1), dict(m, kl=(s, n)), as_, student, distill_cfg)
             return total * n, n, metrics
         teacher = jax.lax.stop_gradient(teacher)
         taps = ("hidden",) + feats
         mask = batch["mask"]
-        _, at = forward(teacher, batch["inputs"], tcfg, taps=taps, head=False)
-        _, as_ = forward(student, batch["inputs"], scfg, taps=taps + ("spikes",), head=False, mask=mask)
+        _, at = forward(teacher, batch["inputs"], teacher_cfg, taps=taps, head=False)
+        _, as_ = forward(student, batch["inputs"], student_cfg, taps=taps + ("spikes",), head=False, mask=mask)
         kl_s, n, m = losses.chunked_kd_loss(
             at["hidden"], as_["hidden"], head_matrix(teacher), head_matrix(student), mask,
-            alpha=alpha, beta=beta, temperature=dcfg.temperature, chunk=dcfg.kl_chunk,
-            ce_targets=batch["targets"] if dcfg.ce_weight > 0 else None, ce_weight=dcfg.ce_weight)
+            alpha=alpha, beta=beta, temperature=distill_cfg.temperature, chunk=distill_cfg.kl_chunk,
+            ce_targets=batch["targets"] if distill_cfg.ce_weight > 0 else None, ce_weight=distill_cfg.ce_weight)
         metrics = dict(m)
         metrics["kl"] = (kl_s, n)
         total = kl_s / jnp.maximum(n, 1)
         for f in feats:
             ft, fs = at[f], as_[f]
             fs_, fc = losses.feature_loss(ft.reshape((-1,) + ft.shape[2:]), fs.reshape((-1,) + fs.shape[2:]), mask,
-                                          relative=dcfg.feature_norm == "relative")
+                                          relative=distill_cfg.feature_norm == "relative")
             metrics[f"feat_{f}"] = (fs_, fc)
-            total = total + dcfg.feature_weight * fs_ / jnp.maximum(fc, 1)
-        total, metrics = _with_rates(total, metrics, as_, student, dcfg)
+            total = total + distill_cfg.feature_weight * fs_ / jnp.maximum(fc, 1)
+        total, metrics = _with_rates(total, metrics, as_, student, distill_cfg)
         # (sum, count) form for the trainer: the combined per-token mean times the token count
         return total * n, n, metrics
     return loss_fn
@@ -134,21 +134,21 @@ def rate_loss(rates: dict, fanout: dict, target: float):
     return sum((fanout[s] / total) * jnp.mean(jax.nn.relu(r - target)) for s, r in rates.items())
 
 
-def make_loss(stage: str, tcfg: ModelConfig, scfg: ModelConfig, dcfg: DistillConfig):
-    dcfg = dataclasses.replace(dcfg, stage=stage).validate()
+def make_loss(stage: str, teacher_cfg: ModelConfig, student_cfg: ModelConfig, distill_cfg: DistillConfig):
+    distill_cfg = dataclasses.replace(distill_cfg, stage=stage).validate()
     if stage in ("orient", "align"):
-        if tcfg.is_ssm or not scfg.is_ssm:
+        if teacher_cfg.is_ssm or not student_cfg.is_ssm:
             raise ConfigError(f"stage {stage!r} needs an attention teacher and an SSM student, got "
-                              f"teacher mixer {tcfg.mixer!r}, student mixer {scfg.mixer!r}")
-        return (_orient_loss if stage == "orient" else _align_loss)(tcfg, scfg, dcfg)
-    if tcfg.vocab_size != scfg.vocab_size:
-        raise ConfigError(f"teacher vocab_size {tcfg.vocab_size} != student vocab_size {scfg.vocab_size}")
+                              f"teacher mixer {teacher_cfg.mixer!r}, student mixer {student_cfg.mixer!r}")
+        return (_orient_loss if stage == "orient" else _align_loss)(teacher_cfg, student_cfg, distill_cfg)
+    if teacher_cfg.vocab_size != student_cfg.vocab_size:
+        raise ConfigError(f"teacher vocab_size {teacher_cfg.vocab_size} != student vocab_size {student_cfg.vocab_size}")
     if stage == "kd":
-        return _kl_loss(tcfg, scfg, dcfg, alpha=1.0, beta=0.0)
+        return _kl_loss(teacher_cfg, student_cfg, distill_cfg, alpha=1.0, beta=0.0)
     if stage == "sbds":
-        if not scfg.is_spiking:
+        if not student_cfg.is_spiking:
             raise ConfigError("stage 'sbds' needs a spiking student (ModelConfig.atmn set)")
-        return _kl_loss(tcfg, scfg, dcfg, alpha=dcfg.alpha, beta=dcfg.beta)
+        return _kl_loss(teacher_cfg, student_cfg, distill_cfg, alpha=distill_cfg.alpha, beta=distill_cfg.beta)
     raise ConfigError(f"unknown stage {stage!r}; known: {STAGES}")
 
 

@@ -1,13 +1,13 @@
 """The generic training loop: sharded student + teacher, accumulation, logging, checkpoints,
 divergence stop and exact resume.
 
-    params, history = train(loss_fn, student_params, teacher_params, data_iter, tcfg, out_dir,
+    params, history = train(loss_fn, student_params, teacher_params, data_iter, train_cfg, out_dir,
                             trainable=mask, model_meta={"stage": "kd", "model_config": asdict(cfg)})
 
 - loss_fn(student, teacher, batch, rng) -> (loss_sum, count, {name: (sum, count)}); see
   marjax.train.step for the contract (the teacher forward must use stop_gradient(teacher)).
 - data_iter yields micro-batches (dicts of arrays, leading dim = TrainConfig.micro_batch);
-  each update consumes `accum_steps(tcfg)` of them. An iterator with get_state()/set_state()
+  each update consumes `accum_steps(train_cfg)` of them. An iterator with get_state()/set_state()
   (Grain DatasetIterator, marjax.train.data.PackedBatches) is checkpointed with the run and
   resume replays the exact data order. A plain Python iterator is not: on resume it continues
   from wherever it is (a fresh iterator restarts its data), which the loop warns about.
@@ -108,14 +108,14 @@ def read_metrics(out_dir) -> list:
     return out
 
 
-def _check_tcfg(tcfg: TrainConfig) -> int:
+def _check_tcfg(train_cfg: TrainConfig) -> int:
     for name in ("steps", "log_every", "save_every", "max_skips"):
-        v = getattr(tcfg, name, 1)
+        v = getattr(train_cfg, name, 1)
         if not isinstance(v, int) or v < 1:
             raise ConfigError(f"TrainConfig.{name} must be an integer >= 1, got {v!r}")
-    if getattr(tcfg, "nonfinite", "stop") not in ("stop", "skip"):
-        raise ConfigError(f"TrainConfig.nonfinite must be 'stop' or 'skip', got {tcfg.nonfinite!r}")
-    return _accum_steps(tcfg)
+    if getattr(train_cfg, "nonfinite", "stop") not in ("stop", "skip"):
+        raise ConfigError(f"TrainConfig.nonfinite must be 'stop' or 'skip', got {train_cfg.nonfinite!r}")
+    return _accum_steps(train_cfg)
 
 
 def _test_pause(kind: str, step: int, out: Path) -> None:
@@ -125,14 +125,14 @@ def _test_pause(kind: str, step: int, out: Path) -> None:
         time.sleep(600)
 
 
-def _check_batch(b, tcfg: TrainConfig) -> None:
+def _check_batch(b, train_cfg: TrainConfig) -> None:
     if not isinstance(b, dict):
         raise DataError(f"data iterator must yield dicts of arrays, got {type(b).__name__}")
     if "inputs" in b:
         shape = tuple(np.shape(b["inputs"]))
-        if shape != (tcfg.micro_batch, tcfg.seq_len):
+        if shape != (train_cfg.micro_batch, train_cfg.seq_len):
             raise DataError(f"batch['inputs'] has shape {shape}, expected (TrainConfig.micro_batch, "
-                            f"TrainConfig.seq_len) = ({tcfg.micro_batch}, {tcfg.seq_len})")
+                            f"TrainConfig.seq_len) = ({train_cfg.micro_batch}, {train_cfg.seq_len})")
 
 
 def _put(batch, shardings):
@@ -171,62 +171,62 @@ class _Interval:
         return rec
 
 
-def train(loss_fn: Callable, student_params, teacher_params, data_iter, tcfg: TrainConfig, out_dir, *,
+def train(loss_fn: Callable, student_params, teacher_params, data_iter, train_cfg: TrainConfig, out_dir, *,
           trainable=None, model_meta: Optional[dict] = None, eval_fn: Optional[Callable] = None,
           resume: bool = False, progress: bool = True, mesh=None, rules: Optional[ShardingRules] = None,
           compute_dtype: Optional[str] = None, best_metric: Optional[str] = None, best_mode: str = "min",
           async_save: bool = True):
-    """Train the student for tcfg.steps updates; returns (params, history).
+    """Train the student for train_cfg.steps updates; returns (params, history).
 
     trainable: pytree of bools like the params (None: all). model_meta: JSON-able dict saved with
       every checkpoint; "stage" and "model_config" (a dict) are checked on resume.
     eval_fn(params) -> {name: float}: run at each save; logged as eval_<name>.
-    best_metric: keep the best `tcfg.keep` checkpoints by this logged name (e.g. "eval_ppl" or
+    best_metric: keep the best `train_cfg.keep` checkpoints by this logged name (e.g. "eval_ppl" or
       "loss") instead of the latest ones.
     compute_dtype: "bfloat16" runs the student in bf16 (float32 master params and optimizer);
       default TrainConfig.compute_dtype if that field exists, else float32.
     history: the log records (dicts with step, loss, ...), including earlier ones on resume.
     """
-    n_micro = _check_tcfg(tcfg)
-    policy = getattr(tcfg, "nonfinite", "stop")
+    n_micro = _check_tcfg(train_cfg)
+    policy = getattr(train_cfg, "nonfinite", "stop")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(model_meta or {})
     meta.setdefault("stage", "train")
-    meta["train_config"] = json.loads(json.dumps(dataclasses.asdict(tcfg), default=str))
+    meta["train_config"] = json.loads(json.dumps(dataclasses.asdict(train_cfg), default=str))
     if compute_dtype is None:
-        compute_dtype = getattr(tcfg, "compute_dtype", None)
+        compute_dtype = getattr(train_cfg, "compute_dtype", None)
 
-    mesh = mesh if mesh is not None else make_mesh(tcfg.mesh)
+    mesh = mesh if mesh is not None else make_mesh(train_cfg.mesh)
     bad = nonfinite_leaves(student_params)
     if bad:
         raise MarjaxError(f"the student params to train hold NaN/inf in {len(bad)} leaves: {bad[:5]}; refusing "
                           "to start (nothing would be learned and no checkpoint could be saved)")
     params = shard_params(student_params, mesh, rules, copy=True)   # the state is donated: never alias the caller's
     teacher = None if teacher_params is None else shard_params(teacher_params, mesh, rules)
-    tx = make_optimizer(tcfg, params, trainable)
-    state = init_state(params, tx, tcfg.seed, mesh, rules)
+    tx = make_optimizer(train_cfg, params, trainable)
+    state = init_state(params, tx, train_cfg.seed, mesh, rules)
     del params
-    schedule = lr_schedule(tcfg)
+    schedule = lr_schedule(train_cfg)
 
-    ck = Checkpointer(out, keep=tcfg.keep, best_metric=best_metric, best_mode=best_mode, async_save=async_save)
+    ck = Checkpointer(out, keep=train_cfg.keep, best_metric=best_metric, best_mode=best_mode, async_save=async_save)
     try:
         state, history = _start(ck, state, data_iter, meta, resume, out)
     except BaseException:
         ck.close()
         raise
     start = int(jax.device_get(state.step))
-    if start >= tcfg.steps:
+    if start >= train_cfg.steps:
         ck.close()
         return state.params, history
 
     step_fn, metrics_path = None, out / METRICS_FILE
-    bar = _progress(progress, tcfg.steps, start, meta["stage"])
+    bar = _progress(progress, train_cfg.steps, start, meta["stage"])
     iv, t_run = _Interval(), time.perf_counter()
     # TrainConfig.micro_batch / batch_tokens count one process's rows (marjax.train.data shards
     # a global order across processes): the logged tokens are the global ones
     n_proc = jax.process_count()
-    tokens_total = int(history[-1]["tokens"]) if history else start * tcfg.batch_tokens * n_proc
+    tokens_total = int(history[-1]["tokens"]) if history else start * train_cfg.batch_tokens * n_proc
     last_saved, last_grad_norm, skips = (start if start > 0 else None), None, 0
 
     def log(s: int, i: int, with_eval: bool = False) -> dict:
@@ -239,7 +239,7 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, tcfg: Tr
         return rec
 
     try:
-        for i in range(start, tcfg.steps):
+        for i in range(start, train_cfg.steps):
             micro = []
             for _ in range(n_micro):
                 try:
@@ -247,7 +247,7 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, tcfg: Tr
                 except StopIteration:
                     b = None
                     break
-                _check_batch(b, tcfg)
+                _check_batch(b, train_cfg)
                 micro.append(b)
             if len(micro) < n_micro:
                 warnings.warn(f"data iterator exhausted after step {i}; stopping early", stacklevel=2)
@@ -275,7 +275,7 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, tcfg: Tr
             event = {"step": s, "event": "nonfinite", "loss": _f(res["loss"]), "grad_norm": _f(res["grad_norm"])}
             if not bool(res["finite"]):
                 skips += 1
-                if policy == "stop" or skips > tcfg.max_skips:
+                if policy == "stop" or skips > train_cfg.max_skips:
                     _append(metrics_path, dict(event, status="diverged"))
                     ck.wait()
                     raise TrainingDiverged(s, ck.latest_step(), str(out), _f(res["loss"]), _f(res["grad_norm"]),
@@ -288,8 +288,8 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, tcfg: Tr
                 skips = 0
                 iv.add(res, n_tok)
                 last_grad_norm = _f(res["grad_norm"])
-            save_now = s % tcfg.save_every == 0 or s == tcfg.steps
-            if (s % tcfg.log_every == 0 or save_now or s == 1) and iv.count:
+            save_now = s % train_cfg.save_every == 0 or s == train_cfg.steps
+            if (s % train_cfg.log_every == 0 or save_now or s == 1) and iv.count:
                 history.append(log(s, i, with_eval=save_now))
                 iv = _Interval()
             if bar is not None:
