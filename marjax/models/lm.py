@@ -195,6 +195,8 @@ def forward(params: LMParams, ids, cfg: ModelConfig, *, taps=(), head: bool = Tr
     error, for a bad shape, dtype or range). Returns (logits float32 (b,l,v) or final hidden (b,l,d), aux).
     `mask` (b, l) only selects the tokens counted in the firing-rate taps (padding left out)."""
     check_ids(ids, cfg)
+    ids = jnp.asarray(ids)           # host (numpy) batches are accepted: the layers take jax arrays
+    mask = None if mask is None else jnp.asarray(mask)
     positions = jnp.broadcast_to(jnp.arange(ids.shape[1])[None], ids.shape)
     x, _, aux = _run_blocks(params, embed(params, ids), cfg, positions, None, taps, mask)
     h = rms_norm(params.final_norm, x, cfg.rms_eps)

@@ -106,10 +106,17 @@ def test_aggregate_and_compare():
 def test_experiment_configs_parse():
     """The shipped configs parse, and the rows the scripts compare share their SBDS run."""
     cfgs = {n: C.load_experiment(str(C.ROOT / "configs" / f"{n}.toml"))
-            for n in ("ablation_ladder", "alpha_beta_grid", "atmn_sweep", "main_table")}
+            for n in ("ablation_ladder", "alpha_beta_grid", "atmn_sweep", "main_table", "frontier")}
     v = {(n, x.name): x for n, e in cfgs.items() for x in e.variants}
     mar = v[("ablation_ladder", "+ pre-norm features")]
-    for other in (("alpha_beta_grid", "(0.2, 0.7)"), ("atmn_sweep", "T=4"), ("main_table", "spiking student (MAR)")):
-        assert (v[other].atmn, v[other].distill) == (mar.atmn, mar.distill)
+    # the ladder, the grid, the main table and the frontier's chosen default are one run
+    for other in (("alpha_beta_grid", "(0.2, 0.7)"), ("main_table", "spiking student (MAR)"),
+                  ("frontier", "round, T=2, reset full, rate 1 -> 0.1")):
+        assert (v[other].atmn, v[other].distill) == (mar.atmn, mar.distill), other
+    # ... and it is what `marjax pipeline` runs
+    from marjax.app.pipeline import PIPELINES
+    assert (mar.atmn, mar.distill) == (PIPELINES["smollm2"].atmn, PIPELINES["smollm2"].distill)
+    # the ATMN sweep pins its own base (T 4, floor): its T sweep includes that base point
+    assert v[("atmn_sweep", "T=4")].atmn == cfgs["atmn_sweep"].variants[2].atmn
     assert v[("ablation_ladder", "binary spikes")].atmn.ternary is False
-    assert all(len(e.seeds) == 3 for e in cfgs.values())
+    assert all(len(e.seeds) == 3 for n, e in cfgs.items() if n != "frontier")
