@@ -9,7 +9,7 @@ import marjax
 from marjax.app import pipeline
 from marjax.app.cache import cache_teacher_topk
 from marjax.app.recipe import Recipe, dense_student, spiking_student
-from marjax.app.runner import load_run_config, run_stage
+from marjax.app.runner import load_for_run, load_run_config, run_stage
 from marjax.distill.init import init_from_attention
 from marjax.errors import ConfigError
 from marjax.io.hf import save_hf
@@ -37,7 +37,7 @@ def _student_for(stage: str, rc, teacher):
     """Student (cfg, params) for a stage: the previous stage's output (explicit path), or the
     recipe's init for the stage when no student path is given."""
     if rc.run.student:
-        sm = marjax.load(rc.run.student)
+        sm = load_for_run(rc.run.student, rc.train)
         cfg = sm.config
         if stage == "sbds" and not cfg.is_spiking:
             return spiking_student(sm, rc, Recipe())
@@ -62,7 +62,7 @@ def distill_main(argv=None) -> int:
     rc = load_run_config(a.config, a.overrides)
     if a.resume:
         rc = dataclasses.replace(rc, run=dataclasses.replace(rc.run, resume=True))
-    teacher = marjax.load(rc.run.teacher)
+    teacher = load_for_run(rc.run.teacher, rc.train)
     if a.cache_teacher:
         cache_teacher_topk(teacher, rc, a.cache_teacher)
         return 0

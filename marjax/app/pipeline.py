@@ -21,7 +21,7 @@ import numpy as np
 
 import marjax
 from marjax.app.recipe import Recipe, StagePlan, dense_student, spiking_student, stage_train_config
-from marjax.app.runner import RunConfig, RunSection, load_config, run_stage
+from marjax.app.runner import RunConfig, RunSection, load_config, load_for_run, run_stage
 from marjax.config import ATMNConfig, DistillConfig, TrainConfig
 from marjax.errors import ConfigError
 from marjax.eval.energy import energy_report, write_report
@@ -106,7 +106,7 @@ def run_pipeline(pc: PipelineConfig, out: str = "results/pipeline", data_dir: st
     timings, histories = {}, {}
     t0 = time.time()
 
-    teacher = marjax.load(pc.teacher)
+    teacher = load_for_run(pc.teacher, pc.train)
     if pc.pretrain.steps:  # tiny: train the teacher itself first
         rc = _rc(pc, "pretrain", outp, resume)
         t = time.time()

@@ -21,17 +21,20 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from marjax.api import Model, load
 from marjax.config import ATMNConfig, DistillConfig, ModelConfig, TrainConfig
 from marjax.distill.stages import make_loss, trainable_mask
 from marjax.distill.teacher_cache import TeacherCache, is_teacher_cache
 from marjax.errors import ConfigError, DataError, MarjaxError
 from marjax.models.lm import forward
 from marjax.train.data import load_documents, make_dataset
+from marjax.train.checkpoint import load_on_mesh
 from marjax.train.loop import train
+from marjax.train.mesh import make_mesh
 from marjax.train.memory import check_fits
 
 __all__ = ["RunConfig", "RunSection", "load_config", "load_run_config", "apply_overrides", "run_stage", "make_data",
-           "pretrain_loss"]
+           "pretrain_loss", "load_for_run"]
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,18 @@ def load_run_config(path: Optional[str] = None, overrides=(), base: Optional[Run
     cfg.distill.validate()
     cfg.atmn.validate()
     return cfg
+
+
+def load_for_run(name_or_path: str, train_cfg: TrainConfig) -> Model:
+    """The teacher, or a previous stage's student, for a run. When the run's mesh spans more than
+    one device every param leaf is created directly in the sharding the train step uses (each
+    device reads only its slices of the file or checkpoint: `load_on_mesh`), so the largest model
+    a job can load is not bounded by one device; on one device, `marjax.load`."""
+    mesh = make_mesh(train_cfg.mesh)
+    if mesh.size == 1:
+        return load(name_or_path)
+    cfg, params, tok = load_on_mesh(name_or_path, mesh)
+    return Model(config=cfg, params=params, tokenizer=tok, source=str(name_or_path))
 
 
 def pretrain_loss(cfg: ModelConfig):

@@ -1,0 +1,95 @@
+"""What every `marjax bench` shares: the device's name, the measured float32 matmul peak, and
+interleaved timing with compile time kept apart from the steady state.
+
+    peak = matmul_peak_gflops()                    # GFLOP/s of a jitted (1024 x 1024) @ (1024 x 1024)
+    t = interleaved({"a": fa, "b": fb}, repeats=3) # {"a": {"median_s", "min_s", "cpu_s"}, ...}
+
+Every bench reports ratios against a baseline measured in the same process; the peak puts the
+absolute rates of a run in proportion to what this machine's matmul reaches right now (on a CPU
+shared with other jobs it moves with their load, like everything else).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["device_name", "matmul_peak_gflops", "machine_info", "header_line", "interleaved", "compile_timed", "write_json",
+           "format_ratio"]
+
+PEAK_N = 1024
+
+
+def device_name() -> str:
+    d = jax.devices()[0]
+    return f"{d.platform}:{getattr(d, 'device_kind', '')}"
+
+
+def matmul_peak_gflops(n: int = PEAK_N, repeats: int = 5) -> float:
+    """GFLOP/s (2 n^3 per product) of a jitted float32 (n x n) @ (n x n), from the fastest of
+    `repeats` calls after a compile call: the best this machine's matmul reaches now."""
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(k1, (n, n), jnp.float32)
+    b = jax.random.normal(k2, (n, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    jax.block_until_ready(dot(a, b))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(dot(a, b))
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def machine_info(peak_repeats: int = 5) -> dict:
+    """backend, device and the measured float32 matmul peak: the header of every bench's JSON."""
+    return {"backend": jax.default_backend(), "device": device_name(),
+            "matmul_peak_gflops": matmul_peak_gflops(repeats=peak_repeats), "matmul_peak_shape": [PEAK_N] * 2}
+
+
+def header_line(info: dict) -> str:
+    return (f"# backend {info['backend']}, device {info['device']}, float32 matmul peak "
+            f"{info['matmul_peak_gflops']:.1f} GFLOP/s (jitted {PEAK_N}x{PEAK_N} jnp.dot, measured in this run)")
+
+
+def compile_timed(fn: Callable, *args, **jit_kw):
+    """(compiled executable, lower + compile seconds) of jax.jit(fn) on args, or of an already
+    jitted fn (anything with .lower)."""
+    t0 = time.perf_counter()
+    jitted = fn if hasattr(fn, "lower") else jax.jit(fn, **jit_kw)
+    compiled = jitted.lower(*args).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict:
+    """{name: {"median_s", "min_s", "cpu_s"}} of no-argument callables (results blocked on), run
+    in turn each round with the order rotating, so load bursts from other processes hit all of
+    them alike; `cpu_s` is process CPU time (all threads), which waiting for a core leaves out."""
+    names = list(fns)
+    wall = {k: [] for k in names}
+    cpu = {k: [] for k in names}
+    for rnd in range(warmup + repeats):
+        order = names[rnd % len(names):] + names[:rnd % len(names)]
+        for k in order:
+            c0, t0 = time.process_time(), time.perf_counter()
+            jax.block_until_ready(fns[k]())
+            if rnd >= warmup:
+                wall[k].append(time.perf_counter() - t0)
+                cpu[k].append(time.process_time() - c0)
+    return {k: {"median_s": statistics.median(wall[k]), "min_s": min(wall[k]),
+                "cpu_s": statistics.median(cpu[k])} for k in names}
+
+
+def write_json(path: Optional[str], record: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(record, f, indent=1)
+        print(f"wrote {path}")
+
+
+def format_ratio(x: Optional[float], digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
