@@ -1,5 +1,5 @@
 """Hostile files, fuzzed (seeded, bounded count and time): GGUF, text / JSONL / chat JSONL data,
-and marjax checkpoints (marjax_checkpoint.json, the step's meta item and Orbax's metadata files).
+the teacher top-k cache, and marjax checkpoints (marjax_checkpoint.json, the step's meta item and Orbax's metadata files).
 Truncations at random offsets, oversized length fields, wrong value types and random bytes each
 either load or raise a MarjaxError naming the file, within a time and memory bound; no reader
 executes code from a file; paths inside a checkpoint never steer a write."""
@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 
+from marjax.distill.teacher_cache import TeacherCache
 from marjax.config import MeshConfig, TrainConfig, preset
 from marjax.errors import MarjaxError
 from marjax.io.gguf import load_gguf, save_gguf
@@ -151,6 +152,71 @@ def test_data_fuzz(tmp_path):
             load_documents(p, heldout_fraction=0.0)
         n += 1
     assert time.perf_counter() - t0 < 60
+
+
+# ----------------------------------------------------------------------------- teacher cache
+
+def _write_cache(d: Path, n: int = 2, b: int = 2, seq: int = 8, k: int = 4, vocab: int = 50) -> Path:
+    rng = np.random.default_rng(0)
+    d.mkdir(parents=True)
+    for i in range(n):
+        ids = rng.integers(0, vocab, (b, seq)).astype(np.int32)
+        np.savez(d / f"batch_{i:06d}.npz", inputs=ids, targets=ids, mask=np.ones((b, seq), np.float32),
+                 topk_logprobs=-rng.random((b, seq, k)).astype(np.float16),
+                 topk_ids=rng.integers(0, vocab, (b, seq, k)).astype(np.int32))
+    (d / "index.json").write_text(json.dumps({"k": k, "seq_len": seq, "batch": b, "n_batches": n,
+                                              "vocab_size": vocab, "teacher": "t"}))
+    return d
+
+
+def _read_all(d: Path):
+    return list(TeacherCache(str(d), loop=False))
+
+
+def _npy_with_header(shape, dtype="<f2", payload=b"") -> bytes:
+    """A .npy whose header claims `shape` (no data of that size behind it)."""
+    header = repr({"descr": dtype, "fortran_order": False, "shape": tuple(shape)}).encode()
+    header += b" " * (63 - (len(header) + 10) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header + payload
+
+
+def test_teacher_cache_fuzz(tmp_path):
+    import zipfile
+    good = _write_cache(tmp_path / "good")
+    assert len(_read_all(good)) == 2                     # the unmutated cache reads
+    rng = np.random.default_rng(SEED)
+    n, t0 = 0, time.perf_counter()
+    cases = []
+    for name in ("index.json", "batch_000001.npz"):
+        data = (good / name).read_bytes()
+        cases += [(name, blob) for _, blob in _mutations(data, rng, n_trunc=8, n_flip=12, header=len(data))]
+    cases += [("index.json", json.dumps(v).encode()) for v in
+              ([1, 2], {"k": 4}, {"k": 4, "seq_len": 8, "batch": 2, "n_batches": 0, "vocab_size": 50},
+               {"k": 99, "seq_len": 8, "batch": 2, "n_batches": 2, "vocab_size": 50},
+               {"k": "4", "seq_len": 8, "batch": 2, "n_batches": 2, "vocab_size": 50})]
+    cases.append(("index.json", b"[" * 100000))
+    # oversized shape in a .npy header, an object (pickle) array, a wrong dtype, ids out of range
+    for member, blob in [("topk_logprobs", _npy_with_header((2, 8, 2**40))),
+                         ("topk_logprobs", _npy_with_header((2, 8, 4), "|O", b"\x80\x04N.")),
+                         ("inputs", _npy_with_header((2, 8), "<c8", bytes(128))),
+                         ("topk_ids", _npy_with_header((2, 8, 4), "<i4", np.full(64, 10**6, np.int32).tobytes()))]:
+        p = tmp_path / f"z{len(cases)}.npz"
+        with zipfile.ZipFile(good / "batch_000001.npz") as src, zipfile.ZipFile(p, "w") as dst:
+            for item in src.namelist():
+                dst.writestr(item, blob if item == member + ".npy" else src.read(item))
+        cases.append(("batch_000001.npz", p.read_bytes()))
+    for name, blob in cases:
+        d = tmp_path / f"c{n}"
+        shutil.copytree(good, d)
+        (d / name).write_bytes(blob)
+        _expect_clean(lambda: _read_all(d), d)
+        n += 1
+    with pytest.raises(MarjaxError, match="missing"):
+        d = tmp_path / "gone"
+        shutil.copytree(good, d)
+        (d / "batch_000001.npz").unlink()
+        _read_all(d)
+    assert n >= 50 and time.perf_counter() - t0 < 60
 
 
 # ----------------------------------------------------------------------------- checkpoints
