@@ -1,24 +1,15 @@
 """`marjax plan` on tiny presets over 8 simulated devices: the printed fields, and the analytic
 FLOPs per token against XLA's cost analysis of the (scan-unrolled) train step."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from simulated_devices import run_on_devices   # tests/simulated_devices.py
 
 
 def _plan(tmp_path, *args):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("MARJAX_NUM_PROCESSES", None)
     out = tmp_path / "plan.json"
-    r = subprocess.run([sys.executable, "-m", "marjax", "plan", *args, "--json", str(out)], env=env,
-                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_on_devices(["-m", "marjax", "plan", *args, "--json", out], tmp_path)
     return r.stdout, json.loads(out.read_text())
 
 

@@ -3,12 +3,9 @@ previous stage's student (a marjax run directory) straight into the train step's
 each leaf is created in its target sharding, no full array of a split leaf is ever handed to
 jax.device_put, and the stage runs. On one device the plain loader is used."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from simulated_devices import run_on_devices
 
 _SCRIPT = r'''
 import json, sys
@@ -59,11 +56,7 @@ print("RESULT" + json.dumps(loads))
 
 
 def test_distill_loads_teacher_and_student_sharded_on_8_devices(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-c", _SCRIPT, str(tmp_path)], env=env, capture_output=True, text=True,
-                       timeout=600, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-4000:]
+    r = run_on_devices(["-c", _SCRIPT, tmp_path], tmp_path)
     loads = json.loads(r.stdout.split("RESULT", 1)[1])
     # orient: the teacher; align: the teacher and the orient run dir (the student)
     assert [Path(x["path"]).name for x in loads] == ["teacher.gguf", "teacher.gguf", "orient"], loads

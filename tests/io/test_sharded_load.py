@@ -3,12 +3,9 @@ a marjax spiking safetensors dir and an Orbax run dir become params whose every 
 target sharding, equal to the unsharded load, each device holding (and each read returning)
 only its block, and no full array of a sharded leaf ever passed to jax.device_put."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from simulated_devices import run_on_devices   # tests/simulated_devices.py
+
 
 _SCRIPT = r'''
 import dataclasses, json, sys, warnings
@@ -93,11 +90,7 @@ print("RESULT" + json.dumps(res))
 
 
 def test_sharded_loads_on_8_devices(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-c", _SCRIPT, str(tmp_path)], env=env, capture_output=True, text=True,
-                       timeout=600, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-4000:]
+    r = run_on_devices(["-c", _SCRIPT, tmp_path], tmp_path)
     res = json.loads(r.stdout.split("RESULT", 1)[1])
     assert len(res) == 12
     for name, rec in res.items():

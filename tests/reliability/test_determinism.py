@@ -3,9 +3,6 @@ curves and params (same backend, same device count); the same stage sharded over
 8 simulated CPU devices matches the 1-device run within a stated float tolerance (the sharded
 reductions add in another order)."""
 import json
-import os
-import subprocess
-import sys
 import textwrap
 import warnings
 from pathlib import Path
@@ -18,7 +15,8 @@ import marjax
 from marjax.app.runner import load_run_config, run_stage
 from marjax.distill.init import init_from_attention
 
-REPO = Path(__file__).resolve().parents[2]
+from simulated_devices import run_on_devices   # tests/simulated_devices.py
+
 OVERRIDES = ["run.teacher=tiny", "train.seq_len=32", "train.micro_batch=2", "train.batch_tokens=64",
              "train.steps=4", "train.save_every=4", "train.log_every=1", "train.warmup=1", "train.seed=7"]
 KEYS = ("step", "loss", "kl", "grad_norm", "lr", "tokens")
@@ -62,11 +60,7 @@ _SHARDED = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_sharded_matches_one_device_within_tolerance(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-c", _SHARDED, str(tmp_path / "sharded"), str(Path(__file__).parent)],
-                       env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-4000:]
+    r = run_on_devices(["-c", _SHARDED, tmp_path / "sharded", Path(__file__).parent], tmp_path)
     got = json.loads(r.stdout.split("RESULT", 1)[1])
     curve, params = stage(tmp_path / "single")
     assert [c["step"] for c in got["curve"]] == [c["step"] for c in curve]

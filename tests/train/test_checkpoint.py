@@ -3,9 +3,6 @@ different device count."""
 import dataclasses
 import functools
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -24,15 +21,13 @@ from marjax.train.mesh import make_mesh, shard_params
 from marjax.train.optim import make_optimizer
 from marjax.train.state import TrainState, abstract_state, init_state
 
-REPO = Path(__file__).resolve().parents[2]
+from simulated_devices import run_on_devices   # tests/simulated_devices.py
 
 
 def _steps(path) -> list:
     with Checkpointer(path) as ck:
         return ck.all_steps()
 CFG = preset("tiny-ssm")
-
-
 
 
 @functools.lru_cache(maxsize=None)
@@ -211,11 +206,8 @@ def test_restore_onto_a_different_device_count(tmp_path):
     (d / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0, "tokens": 128 * s}) + "\n"
                                              for s in (1, 2)))
     np.savez(tmp_path / "one_device.npz", **flat(st))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-c", _OTHER_DEVICE_COUNT, str(d), str(Path(__file__).parent)], env=env,
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-4000:]
+    r = run_on_devices(["-c", _OTHER_DEVICE_COUNT, d, Path(__file__).parent], tmp_path, timeout=300)
+    assert "OK" in r.stdout, r.stdout[-2000:]
     assert _steps(d) == [2, 4]
     cfg, params, _ = load_model_dir(d)                  # saved sharded over 8 devices, read onto 1
     assert cfg == CFG

@@ -1,11 +1,7 @@
 """Mesh, logical axes and sharding rules; the sharded train step equals the unsharded one."""
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +17,7 @@ from marjax.train.mesh import (AXES, DEFAULT_RULES, ShardingRules, batch_shardin
                                partition_spec)
 from marjax.train.optim import decay_mask
 
-REPO = Path(__file__).resolve().parents[2]
+from simulated_devices import run_on_devices   # tests/simulated_devices.py
 
 
 def _is_axes(x):
@@ -147,12 +143,7 @@ _SHARDED_VS_SINGLE = textwrap.dedent("""
 
 
 def _run8(code: str, tmp_path, *args) -> str:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=300,
-                       cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return r.stdout
+    return run_on_devices(["-c", code, *args], tmp_path, timeout=300).stdout
 
 
 @pytest.mark.parametrize("model", ["tiny", pytest.param("tiny-ssm", marks=pytest.mark.slow)])
