@@ -1,13 +1,23 @@
-"""`marjax bench ssd|decode|spiking` (floor 5, the application): the dispatcher and the decode
-benchmark, which loads whole models. Each op's own bench lives in its room: `marjax.ssm.bench`
-(ssd), `marjax.spiking.bench` (spiking). Ratios are measured side by side in one run (absolute
-times only on GPU, with the device named)."""
+"""`marjax bench {ssd,atmn,step,decode,eval,all}` (floor 5, the application): the dispatcher and
+the decode benchmark, which loads whole models. Each op's own bench lives in its room:
+`marjax.ssm.bench` (ssd), `marjax.spiking.bench` (atmn; `spiking` is an alias); the train step
+and eval benches in `marjax.app.bench_step` and `marjax.app.bench_eval`. Every figure is a ratio
+against a baseline measured in the same process; compile time is kept apart from the steady
+state; every bench names the backend and device and records the float32 matmul peak measured in
+the same run (marjax.app.benchkit).
+
+decode: cached greedy decoding against the full forward re-run per token over the growing
+prefix (bucketed to multiples of FULL_BUCKET tokens so each bucket compiles once); the SSM-vs-KV
+per-step curve; `--weights f32,bf16,int8` (weight-only quantised decode, marjax.models.quant);
+`--llama-cpp`: llama.cpp on the same GGUF when llama-cpp-python happens to be installed."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
+import os
 import statistics
+import sys
 import time
 
 import jax
@@ -15,15 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from marjax.api import Model, load
+from marjax.app.benchkit import device_name, header_line, interleaved, machine_info, write_json
 from marjax.distill.init import init_from_attention
-from marjax.models import lm
+from marjax.errors import ConfigError
+from marjax.io.resolve import smollm2_gguf_path
+from marjax.models import lm, quant
+from marjax.sampling import decode
 
-__all__ = ["main", "decode_main", "timeit", "device_name"]
-
-
-def device_name() -> str:
-    d = jax.devices()[0]
-    return f"{d.platform}:{getattr(d, 'device_kind', '')}"
+__all__ = ["main", "decode_main", "all_main", "timeit", "device_name", "FULL_BUCKET"]
 
 
 def timeit(fn, *args, repeats: int = 3, warmup: int = 1) -> float:
@@ -38,14 +47,25 @@ def timeit(fn, *args, repeats: int = 3, warmup: int = 1) -> float:
     return statistics.median(ts)
 
 
-def _decode_kv_vs_full(m, prompt_len: int, n_new: int) -> dict:
+FULL_BUCKET = 64   # the full-forward baseline pads its growing prefix up to a multiple of this
+
+
+def _bucket(n: int, bucket: int = FULL_BUCKET) -> int:
+    return -(-n // bucket) * bucket
+
+
+def _decode_kv_vs_full(m, prompt_len: int, n_new: int, bucket: int = FULL_BUCKET) -> dict:
     """Greedy decode of n_new tokens: with the model's cache vs re-running the full forward per
-    token over a fixed-size buffer (so neither side recompiles per token)."""
+    token over the growing prefix (length prompt_len + i at step i), padded up to the next
+    multiple of `bucket` so each bucket length compiles once (all compiled before timing; the
+    causal mask keeps the tail padding out of position prompt_len + i - 1)."""
     cfg, params = m.config, m.params
     total = prompt_len + n_new
     prompt = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, prompt_len)), jnp.int32)
     fwd_cached = jax.jit(lm.forward_cached, static_argnames="cfg")
     fwd = jax.jit(lm.forward, static_argnames=("cfg",))
+    buckets = sorted({_bucket(prompt_len + i, bucket) for i in range(n_new)})
+    buf_len = buckets[-1]
 
     def run_cached():
         cache = lm.init_cache(cfg, 1, total)
@@ -58,20 +78,22 @@ def _decode_kv_vs_full(m, prompt_len: int, n_new: int) -> dict:
         return jnp.concatenate(toks, 1)
 
     def run_full():
-        buf = jnp.zeros((1, total), jnp.int32).at[:, :prompt_len].set(prompt)
+        buf = jnp.zeros((1, buf_len), jnp.int32).at[:, :prompt_len].set(prompt)
         toks = []
         for i in range(n_new):
-            lg, _ = fwd(params, buf, cfg=cfg)   # causal: the tail padding does not affect position i
-            t = jnp.argmax(lg[:, prompt_len + i - 1], -1).astype(jnp.int32)
-            buf = buf.at[:, prompt_len + i].set(t)
+            n = prompt_len + i                       # the prefix so far
+            lg, _ = fwd(params, buf[:, :_bucket(n, bucket)], cfg=cfg)
+            t = jnp.argmax(lg[:, n - 1], -1).astype(jnp.int32)
+            buf = buf.at[:, n].set(t)
             toks.append(t[:, None])
         return jnp.concatenate(toks, 1)
 
-    # compile both paths first (prefill, one decode step, one full forward), then time one run each
+    # compile both paths first (prefill, one decode step, one full forward per bucket), then time one run each
     cache = lm.init_cache(cfg, 1, total)
     lg, cache = fwd_cached(params, prompt, cache, cfg=cfg)
     jax.block_until_ready(fwd_cached(params, prompt[:, :1], cache, cfg=cfg))
-    jax.block_until_ready(fwd(params, jnp.zeros((1, total), jnp.int32), cfg=cfg))
+    for blen in buckets:
+        jax.block_until_ready(fwd(params, jnp.zeros((1, blen), jnp.int32), cfg=cfg))
 
     def timed(fn):
         t0 = time.perf_counter()
@@ -81,8 +103,75 @@ def _decode_kv_vs_full(m, prompt_len: int, n_new: int) -> dict:
     t_c, toks_c = timed(run_cached)
     t_f, toks_f = timed(run_full)
     same = bool(jnp.all(toks_c == toks_f))
-    return {"new_tokens": n_new, "cached_tok_s": n_new / t_c, "full_tok_s": n_new / t_f,
-            "speedup": t_f / t_c, "same_tokens": same}
+    return {"new_tokens": n_new, "prompt_len": prompt_len, "full_buckets": buckets, "cached_tok_s": n_new / t_c,
+            "full_tok_s": n_new / t_f, "speedup": t_f / t_c, "same_tokens": same}
+
+
+def _decode_weights(m, prompt_len: int, n_new: int, modes, repeats: int = 3) -> dict:
+    """Cached greedy decode with the matmul weights in each of `modes` (marjax.models.quant:
+    dequantised inside the jitted step), interleaved; tokens/s of each over float32's, and
+    whether its tokens equal float32's."""
+    cfg = m.config
+    prompt = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (1, prompt_len)), jnp.int32)
+    step = jax.jit(quant.forward_cached_q, static_argnames="cfg")
+    total = prompt_len + n_new
+    qparams = {mode: quant.quantize_params(m.params, mode) for mode in ("f32",) + tuple(x for x in modes if x != "f32")}
+
+    def run(q):
+        cache = lm.init_cache(cfg, 1, total)
+        lg, cache = step(q, prompt, cache, cfg=cfg)
+        toks = []
+        for _ in range(n_new):
+            t = jnp.argmax(lg[:, -1], -1)[:, None].astype(jnp.int32)
+            toks.append(t)
+            lg, cache = step(q, t, cache, cfg=cfg)
+        return jnp.concatenate(toks, 1)
+
+    t = interleaved({mode: (lambda q=q: run(q)) for mode, q in qparams.items()}, repeats)
+    toks = {mode: np.asarray(run(q)) for mode, q in qparams.items()}
+    rows = []
+    for mode in qparams:
+        rows.append({"weights": mode, "weight_bytes": quant.weight_bytes(qparams[mode]),
+                     "tok_s": n_new / t[mode]["median_s"],
+                     "tok_s_over_f32": t["f32"]["median_s"] / t[mode]["median_s"],
+                     "tok_s_over_f32_min": t["f32"]["min_s"] / t[mode]["min_s"],
+                     "tok_s_over_f32_cpu": t["f32"]["cpu_s"] / t[mode]["cpu_s"],
+                     "same_tokens_as_f32": bool(np.array_equal(toks[mode], toks["f32"]))})
+    return {"new_tokens": n_new, "prompt_len": prompt_len, "repeats": repeats, "rows": rows}
+
+
+def _llama_cpp_peer(m, gguf: str, prompt_len: int, n_new: int, threads: int = 2) -> dict:
+    """marjax's cached greedy decode against llama.cpp's (llama-cpp-python, optional and never a
+    dependency) on the same GGUF and prompt ids, both timed once after a warm-up run."""
+    try:
+        import llama_cpp   # late import: optional peer (llama-cpp-python), absent from marjax's dependencies
+    except ImportError:
+        return {"skipped": "llama_cpp (llama-cpp-python) is not installed"}
+    prompt = [int(t) for t in np.random.default_rng(2).integers(0, m.config.vocab_size, prompt_len)]
+    llm = llama_cpp.Llama(model_path=gguf, n_threads=threads, n_ctx=prompt_len + n_new + 8, verbose=False)
+
+    def run_llama():
+        llm.reset()
+        out = []
+        for tok in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+            out.append(int(tok))
+            if len(out) == n_new:
+                break
+        return out
+
+    def run_marjax():
+        return decode(m.params, m.config, prompt, n_new, stop_ids=())
+
+    res = {}
+    for name, fn in (("llama_cpp", run_llama), ("marjax", run_marjax)):
+        fn()                                          # warm-up (marjax: compiles)
+        t0 = time.perf_counter()
+        toks = fn()
+        res[name] = {"tok_s": n_new / (time.perf_counter() - t0), "tokens": toks}
+    return {"threads": threads, "new_tokens": n_new, "marjax_tok_s": res["marjax"]["tok_s"],
+            "llama_cpp_tok_s": res["llama_cpp"]["tok_s"],
+            "marjax_over_llama_cpp": res["marjax"]["tok_s"] / res["llama_cpp"]["tok_s"],
+            "same_tokens": res["marjax"]["tokens"] == res["llama_cpp"]["tokens"]}
 
 
 def _ssm_decode_curve(m, contexts) -> list:
@@ -102,30 +191,51 @@ def _ssm_decode_curve(m, contexts) -> list:
 
 def decode_main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="marjax bench decode",
-                                 description="KV-cache decode vs full forward per token; SSM vs KV decode curve")
+                                 description="KV-cache decode vs full forward per token; SSM vs KV decode curve; "
+                                             "bf16/int8 weights; optional llama.cpp peer")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", default="64,512")
     ap.add_argument("--curve", default="", help="contexts for the SSM-vs-KV step curve, e.g. 128,1024,8192")
     ap.add_argument("--ssm-model", default="", help="SSM model for the curve (default: the converted --model)")
+    ap.add_argument("--weights", default="f32",
+                    help=f"comma-separated subset of {quant.MODES}: cached decode tokens/s of each over f32, "
+                         "measured in the same run (f32 is always timed as the baseline)")
+    ap.add_argument("--weights-tokens", type=int, default=64, help="new tokens per --weights run")
+    ap.add_argument("--weights-ssm", action="store_true",
+                    help="also run --weights on the SSM student (the converted --model)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds of the --weights comparison")
+    ap.add_argument("--no-llama-cpp", action="store_true",
+                    help="skip the llama.cpp peer (run by default when --model is a GGUF and llama-cpp-python "
+                         "is installed; n_threads=2)")
     ap.add_argument("--json", default="")
     a = ap.parse_args(argv)
+    modes = [x for x in a.weights.split(",") if x]
+    bad = [x for x in modes if x not in quant.MODES]
+    if bad:
+        raise ConfigError(f"--weights: unknown {bad}; choose from {quant.MODES}")
+    info = machine_info()
+    print(header_line(info))
     m = load(a.model)
-    out = {"device": device_name(), "model": a.model, "decode": []}
-    print(f"# decode benchmark on {out['device']}, model {a.model} (ratios measured in one run)")
+    out = dict(info, bench="decode", model=a.model, decode=[])
+    print(f"# decode benchmark, model {a.model} (ratios measured in one run); the full-forward baseline runs "
+          f"over the growing prefix padded to a multiple of {FULL_BUCKET} tokens (one compile per bucket, "
+          "before timing)")
     print("| new tokens | KV-cache tok/s over full-forward tok/s | same tokens |")
     print("|---|---|---|")
     for n in [int(x) for x in a.new_tokens.split(",") if x]:
         r = _decode_kv_vs_full(m, a.prompt_len, n)
         out["decode"].append(r)
         print(f"| {n} | {r['speedup']:.1f}x | {r['same_tokens']} |")
-    if a.curve:
-        ctxs = [int(x) for x in a.curve.split(",")]
+    sm = None
+    if a.curve or a.weights_ssm:
         if a.ssm_model:
             sm = load(a.ssm_model)
         else:
             student_cfg, sp = init_from_attention(m.params, m.config)
             sm = Model(student_cfg, sp, m.tokenizer, "converted")
+    if a.curve:
+        ctxs = [int(x) for x in a.curve.split(",")]
         kv, ss = _ssm_decode_curve(m, ctxs), _ssm_decode_curve(sm, ctxs)
         base_kv, base_ss = kv[0]["step_s"], ss[0]["step_s"]
         print("\n| context | KV step / KV step@first | SSM step / SSM step@first | SSM step / KV step | KV cache MiB | SSM state MiB |")
@@ -134,18 +244,103 @@ def decode_main(argv=None) -> int:
             print(f"| {k['context']} | {k['step_s'] / base_kv:.2f} | {s['step_s'] / base_ss:.2f} | "
                   f"{s['step_s'] / k['step_s']:.2f} | {k['cache_bytes'] / 2**20:.1f} | {s['cache_bytes'] / 2**20:.2f} |")
         out["curve"] = {"kv": kv, "ssm": ss}
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
+    if modes != ["f32"]:
+        out["weights"] = {}
+        print(f"\n# cached greedy decode, {a.weights_tokens} new tokens, weights dequantised inside the jitted step; "
+              f"median (min) of {a.repeats} interleaved rounds")
+        print("| model | weights | tok/s over f32 | same, CPU time | weight MiB | same tokens as f32 |")
+        print("|---|---|---|---|---|---|")
+        for label, model in (("attention", m),) + ((("ssm", sm),) if a.weights_ssm else ()):
+            w = _decode_weights(model, a.prompt_len, a.weights_tokens, modes, a.repeats)
+            out["weights"][label] = w
+            for r in w["rows"]:
+                print(f"| {label} | {r['weights']} | {r['tok_s_over_f32']:.2f} ({r['tok_s_over_f32_min']:.2f}) | "
+                      f"{r['tok_s_over_f32_cpu']:.2f} | {r['weight_bytes'] / 2**20:.1f} | {r['same_tokens_as_f32']} |")
+    if not a.no_llama_cpp:
+        own_gguf = str(m.source).endswith(".gguf")
+        if not own_gguf and a.model not in ("smollm2-135m-instruct", "smollm2"):
+            print(f"\n# llama.cpp peer skipped: --model {a.model} is not a GGUF (llama.cpp reads GGUF files)")
+        else:
+            peer = _llama_cpp_peer(m, m.source if own_gguf else smollm2_gguf_path(), a.prompt_len, a.weights_tokens)
+            out["llama_cpp"] = peer
+            if "skipped" in peer:
+                print(f"\n# llama.cpp peer skipped: {peer['skipped']}")
+            else:
+                print("\n| marjax tok/s / llama.cpp tok/s (n_threads=2, same GGUF, greedy) | same tokens |")
+                print("|---|---|")
+                print(f"| {peer['marjax_over_llama_cpp']:.2f} | {peer['same_tokens']} |")
+    write_json(a.json, out)
     return 0
+
+
+# the small defaults of `marjax bench all`: each bench in about a minute on a 2-core CPU
+ALL_DEFAULTS = {
+    "ssd": ["--lengths", "512", "--impls", "auto,reference", "--repeats", "3"],
+    "atmn": ["--tokens", "512", "--T", "1,2,4", "--repeats", "5"],
+    "step": ["--model", "tiny", "--repeats", "3"],
+    "decode": ["--model", "tiny", "--new-tokens", "64", "--weights", "f32,bf16,int8", "--weights-ssm"],
+    "eval": ["--model", "tiny", "--max-tokens", "1024"],
+}
+SUBS = {"ssd": ("marjax.ssm.bench", "main"), "atmn": ("marjax.spiking.bench", "main"),
+        "spiking": ("marjax.spiking.bench", "main"), "step": ("marjax.app.bench_step", "main"),
+        "decode": ("marjax.bench", "decode_main"), "eval": ("marjax.app.bench_eval", "main")}
+OWN_HEADER = ("step", "decode", "eval")   # these print and record the machine header themselves
+
+
+def _json_arg(argv) -> str:
+    for i, x in enumerate(argv):
+        if x == "--json" and i + 1 < len(argv):
+            return argv[i + 1]
+        if x.startswith("--json="):
+            return x.split("=", 1)[1]
+    return ""
+
+
+def _run_sub(name: str, argv) -> int:
+    """One bench; the op rooms' benches (ssd, atmn: floor 1, below marjax.app) get the machine
+    header printed here and added to their JSON."""
+    info = None
+    if name not in OWN_HEADER and not any(x in ("-h", "--help") for x in argv):
+        info = machine_info()
+        print(header_line(info))
+    mod, fn = SUBS[name]
+    rc = int(getattr(importlib.import_module(mod), fn)(list(argv)) or 0)
+    path = _json_arg(argv)
+    if info is not None and path and rc == 0:
+        with open(path) as f:
+            rec = json.load(f)
+        with open(path, "w") as f:
+            json.dump(dict(rec, **info, bench=name), f, indent=1)
+    return rc
+
+
+def all_main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="marjax bench all",
+                                 description="every bench with small defaults: " + "; ".join(
+                                     f"{k} {' '.join(v)}" for k, v in ALL_DEFAULTS.items()))
+    ap.add_argument("--json-dir", default="", help="write <bench>.json for each bench into this folder")
+    ap.add_argument("--only", default=",".join(ALL_DEFAULTS), help="comma-separated subset")
+    a = ap.parse_args(argv)
+    rc = 0
+    for name in [x for x in a.only.split(",") if x]:
+        if name not in ALL_DEFAULTS:
+            raise ConfigError(f"--only: unknown bench {name!r}; choose from {sorted(ALL_DEFAULTS)}")
+        args = list(ALL_DEFAULTS[name])
+        if a.json_dir:
+            os.makedirs(a.json_dir, exist_ok=True)
+            args += ["--json", os.path.join(a.json_dir, f"{name}.json")]
+        print(f"\n## marjax bench {name} {' '.join(args)}")
+        sys.stdout.flush()
+        rc = rc or _run_sub(name, args)
+    return rc
 
 
 def main(argv=None) -> int:
     argv = list(argv or [])
-    subs = {"ssd": ("marjax.ssm.bench", "main"), "decode": ("marjax.bench", "decode_main"),
-            "spiking": ("marjax.spiking.bench", "main")}
-    if not argv or argv[0] not in subs:
-        print("usage: marjax bench {ssd|decode|spiking} [--help]")
+    names = sorted(set(SUBS) | {"all"})
+    if not argv or argv[0] not in names:
+        print("usage: marjax bench {ssd|atmn|step|decode|eval|all} [--help]   (spiking = atmn)")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    mod, fn = subs[argv[0]]
-    return int(getattr(importlib.import_module(mod), fn)(argv[1:]) or 0)
+    if argv[0] == "all":
+        return all_main(argv[1:])
+    return _run_sub(argv[0], argv[1:])

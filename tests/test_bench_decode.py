@@ -1,15 +1,26 @@
-"""`marjax bench decode` on the tiny preset: cached and full-forward greedy decoding agree."""
+"""`marjax bench decode` on the tiny preset: cached and full-forward greedy decoding agree, the
+full-forward baseline grows its prefix bucket by bucket, and the quantised-weights rows are
+measured against float32 in the same run."""
 import json
 
+from marjax.bench import FULL_BUCKET
 from marjax.cli import main
 
 
 def test_bench_decode_tiny(tmp_path, capsys):
     out = tmp_path / "d.json"
-    assert main(["bench", "decode", "--model", "tiny", "--new-tokens", "6", "--curve", "16,64",
-                 "--json", str(out)]) == 0
+    # 16 prompt + 50 new tokens: prefixes 16..65 -> buckets of 64 and 128 tokens
+    assert main(["bench", "decode", "--model", "tiny", "--new-tokens", "50", "--curve", "16,64",
+                 "--weights", "f32,int8", "--weights-tokens", "8", "--repeats", "1", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert res["decode"][0]["same_tokens"] is True
+    assert res["matmul_peak_gflops"] > 0 and res["device"].startswith(res["backend"])
+    dec = res["decode"][0]
+    assert dec["same_tokens"] is True
+    assert FULL_BUCKET == 64 and dec["full_buckets"] == [64, 128]
     kv, ssm = res["curve"]["kv"], res["curve"]["ssm"]
     assert kv[1]["cache_bytes"] > kv[0]["cache_bytes"]          # KV cache grows with context
     assert ssm[1]["cache_bytes"] == ssm[0]["cache_bytes"]        # SSM state does not
+    rows = {r["weights"]: r for r in res["weights"]["attention"]["rows"]}
+    assert rows["f32"]["tok_s_over_f32"] == 1.0 and rows["int8"]["tok_s_over_f32"] > 0
+    assert rows["int8"]["weight_bytes"] < 0.35 * rows["f32"]["weight_bytes"]
+    assert "llama.cpp peer skipped" in capsys.readouterr().out   # tiny is no GGUF

@@ -1,0 +1,175 @@
+"""`marjax bench step`: what a distillation train step costs next to the work it must do.
+
+At the pipeline's shapes (marjax.app.pipeline.PIPELINES: seq_len 64, micro_batch 4 for
+"smollm2"; `--model tiny` for the tiny preset) three jitted programs run side by side:
+
+  teacher fwd         the teacher's forward to logits (b, l, v) on the step's tokens;
+  student fwd+bwd     the gradient of the student's next-token cross-entropy (its forward, head
+                      and backward; no teacher, no optimizer);
+  step                the real train step (marjax.train.step.make_train_step with the stage loss
+                      of marjax.distill.stages.make_loss and the trainer's AdamW, state donated),
+                      stage kd (attention teacher -> dense SSM) and sbds (dense SSM -> spiking).
+
+The figure is step / (teacher fwd + student fwd+bwd): 1.0 means the step costs exactly its two
+parts; above 1 is the price of the stage loss (the chunked KL recomputes both heads, the feature
+taps, the firing-rate term) and the optimizer. Achieved GFLOP/s are the analytic FLOP counts of
+marjax.app.plan (XLA's cost analysis counts a lax.scan body once, so it under-counts the layer
+scan) over the median time, as a fraction of the float32 matmul peak measured in the same run.
+Compile time (lower + compile) is reported apart. The student's starting weights are the
+attention -> SSM init (kd) and its ATMN version with thresholds calibrated on one batch (sbds);
+the tokens are random ids (the work does not depend on them).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from marjax.api import load
+from marjax.app.benchkit import compile_timed, format_ratio, header_line, interleaved, machine_info, write_json
+from marjax.app.pipeline import PIPELINES
+from marjax.app.plan import analytic_flops_per_token
+from marjax.app.runner import pretrain_loss
+from marjax.config import ModelConfig, TrainConfig
+from marjax.distill.init import init_from_attention
+from marjax.distill.stages import make_loss, trainable_mask
+from marjax.errors import ConfigError
+from marjax.models.lm import forward
+from marjax.models.spiking import make_spiking_student
+from marjax.train.mesh import make_mesh, shard_params
+from marjax.train.optim import accum_steps, make_optimizer
+from marjax.train.state import init_state
+from marjax.train.step import make_step_shardings, make_train_step
+
+__all__ = ["main", "stage_models", "step_bench"]
+
+STAGES = ("kd", "sbds")
+
+
+def stage_models(stage: str, teacher_cfg: ModelConfig, teacher_params, atmn, calib_ids):
+    """(teacher cfg, teacher params, student cfg, student params) of a stage's step: kd trains
+    the attention -> SSM init against the attention model; sbds its spiking version against it."""
+    dense_cfg, dense = init_from_attention(teacher_params, teacher_cfg)
+    if stage == "kd":
+        return teacher_cfg, teacher_params, dense_cfg, dense
+    if stage == "sbds":
+        spk_cfg, spk = make_spiking_student(dense, dense_cfg, atmn, calib_ids=calib_ids)
+        return dense_cfg, dense, spk_cfg, spk
+    raise ConfigError(f"bench step: stage must be one of {STAGES}, got {stage!r}")
+
+
+def _batch(tcfg: TrainConfig, vocab: int, seed: int = 0) -> dict:
+    """(accum, micro_batch, seq_len) inputs/targets/mask of random ids (host numpy, like the loop's)."""
+    n = accum_steps(tcfg)
+    ids = np.random.default_rng(seed).integers(0, vocab, (n, tcfg.micro_batch, tcfg.seq_len + 1)).astype(np.int32)
+    return {"inputs": ids[..., :-1], "targets": ids[..., 1:],
+            "mask": np.ones((n, tcfg.micro_batch, tcfg.seq_len), np.float32)}
+
+
+def _baseline_flops(terms: dict, t_cfg: ModelConfig, s_cfg: ModelConfig) -> dict:
+    """Per-token FLOPs of the two baselines from plan's terms: teacher layers + its head once;
+    student layers fwd+bwd + its head fwd+bwd (6 d V, no recompute in a plain CE gradient)."""
+    return {"teacher_fwd": terms["teacher fwd (layers)"] + 2 * t_cfg.d_model * t_cfg.vocab_size,
+            "student_fwd_bwd": terms["student fwd+bwd (layers)"] + 6 * s_cfg.d_model * s_cfg.vocab_size}
+
+
+def step_bench(stage: str, teacher_cfg: ModelConfig, teacher_params, tcfg: TrainConfig, distill_cfg, atmn,
+               repeats: int = 3) -> dict:
+    """Times of teacher fwd, student fwd+bwd and the real step of `stage` (module doc), their
+    compile seconds, the ratio and the analytic FLOPs; one record."""
+    batch = _batch(tcfg, teacher_cfg.vocab_size)
+    t_cfg, t_params, s_cfg, s_params = stage_models(stage, teacher_cfg, teacher_params, atmn,
+                                                    batch["inputs"][0])
+    flat = {k: jnp.asarray(v.reshape((-1,) + v.shape[2:])) for k, v in batch.items()}   # the step's tokens, one batch
+
+    mesh = make_mesh(tcfg.mesh)
+    mask = trainable_mask(s_params, distill_cfg.trainable)
+    tx = make_optimizer(tcfg, s_params, mask)
+    state = init_state(shard_params(s_params, mesh, copy=True), tx, tcfg.seed, mesh)
+    teacher = shard_params(t_params, mesh)
+    sh = make_step_shardings(state, teacher, batch, mesh)
+    step = make_train_step(make_loss(stage, t_cfg, s_cfg, distill_cfg), tx, mesh, sh, accum_steps(tcfg),
+                           trainable=mask, compute_dtype=tcfg.compute_dtype)
+    dev_batch = jax.device_put(batch, sh.batch)
+
+    ce = pretrain_loss(s_cfg)
+    student_grad = jax.grad(lambda p, b: ce(p, None, b, None)[0])
+    teacher_fwd = lambda p, ids: forward(p, ids, t_cfg)[0]  # noqa: E731
+    c_step, comp_step = compile_timed(step, state, teacher, dev_batch)
+    c_teacher, comp_teacher = compile_timed(teacher_fwd, teacher, flat["inputs"])
+    c_student, comp_student = compile_timed(student_grad, s_params, flat)
+
+    holder = {"state": state}
+
+    def run_step():
+        holder["state"], out = c_step(holder["state"], teacher, dev_batch)   # the state is donated
+        return out["loss"]
+
+    t = interleaved({"teacher_fwd": lambda: c_teacher(teacher, flat["inputs"]),
+                     "student_fwd_bwd": lambda: c_student(s_params, flat),
+                     "step": run_step}, repeats)
+    tokens = int(np.prod(batch["inputs"].shape))
+    terms = analytic_flops_per_token(t_cfg, s_cfg, stage, tcfg.seq_len)
+    per_tok = dict(_baseline_flops(terms, t_cfg, s_cfg), step=terms["total"])
+    rec = {"stage": stage, "teacher": t_cfg.name, "student": s_cfg.name, "seq_len": tcfg.seq_len,
+           "micro_batch": tcfg.micro_batch, "accum_steps": accum_steps(tcfg), "tokens": tokens,
+           "repeats": repeats, "times": t, "compile_s": {"step": comp_step, "teacher_fwd": comp_teacher,
+                                                         "student_fwd_bwd": comp_student},
+           "analytic_flops_per_token": per_tok, "last_loss": float(jax.device_get(run_step()))}
+    for how in ("median_s", "min_s", "cpu_s"):
+        rec[f"step_over_parts_{how[:-2]}"] = t["step"][how] / (t["teacher_fwd"][how] + t["student_fwd_bwd"][how])
+    rec["gflops"] = {k: per_tok[k] * tokens / t[k]["median_s"] / 1e9 for k in per_tok}
+    return rec
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="marjax bench step", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2", choices=sorted(PIPELINES),
+                    help="the pipeline whose teacher and train shapes to use")
+    ap.add_argument("--stages", default="kd,sbds", help=f"comma-separated subset of {STAGES}")
+    ap.add_argument("--seq-len", type=int, default=0, help="override the pipeline's seq_len")
+    ap.add_argument("--micro-batch", type=int, default=0, help="override the pipeline's micro_batch")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", default="")
+    a = ap.parse_args(argv)
+    stages = [s for s in a.stages.split(",") if s]
+    bad = [s for s in stages if s not in STAGES]
+    if bad or not stages:
+        raise ConfigError(f"--stages: unknown {bad}; choose from {STAGES}")
+    if a.repeats < 1:
+        raise ConfigError(f"--repeats must be >= 1, got {a.repeats}")
+    pc = PIPELINES[a.model]
+    tcfg = pc.train
+    if a.seq_len:
+        tcfg = dataclasses.replace(tcfg, seq_len=a.seq_len)
+    if a.micro_batch:
+        tcfg = dataclasses.replace(tcfg, micro_batch=a.micro_batch)
+    tcfg = dataclasses.replace(tcfg, batch_tokens=tcfg.seq_len * tcfg.micro_batch * accum_steps(pc.train))
+    info = machine_info()
+    print(header_line(info))
+    base = load(pc.teacher)
+    print(f"# train step of the {a.model} pipeline: teacher {pc.teacher}, seq_len {tcfg.seq_len}, micro_batch "
+          f"{tcfg.micro_batch}, accum {accum_steps(tcfg)}; median (min) of {a.repeats} interleaved rounds; "
+          "GFLOP/s from analytic FLOPs (marjax.app.plan) over the median time")
+    print("| stage | step / (teacher fwd + student fwd+bwd) | same, CPU time | step GFLOP/s / peak | "
+          "teacher fwd / peak | student fwd+bwd / peak | compile s (step, teacher, student) |")
+    print("|---|---|---|---|---|---|---|")
+    out = dict(info, bench="step", model=a.model, teacher=pc.teacher, records=[])
+    peak = info["matmul_peak_gflops"]
+    for stage in stages:
+        r = step_bench(stage, base.config, base.params, tcfg, pc.distill, pc.atmn, a.repeats)
+        r["peak_fraction"] = {k: v / peak for k, v in r["gflops"].items()}
+        out["records"].append(r)
+        c = r["compile_s"]
+        print(f"| {stage} | {r['step_over_parts_median']:.2f} ({r['step_over_parts_min']:.2f}) | "
+              f"{r['step_over_parts_cpu']:.2f} | {format_ratio(r['peak_fraction']['step'], 3)} | "
+              f"{format_ratio(r['peak_fraction']['teacher_fwd'], 3)} | "
+              f"{format_ratio(r['peak_fraction']['student_fwd_bwd'], 3)} | "
+              f"{c['step']:.1f}, {c['teacher_fwd']:.1f}, {c['student_fwd_bwd']:.1f} |")
+        sys.stdout.flush()
+    write_json(a.json, out)
+    return 0
