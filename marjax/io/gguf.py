@@ -103,6 +103,13 @@ def check_gguf_layout(path: str) -> None:
                                       f"{size - pos} remain")
             pos += n
 
+        def string(what: str) -> str:
+            """A length-prefixed string (a metadata key or tensor name), shown at most 200 bytes."""
+            n = take("Q", f"{what} length")
+            start = pos
+            skip(n, what)
+            return bytes(m[start:start + min(n, 200)]).decode("utf-8", "replace")
+
         def value(vtype: int, what: str, depth: int = 0) -> None:
             if vtype in _SCALAR:
                 skip(_SCALAR[vtype], what)
@@ -132,10 +139,7 @@ def check_gguf_layout(path: str) -> None:
                                   f"cannot fit in {size} bytes")
         alignment = 32
         for i in range(n_kv):
-            klen = take("Q", f"metadata key {i} length")
-            kpos = pos
-            skip(klen, f"metadata key {i}")
-            key = bytes(m[kpos:kpos + min(klen, 200)]).decode("utf-8", "replace")
+            key = string(f"metadata key {i}")
             vtype = take("I", f"metadata {key!r} type")
             vpos = pos
             value(vtype, f"metadata {key!r}")
@@ -145,10 +149,7 @@ def check_gguf_layout(path: str) -> None:
             raise CheckpointError(f"{path}: corrupt GGUF file: general.alignment {alignment} is not a power of two")
         infos = []
         for i in range(n_tensors):
-            nlen = take("Q", f"tensor {i} name length")
-            npos = pos
-            skip(nlen, f"tensor {i} name")
-            name = bytes(m[npos:npos + min(nlen, 200)]).decode("utf-8", "replace")
+            name = string(f"tensor {i} name")
             n_dims = take("I", f"tensor {name!r} n_dims")
             if not 1 <= n_dims <= _MAX_DIMS:
                 raise CheckpointError(f"{path}: corrupt GGUF file: tensor {name!r} has {n_dims} dims (1..{_MAX_DIMS})")

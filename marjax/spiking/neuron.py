@@ -45,7 +45,7 @@ from jaxtyping import Array, Float
 
 from marjax.config import ATMNConfig
 from marjax.errors import ConfigError, MarjaxError
-from marjax.spiking.surrogates import count_grads, step_grads
+from marjax.spiking.surrogates import spike_grads
 
 __all__ = ["ATMNParams", "init_atmn", "calibrate_a", "atmn_spikes", "atmn", "atmn_with_stats",
            "atmn_decode", "readout_coeffs"]
@@ -161,12 +161,11 @@ def _core_bwd(cfg, with_stats, res, ct):
         gh_next, gV = carry
         h, s, c_t, cp, cn = xs
         gu = gh_next * inv_tau                      # u_t feeds h_{t+1} = u_t / tau
-        dsdh, dsdV = step_grads(h, V, cfg.surrogate, cfg.width, cfg.ternary, k)
+        dsdh, dsdV, up, down = spike_grads(h, V, cfg.surrogate, cfg.width, cfg.ternary, k)
         g = ct_y * c_t - reset_through_spike * gu   # d loss / d (V s_t): readout (+ reset)
         gh = gu + g * V * dsdh
         gV = gV + s * (ct_y * c_t - gu) + g * V * dsdV
-        if with_stats:
-            up, down = count_grads(h, V, cfg.surrogate, cfg.width, cfg.ternary, k)
+        if with_stats:                              # the +1 / -1 counts' surrogate gradients
             gh = gh + w * (cp * up - cn * down)
             gV = gV - k * w * (cp * up + cn * down)
         return (gh, gV), None

@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["SURROGATES", "bump", "step_grads", "count_grads"]
+__all__ = ["SURROGATES", "bump", "step_grads", "count_grads", "spike_grads"]
 
 SURROGATES = ("rectangular", "triangular", "sigmoid", "straight_through")
 
@@ -45,13 +45,19 @@ def step_grads(h, V, kind: str, width: float, ternary: bool, fire: float = 1.0):
     """(ds/dh, ds/dV) of the spike function at membrane h and threshold V (float32). The step
     fires at h >= fire * V (fire = 1, or 1/2 for the round-to-nearest quantiser), so the shift
     derivative carries the factor `fire`; the bump's width stays w V."""
+    return spike_grads(h, V, kind, width, ternary, fire)[:2]
+
+
+def spike_grads(h, V, kind: str, width: float, ternary: bool, fire: float = 1.0):
+    """(ds/dh, ds/dV, up, down): `step_grads` and `count_grads` from one evaluation of the bumps
+    (the backward pass with firing-rate stats needs both)."""
+    up, down = count_grads(h, V, kind, width, ternary, fire)
     if kind == "straight_through":
         d_h = jnp.broadcast_to(1.0 / V, jnp.broadcast_shapes(jnp.shape(h), jnp.shape(V)))
         if not ternary:
             d_h = jnp.where(h > 0, d_h, 0.0)
-        return d_h, jnp.zeros_like(d_h)
-    up, down = count_grads(h, V, kind, width, ternary, fire)
-    return up + down, fire * (down - up)
+        return d_h, jnp.zeros_like(d_h), up, down
+    return up + down, fire * (down - up), up, down
 
 
 def count_grads(h, V, kind: str, width: float, ternary: bool, fire: float = 1.0):
