@@ -7,12 +7,12 @@ The continuation carries the target delimiter (a leading space), as lm-eval buil
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 from marjax.errors import DataError, MarjaxError
+from marjax.io.jsonl import jsonl_records
 
 __all__ = [
     "MCItem", "ClozeItem", "TASK_FILES", "MC_TASKS", "NORM_TASKS", "ITEM_TASKS", "KNOWN_TASKS",
@@ -84,15 +84,9 @@ def _read_lines(path: str) -> list:
 def _read_jsonl(path: str, limit: Optional[int]) -> list:
     """(line number, dict) for the first `limit` non-empty lines."""
     out = []
-    for i, line in enumerate(_read_lines(path), 1):
+    for i, obj in jsonl_records("\n".join(_read_lines(path)), path):
         if limit is not None and len(out) >= limit:
             break
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from e
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
         out.append((i, obj))

@@ -46,7 +46,6 @@ Order, sharding, epochs
 from __future__ import annotations
 
 import inspect
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
@@ -55,6 +54,7 @@ import grain
 import numpy as np
 
 from marjax.errors import ConfigError, DataError
+from marjax.io.jsonl import jsonl_records, parse_json
 from marjax.train import corpus
 import jax
 
@@ -124,23 +124,9 @@ def _read_json_docs(path: Path, text_field: str) -> list:
     text = _read_utf8(path)
     docs = []
     if path.suffix == ".jsonl":
-        for lineno, line in enumerate(text.split("\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: bad JSON ({e.msg} at column {e.colno})") from e
-            except (ValueError, RecursionError) as e:     # a 5000-digit number, nesting deeper than Python's stack
-                raise DataError(f"{path}:{lineno}: unreadable JSON ({type(e).__name__}: {str(e)[:120]})") from None
-            docs.append(_doc_from_record(obj, f"{path}:{lineno}", text_field))
+        docs = [_doc_from_record(obj, f"{path}:{lineno}", text_field) for lineno, obj in jsonl_records(text, path)]
     else:
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: bad JSON ({e.msg} at column {e.colno})") from e
-        except (ValueError, RecursionError) as e:
-            raise DataError(f"{path}: unreadable JSON ({type(e).__name__}: {str(e)[:120]})") from None
+        obj = parse_json(text, str(path))
         records = obj if isinstance(obj, list) else [obj]
         docs = [_doc_from_record(r, f"{path}[{i}]", text_field) for i, r in enumerate(records)]
     return [d for d in docs if d is not None]

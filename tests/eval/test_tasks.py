@@ -114,7 +114,7 @@ def _write(tmp_path, rel, text):
 def test_malformed_files(tmp_path):
     _write(tmp_path, "arc_easy/arc_easy.jsonl",
            json.dumps({"query": "Question: q", "choices": ["a", "b"], "gold": 1}) + "\n{not json\n")
-    with pytest.raises(DataError, match=r"arc_easy.jsonl:2: not valid JSON"):
+    with pytest.raises(DataError, match=r"arc_easy.jsonl:2: bad JSON"):
         T.load_task("arc_easy", str(tmp_path))
     assert T.load_task("arc_easy", str(tmp_path), limit=1)[0].gold == 1
     _write(tmp_path, "boolq/boolq.jsonl", json.dumps({"query": "q", "choices": ["no", "yes"], "gold": 2}) + "\n")
