@@ -84,12 +84,14 @@ def _read_lines(path: str) -> list:
 def _read_jsonl(path: str, limit: Optional[int]) -> list:
     """(line number, dict) for the first `limit` non-empty lines."""
     out = []
-    for i, obj in jsonl_records("\n".join(_read_lines(path)), path):
-        if limit is not None and len(out) >= limit:
-            break
+    if limit is not None and limit <= 0:
+        return out
+    for i, obj in jsonl_records("\n".join(_read_lines(path)), path):   # lazy: lines past `limit` are not parsed
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
         out.append((i, obj))
+        if limit is not None and len(out) >= limit:
+            break
     return out
 
 
