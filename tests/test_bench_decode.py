@@ -2,8 +2,10 @@
 full-forward baseline grows its prefix bucket by bucket, and the quantised-weights rows are
 measured against float32 in the same run."""
 import json
+import warnings
 
-from marjax.bench import FULL_BUCKET
+from marjax.api import load
+from marjax.bench import FULL_BUCKET, _decode_weights
 from marjax.cli import main
 
 
@@ -11,7 +13,7 @@ def test_bench_decode_tiny(tmp_path, capsys):
     out = tmp_path / "d.json"
     # 16 prompt + 50 new tokens: prefixes 16..65 -> buckets of 64 and 128 tokens
     assert main(["bench", "decode", "--model", "tiny", "--new-tokens", "50", "--curve", "16,64",
-                 "--weights", "f32,int8", "--weights-tokens", "8", "--repeats", "1", "--json", str(out)]) == 0
+                 "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["matmul_peak_gflops"] > 0 and res["device"].startswith(res["backend"])
     dec = res["decode"][0]
@@ -20,7 +22,16 @@ def test_bench_decode_tiny(tmp_path, capsys):
     kv, ssm = res["curve"]["kv"], res["curve"]["ssm"]
     assert kv[1]["cache_bytes"] > kv[0]["cache_bytes"]          # KV cache grows with context
     assert ssm[1]["cache_bytes"] == ssm[0]["cache_bytes"]        # SSM state does not
-    rows = {r["weights"]: r for r in res["weights"]["attention"]["rows"]}
-    assert rows["f32"]["tok_s_over_f32"] == 1.0 and rows["int8"]["tok_s_over_f32"] > 0
-    assert rows["int8"]["weight_bytes"] < 0.35 * rows["f32"]["weight_bytes"]
     assert "llama.cpp peer skipped" in capsys.readouterr().out   # tiny is no GGUF
+
+
+def test_decode_weights_rows_against_f32():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the preset's weights are random
+        m = load("tiny")
+    res = _decode_weights(m, prompt_len=4, n_new=6, modes=["int8"], repeats=1)
+    rows = {r["weights"]: r for r in res["rows"]}
+    assert set(rows) == {"f32", "int8"}                  # f32 is always the baseline
+    assert rows["f32"]["tok_s_over_f32"] == 1.0 and rows["f32"]["same_tokens_as_f32"]
+    assert rows["int8"]["tok_s_over_f32"] > 0
+    assert rows["int8"]["weight_bytes"] < 0.35 * rows["f32"]["weight_bytes"]

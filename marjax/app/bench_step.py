@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from marjax.api import load
-from marjax.app.benchkit import compile_timed, format_ratio, header_line, interleaved, machine_info, write_json
+from marjax.app.benchkit import (compile_timed, format_ratio, header_line, interleaved, machine_info,
+                                matmul_peak_gflops, write_json)
 from marjax.app.pipeline import PIPELINES
 from marjax.app.plan import analytic_flops_per_token
 from marjax.app.runner import pretrain_loss
@@ -155,13 +156,18 @@ def main(argv=None) -> int:
     print(f"# train step of the {a.model} pipeline: teacher {pc.teacher}, seq_len {tcfg.seq_len}, micro_batch "
           f"{tcfg.micro_batch}, accum {accum_steps(tcfg)}; median (min) of {a.repeats} interleaved rounds; "
           "GFLOP/s from analytic FLOPs (marjax.app.plan) over the median time")
+    print("# peak = the best of a matmul peak measured before and after the timings (both in the JSON)")
     print("| stage | step / (teacher fwd + student fwd+bwd) | same, CPU time | step GFLOP/s / peak | "
           "teacher fwd / peak | student fwd+bwd / peak | compile s (step, teacher, student) |")
     print("|---|---|---|---|---|---|---|")
     out = dict(info, bench="step", model=a.model, teacher=pc.teacher, records=[])
-    peak = info["matmul_peak_gflops"]
-    for stage in stages:
-        r = step_bench(stage, base.config, base.params, tcfg, pc.distill, pc.atmn, a.repeats)
+    records = [step_bench(stage, base.config, base.params, tcfg, pc.distill, pc.atmn, a.repeats) for stage in stages]
+    # a shared CPU's load moves the peak too: the best of a measurement before and after the timings
+    out["matmul_peak_gflops_start"] = info["matmul_peak_gflops"]
+    out["matmul_peak_gflops_end"] = matmul_peak_gflops()
+    peak = out["matmul_peak_gflops"] = max(out["matmul_peak_gflops_start"], out["matmul_peak_gflops_end"])
+    for r in records:
+        stage = r["stage"]
         r["peak_fraction"] = {k: v / peak for k, v in r["gflops"].items()}
         out["records"].append(r)
         c = r["compile_s"]

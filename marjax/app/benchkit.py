@@ -29,7 +29,7 @@ def device_name() -> str:
     return f"{d.platform}:{getattr(d, 'device_kind', '')}"
 
 
-def matmul_peak_gflops(n: int = PEAK_N, repeats: int = 5) -> float:
+def matmul_peak_gflops(n: int = PEAK_N, repeats: int = 10) -> float:
     """GFLOP/s (2 n^3 per product) of a jitted float32 (n x n) @ (n x n), from the fastest of
     `repeats` calls after a compile call: the best this machine's matmul reaches now."""
     k1, k2 = jax.random.split(jax.random.PRNGKey(0))
@@ -45,7 +45,7 @@ def matmul_peak_gflops(n: int = PEAK_N, repeats: int = 5) -> float:
     return 2 * n ** 3 / best / 1e9
 
 
-def machine_info(peak_repeats: int = 5) -> dict:
+def machine_info(peak_repeats: int = 10) -> dict:
     """backend, device and the measured float32 matmul peak: the header of every bench's JSON."""
     return {"backend": jax.default_backend(), "device": device_name(),
             "matmul_peak_gflops": matmul_peak_gflops(repeats=peak_repeats), "matmul_peak_shape": [PEAK_N] * 2}
