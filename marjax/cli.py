@@ -15,7 +15,7 @@ COMMANDS = {
     "pipeline": ("marjax.app.commands", "pipeline_main", "the whole MAR pipeline, then eval + energy"),
     "eval": ("marjax.eval.cli", "main", "perplexity and zero-shot multiple-choice tasks"),
     "energy": ("marjax.eval.energy", "main", "analytic energy report (45 nm constants)"),
-    "bench": ("marjax.bench", "main", "benchmarks: ssd | decode | spiking"),
+    "bench": ("marjax.bench", "main", "benchmarks: ssd | atmn | step | decode | eval | all"),
     "plan": ("marjax.app.plan", "main", "lower/compile a stage's step on a mesh: bytes, FLOPs, tokens/s"),
     "launch": ("marjax.app.launch", "main", "run a marjax command as N JAX processes (jax.distributed)"),
 }
