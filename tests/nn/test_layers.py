@@ -84,7 +84,12 @@ def test_attention_cache_chunks_equal_full_pass(n_heads, n_kv, head_dim, chunks)
 SSM_GRID = [(2, 4, 4, 4), (3, 8, 2, 2), (1, 4, 8, 3)]     # (heads, head dim, state dim, conv kernel)
 
 
-@pytest.mark.parametrize("h,p,n,k", SSM_GRID)
+def _slow_but_first(cases):
+    """The first case in the fast suite, the rest of the grid under -m slow (each compiles anew)."""
+    return [c if i == 0 else pytest.param(*c, marks=pytest.mark.slow) for i, c in enumerate(cases)]
+
+
+@pytest.mark.parametrize("h,p,n,k", _slow_but_first(SSM_GRID))
 def test_mixer_equals_materialised_matrix_plus_skip(h, p, n, k):
     sc, d, l = _ssm_cfg(h, p, n, k), 16, 9
     prm = _mixer_params(jax.random.key(h * 10 + n), d, sc)
@@ -102,8 +107,8 @@ def test_mixer_equals_materialised_matrix_plus_skip(h, p, n, k):
     np.testing.assert_allclose(np.asarray(out), want, rtol=2e-4, atol=2e-5)
 
 
-@pytest.mark.parametrize("h,p,n,k,impl,chunks", [(*g, impl, c) for g, impl, c in itertools.product(
-    SSM_GRID[:2], ("chunked", "reference"), ((5, 1, 1, 4), (1, 1, 1, 1, 1, 6)))])
+@pytest.mark.parametrize("h,p,n,k,impl,chunks", _slow_but_first([(*g, impl, c) for impl, g, c in itertools.product(
+    ("chunked", "reference"), SSM_GRID[:2], ((5, 1, 1, 4), (1, 1, 1, 1, 1, 6)))]))
 def test_mixer_cache_chunks_equal_full_pass(h, p, n, k, impl, chunks):
     sc, d = _ssm_cfg(h, p, n, k, chunk=2, impl=impl), 16
     prm = _mixer_params(jax.random.key(7), d, sc)
