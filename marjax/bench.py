@@ -54,6 +54,19 @@ def _bucket(n: int, bucket: int = FULL_BUCKET) -> int:
     return -(-n // bucket) * bucket
 
 
+def _greedy_cached(step, params, prompt, cfg, n_new: int):
+    """n_new greedy tokens (1, n_new) from `step` (forward_cached-like: (params, ids, cache) ->
+    (logits, cache)) after prefilling `prompt`, with a cache sized for prompt + n_new."""
+    cache = lm.init_cache(cfg, 1, prompt.shape[1] + n_new)
+    lg, cache = step(params, prompt, cache, cfg=cfg)
+    toks = []
+    for _ in range(n_new):
+        t = jnp.argmax(lg[:, -1], -1)[:, None].astype(jnp.int32)
+        toks.append(t)
+        lg, cache = step(params, t, cache, cfg=cfg)
+    return jnp.concatenate(toks, 1)
+
+
 def _decode_kv_vs_full(m, prompt_len: int, n_new: int, bucket: int = FULL_BUCKET) -> dict:
     """Greedy decode of n_new tokens: with the model's cache vs re-running the full forward per
     token over the growing prefix (length prompt_len + i at step i), padded up to the next
@@ -68,14 +81,7 @@ def _decode_kv_vs_full(m, prompt_len: int, n_new: int, bucket: int = FULL_BUCKET
     buf_len = buckets[-1]
 
     def run_cached():
-        cache = lm.init_cache(cfg, 1, total)
-        lg, cache = fwd_cached(params, prompt, cache, cfg=cfg)
-        toks = []
-        for _ in range(n_new):
-            t = jnp.argmax(lg[:, -1], -1)[:, None].astype(jnp.int32)
-            toks.append(t)
-            lg, cache = fwd_cached(params, t, cache, cfg=cfg)
-        return jnp.concatenate(toks, 1)
+        return _greedy_cached(fwd_cached, params, prompt, cfg, n_new)
 
     def run_full():
         buf = jnp.zeros((1, buf_len), jnp.int32).at[:, :prompt_len].set(prompt)
@@ -114,18 +120,10 @@ def _decode_weights(m, prompt_len: int, n_new: int, modes, repeats: int = 3) -> 
     cfg = m.config
     prompt = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (1, prompt_len)), jnp.int32)
     step = jax.jit(quant.forward_cached_q, static_argnames="cfg")
-    total = prompt_len + n_new
     qparams = {mode: quant.quantize_params(m.params, mode) for mode in ("f32",) + tuple(x for x in modes if x != "f32")}
 
     def run(q):
-        cache = lm.init_cache(cfg, 1, total)
-        lg, cache = step(q, prompt, cache, cfg=cfg)
-        toks = []
-        for _ in range(n_new):
-            t = jnp.argmax(lg[:, -1], -1)[:, None].astype(jnp.int32)
-            toks.append(t)
-            lg, cache = step(q, t, cache, cfg=cfg)
-        return jnp.concatenate(toks, 1)
+        return _greedy_cached(step, q, prompt, cfg, n_new)
 
     t = interleaved({mode: (lambda q=q: run(q)) for mode, q in qparams.items()}, repeats)
     toks = {mode: np.asarray(run(q)) for mode, q in qparams.items()}

@@ -35,7 +35,8 @@ import numpy as np
 from marjax.config import PRESETS, preset
 from marjax.errors import CheckpointError, MarjaxError, ModelNotFoundError
 from marjax.io.gguf import _LAYER, _TOP, read_gguf_model
-from marjax.io.hf import SafetensorsDir, _config_for, _file_shape, _make_getter, expected_shapes, read_config
+from marjax.io.hf import (SafetensorsDir, _config_for, _file_shape, _make_getter, _path_name, expected_shapes,
+                         read_config)
 from marjax.io.tokenizer import ByteTokenizer, from_gguf_fields, load_tokenizer_dir
 from marjax.models.lm import init_params, init_spike_sites
 
@@ -46,13 +47,7 @@ Shardings = Union[Callable, object]     # abstract params -> shardings pytree, o
 
 
 def _names(path) -> list:
-    out = []
-    for p in path:
-        for attr in ("name", "key", "idx"):
-            if hasattr(p, attr):
-                out.append(str(getattr(p, attr)))
-                break
-    return out
+    return _path_name(path).split(".")
 
 
 def abstract_params(cfg):
