@@ -34,21 +34,16 @@ def main(argv=None) -> int:
     wall = time.time() - t0
     table = C.markdown_table(res, extra={"paper avg acc": lambda n, r: PAPER.get(n, "-")})
     pairs = [(x, y) for x, y in LADDER if x in res and y in res]
-    md = "\n".join([
-        "# Ablation ladder (small scale)", "",
-        "Mean ± std over seeds. Agreement / KL: student vs its dense-SSM teacher on held-out tokens "
+    md = C.ordering_report(
+        a, exp, setup, res, wall, stem="ablation_ladder", title="Ablation ladder (small scale)",
+        intro="Mean ± std over seeds. Agreement / KL: student vs its dense-SSM teacher on held-out tokens "
         "(top-1 agreement; KL(p_SSM || q_student), nats/token). Energy: analytic 45 nm estimate with the "
         "measured firing rates (marjax.eval.energy). Zero-shot acc: average of the six tasks (chance is "
         "33.3% on this mix: piqa/winogrande 50%, the other four 25%). For acc, 'spread' also includes the "
-        "item-sampling stderr of the average (all seeds score the same items).", "",
-        table, "",
-        "## Orderings (each step of the ladder; 'reproduces' = better, and by more than the seed spread)", "",
-        C.ordering_section(res, pairs, PAPER), "",
-        C.provenance(exp, setup, wall, a.config), ""])
-    d = C.write_outputs(a.results_dir, "ablation_ladder", md, {"results": res, "paper": PAPER, "wall_s": wall})
-    C.bar_plot(res, [("agreement w/ SSM", "agreement", 1.0), ("KL to SSM", "kl", 1.0), ("held-out ppl", "ppl", 1.0),
-                     ("zero-shot acc (%)", "acc_avg", 100.0), ("firing rate", "firing_rate", 1.0)],
-               d / "ablation_ladder.png", "MAR ablation ladder (mean ± std over seeds)")
+        "item-sampling stderr of the average (all seeds score the same items).",
+        table=table, orderings="Orderings (each step of the ladder; 'reproduces' = better, and by more than the seed spread)",
+        pairs=pairs, paper=PAPER, bars=C.FIDELITY_BARS + [("firing rate", "firing_rate", 1.0)],
+        plot_title="MAR ablation ladder (mean ± std over seeds)")
     print(md)
     return 0
 

@@ -26,18 +26,12 @@ def main(argv=None) -> int:
     wall = time.time() - t0
     table = C.markdown_table(res, first="(alpha, beta)", extra={"paper avg acc": lambda n, r: PAPER.get(n, "-")})
     pairs = [(x, y) for x, y in ORDER if x in res and y in res]
-    md = "\n".join([
-        "# alpha / beta grid (small scale)", "",
-        "alpha weights the forward KL(p_SSM || q_student), beta the reverse KL(q || p); every row adds the "
-        "pre-norm feature loss. Mean ± std over seeds; columns as in ablation_ladder.md.", "",
-        table, "",
-        "## Orderings (paper: (1,0) < (0,1) < (0.7,0.2) <= (0.2,0.7))", "",
-        C.ordering_section(res, pairs, PAPER), "",
-        C.provenance(exp, setup, wall, a.config), ""])
-    d = C.write_outputs(a.results_dir, "alpha_beta_grid", md, {"results": res, "paper": PAPER, "wall_s": wall})
-    C.bar_plot(res, [("agreement w/ SSM", "agreement", 1.0), ("KL to SSM", "kl", 1.0), ("held-out ppl", "ppl", 1.0),
-                     ("zero-shot acc (%)", "acc_avg", 100.0)],
-               d / "alpha_beta_grid.png", "SBDS alpha/beta grid (mean ± std over seeds)")
+    md = C.ordering_report(
+        a, exp, setup, res, wall, stem="alpha_beta_grid", title="alpha / beta grid (small scale)",
+        intro="alpha weights the forward KL(p_SSM || q_student), beta the reverse KL(q || p); every row adds the "
+        "pre-norm feature loss. Mean ± std over seeds; columns as in ablation_ladder.md.",
+        table=table, orderings="Orderings (paper: (1,0) < (0,1) < (0.7,0.2) <= (0.2,0.7))", pairs=pairs, paper=PAPER,
+        bars=C.FIDELITY_BARS, plot_title="SBDS alpha/beta grid (mean ± std over seeds)")
     print(md)
     return 0
 

@@ -511,6 +511,21 @@ def config_from_args(a: argparse.Namespace) -> ExperimentConfig:
     return dataclasses.replace(exp, runs_dir=a.runs_dir)
 
 
+FIDELITY_BARS = [("agreement w/ SSM", "agreement", 1.0), ("KL to SSM", "kl", 1.0), ("held-out ppl", "ppl", 1.0),
+                 ("zero-shot acc (%)", "acc_avg", 100.0)]
+
+
+def ordering_report(a, exp, setup, res: dict, wall: float, *, stem: str, title: str, intro: str, table: str,
+                    orderings: str, pairs: list, paper: dict, bars: Sequence[tuple], plot_title: str) -> str:
+    """The markdown of an experiment that compares rows pairwise with the paper (table, orderings,
+    provenance), written with its JSON and bar plot into a.results_dir; returns the markdown."""
+    md = "\n".join([f"# {title}", "", intro, "", table, "", f"## {orderings}", "",
+                     ordering_section(res, pairs, paper), "", provenance(exp, setup, wall, a.config), ""])
+    d = write_outputs(a.results_dir, stem, md, {"results": res, "paper": paper, "wall_s": wall})
+    bar_plot(res, bars, d / f"{stem}.png", plot_title)
+    return md
+
+
 def write_outputs(results_dir: str, stem: str, md: str, payload: dict) -> Path:
     d = Path(results_dir)
     d.mkdir(parents=True, exist_ok=True)
