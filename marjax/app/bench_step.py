@@ -63,12 +63,13 @@ def stage_models(stage: str, teacher_cfg: ModelConfig, teacher_params, atmn, cal
     raise ConfigError(f"bench step: stage must be one of {STAGES}, got {stage!r}")
 
 
-def _batch(tcfg: TrainConfig, vocab: int, seed: int = 0) -> dict:
+def _batch(train_cfg: TrainConfig, vocab: int, seed: int = 0) -> dict:
     """(accum, micro_batch, seq_len) inputs/targets/mask of random ids (host numpy, like the loop's)."""
-    n = accum_steps(tcfg)
-    ids = np.random.default_rng(seed).integers(0, vocab, (n, tcfg.micro_batch, tcfg.seq_len + 1)).astype(np.int32)
+    n = accum_steps(train_cfg)
+    shape = (n, train_cfg.micro_batch, train_cfg.seq_len + 1)
+    ids = np.random.default_rng(seed).integers(0, vocab, shape).astype(np.int32)
     return {"inputs": ids[..., :-1], "targets": ids[..., 1:],
-            "mask": np.ones((n, tcfg.micro_batch, tcfg.seq_len), np.float32)}
+            "mask": np.ones((n, train_cfg.micro_batch, train_cfg.seq_len), np.float32)}
 
 
 def _baseline_flops(terms: dict, t_cfg: ModelConfig, s_cfg: ModelConfig) -> dict:
@@ -78,23 +79,23 @@ def _baseline_flops(terms: dict, t_cfg: ModelConfig, s_cfg: ModelConfig) -> dict
             "student_fwd_bwd": terms["student fwd+bwd (layers)"] + 6 * s_cfg.d_model * s_cfg.vocab_size}
 
 
-def step_bench(stage: str, teacher_cfg: ModelConfig, teacher_params, tcfg: TrainConfig, distill_cfg, atmn,
+def step_bench(stage: str, teacher_cfg: ModelConfig, teacher_params, train_cfg: TrainConfig, distill_cfg, atmn,
                repeats: int = 3) -> dict:
     """Times of teacher fwd, student fwd+bwd and the real step of `stage` (module doc), their
     compile seconds, the ratio and the analytic FLOPs; one record."""
-    batch = _batch(tcfg, teacher_cfg.vocab_size)
+    batch = _batch(train_cfg, teacher_cfg.vocab_size)
     t_cfg, t_params, s_cfg, s_params = stage_models(stage, teacher_cfg, teacher_params, atmn,
                                                     batch["inputs"][0])
     flat = {k: jnp.asarray(v.reshape((-1,) + v.shape[2:])) for k, v in batch.items()}   # the step's tokens, one batch
 
-    mesh = make_mesh(tcfg.mesh)
+    mesh = make_mesh(train_cfg.mesh)
     mask = trainable_mask(s_params, distill_cfg.trainable)
-    tx = make_optimizer(tcfg, s_params, mask)
-    state = init_state(shard_params(s_params, mesh, copy=True), tx, tcfg.seed, mesh)
+    tx = make_optimizer(train_cfg, s_params, mask)
+    state = init_state(shard_params(s_params, mesh, copy=True), tx, train_cfg.seed, mesh)
     teacher = shard_params(t_params, mesh)
     sh = make_step_shardings(state, teacher, batch, mesh)
-    step = make_train_step(make_loss(stage, t_cfg, s_cfg, distill_cfg), tx, mesh, sh, accum_steps(tcfg),
-                           trainable=mask, compute_dtype=tcfg.compute_dtype)
+    step = make_train_step(make_loss(stage, t_cfg, s_cfg, distill_cfg), tx, mesh, sh, accum_steps(train_cfg),
+                           trainable=mask, compute_dtype=train_cfg.compute_dtype)
     dev_batch = jax.device_put(batch, sh.batch)
 
     ce = pretrain_loss(s_cfg)
@@ -114,10 +115,10 @@ def step_bench(stage: str, teacher_cfg: ModelConfig, teacher_params, tcfg: Train
                      "student_fwd_bwd": lambda: c_student(s_params, flat),
                      "step": run_step}, repeats)
     tokens = int(np.prod(batch["inputs"].shape))
-    terms = analytic_flops_per_token(t_cfg, s_cfg, stage, tcfg.seq_len)
+    terms = analytic_flops_per_token(t_cfg, s_cfg, stage, train_cfg.seq_len)
     per_tok = dict(_baseline_flops(terms, t_cfg, s_cfg), step=terms["total"])
-    rec = {"stage": stage, "teacher": t_cfg.name, "student": s_cfg.name, "seq_len": tcfg.seq_len,
-           "micro_batch": tcfg.micro_batch, "accum_steps": accum_steps(tcfg), "tokens": tokens,
+    rec = {"stage": stage, "teacher": t_cfg.name, "student": s_cfg.name, "seq_len": train_cfg.seq_len,
+           "micro_batch": train_cfg.micro_batch, "accum_steps": accum_steps(train_cfg), "tokens": tokens,
            "repeats": repeats, "times": t, "compile_s": {"step": comp_step, "teacher_fwd": comp_teacher,
                                                          "student_fwd_bwd": comp_student},
            "analytic_flops_per_token": per_tok, "last_loss": float(jax.device_get(run_step()))}
@@ -144,24 +145,25 @@ def main(argv=None) -> int:
     if a.repeats < 1:
         raise ConfigError(f"--repeats must be >= 1, got {a.repeats}")
     pc = PIPELINES[a.model]
-    tcfg = pc.train
+    train_cfg = pc.train
     if a.seq_len:
-        tcfg = dataclasses.replace(tcfg, seq_len=a.seq_len)
+        train_cfg = dataclasses.replace(train_cfg, seq_len=a.seq_len)
     if a.micro_batch:
-        tcfg = dataclasses.replace(tcfg, micro_batch=a.micro_batch)
-    tcfg = dataclasses.replace(tcfg, batch_tokens=tcfg.seq_len * tcfg.micro_batch * accum_steps(pc.train))
+        train_cfg = dataclasses.replace(train_cfg, micro_batch=a.micro_batch)
+    train_cfg = dataclasses.replace(train_cfg,
+                                    batch_tokens=train_cfg.seq_len * train_cfg.micro_batch * accum_steps(pc.train))
     info = machine_info()
     print(header_line(info))
     base = load(pc.teacher)
-    print(f"# train step of the {a.model} pipeline: teacher {pc.teacher}, seq_len {tcfg.seq_len}, micro_batch "
-          f"{tcfg.micro_batch}, accum {accum_steps(tcfg)}; median (min) of {a.repeats} interleaved rounds; "
+    print(f"# train step of the {a.model} pipeline: teacher {pc.teacher}, seq_len {train_cfg.seq_len}, micro_batch "
+          f"{train_cfg.micro_batch}, accum {accum_steps(train_cfg)}; median (min) of {a.repeats} interleaved rounds; "
           "GFLOP/s from analytic FLOPs (marjax.app.plan) over the median time")
     print("# peak = the best of a matmul peak measured before and after the timings (both in the JSON)")
     print("| stage | step / (teacher fwd + student fwd+bwd) | same, CPU time | step GFLOP/s / peak | "
           "teacher fwd / peak | student fwd+bwd / peak | compile s (step, teacher, student) |")
     print("|---|---|---|---|---|---|---|")
     out = dict(info, bench="step", model=a.model, teacher=pc.teacher, records=[])
-    records = [step_bench(stage, base.config, base.params, tcfg, pc.distill, pc.atmn, a.repeats) for stage in stages]
+    records = [step_bench(stage, base.config, base.params, train_cfg, pc.distill, pc.atmn, a.repeats) for stage in stages]
     # a shared CPU's load moves the peak too: the best of a measurement before and after the timings
     out["matmul_peak_gflops_start"] = info["matmul_peak_gflops"]
     out["matmul_peak_gflops_end"] = matmul_peak_gflops()

@@ -26,10 +26,11 @@ def convert_main(argv=None) -> int:
                     help="initial A_log bias (decay exp(-softplus(b))); default: the pipeline recipe's")
     a = ap.parse_args(argv)
     m = marjax.load(a.model)
-    scfg, sp = init_from_attention(m.params, m.config, decay_bias=a.decay_bias)
-    save_hf(a.out, scfg, sp, m.tokenizer)
-    print(f"wrote {scfg.name} ({scfg.n_layers} layers, {scfg.ssm.n_heads} heads x {scfg.ssm.head_dim}, "
-          f"state {scfg.ssm.state_dim}) to {a.out}")
+    student_cfg, sp = init_from_attention(m.params, m.config, decay_bias=a.decay_bias)
+    save_hf(a.out, student_cfg, sp, m.tokenizer)
+    ssm = student_cfg.ssm
+    print(f"wrote {student_cfg.name} ({student_cfg.n_layers} layers, {ssm.n_heads} heads x {ssm.head_dim}, "
+          f"state {ssm.state_dim}) to {a.out}")
     return 0
 
 

@@ -115,14 +115,14 @@ def run_pipeline(pc: PipelineConfig, out: str = "results/pipeline", data_dir: st
         teacher = marjax.Model(teacher.config, params, teacher.tokenizer, rc.run.out)
         timings["pretrain"] = time.time() - t
 
-    scfg, sparams = dense_student(teacher, _rc(pc, "orient", outp, resume), pc.recipe)
+    student_cfg, student_params = dense_student(teacher, _rc(pc, "orient", outp, resume), pc.recipe)
     models = {"teacher": teacher}
     for stage in ("orient", "align", "kd"):
         rc = _rc(pc, stage, outp, resume)
         t = time.time()
-        sparams, histories[stage] = run_stage(stage, teacher, scfg, sparams, rc, rc.run.out, progress=progress)
+        student_params, histories[stage] = run_stage(stage, teacher, student_cfg, student_params, rc, rc.run.out, progress=progress)
         timings[stage] = time.time() - t
-    ssm = marjax.Model(scfg, sparams, teacher.tokenizer, str(outp / "kd"))
+    ssm = marjax.Model(student_cfg, student_params, teacher.tokenizer, str(outp / "kd"))
     models["ssm"] = ssm
 
     rc = _rc(pc, "sbds", outp, resume)

@@ -134,13 +134,13 @@ def _flops(lowered) -> Optional[float]:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def plan(teacher: Optional[ModelConfig], student: ModelConfig, stage: str, mesh, tcfg: TrainConfig,
+def plan(teacher: Optional[ModelConfig], student: ModelConfig, stage: str, mesh, train_cfg: TrainConfig,
          dcfg: DistillConfig = DistillConfig(), compile: bool = True) -> dict:
     """Lower (and compile) the stage's train step on abstract inputs over `mesh`; a dict of
     per-device bytes, FLOPs per token (XLA and analytic) and the config it describes."""
     if stage not in STAGES:
         raise ConfigError(f"plan --stage must be one of {STAGES}, got {stage!r}")
-    n_micro = accum_steps(tcfg)
+    n_micro = accum_steps(train_cfg)
     s_shapes = jax.eval_shape(lambda: init_params(jax.random.PRNGKey(0), student))
     if stage == "pretrain":
         from marjax.app.runner import pretrain_loss   # late import: the runner pulls in the data pipeline
@@ -150,30 +150,30 @@ def plan(teacher: Optional[ModelConfig], student: ModelConfig, stage: str, mesh,
         t_shapes = jax.eval_shape(lambda: init_params(jax.random.PRNGKey(0), teacher))
         trainable = dcfg.trainable
     mask = trainable_mask(s_shapes, trainable)
-    tx = make_optimizer(tcfg, s_shapes, mask)
+    tx = make_optimizer(train_cfg, s_shapes, mask)
     state = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
                                                 rng=jax.random.PRNGKey(0)), s_shapes)
-    batch = {"inputs": jax.ShapeDtypeStruct((n_micro, tcfg.micro_batch, tcfg.seq_len), jnp.int32),
-             "targets": jax.ShapeDtypeStruct((n_micro, tcfg.micro_batch, tcfg.seq_len), jnp.int32),
-             "mask": jax.ShapeDtypeStruct((n_micro, tcfg.micro_batch, tcfg.seq_len), jnp.float32)}
+    batch = {"inputs": jax.ShapeDtypeStruct((n_micro, train_cfg.micro_batch, train_cfg.seq_len), jnp.int32),
+             "targets": jax.ShapeDtypeStruct((n_micro, train_cfg.micro_batch, train_cfg.seq_len), jnp.int32),
+             "mask": jax.ShapeDtypeStruct((n_micro, train_cfg.micro_batch, train_cfg.seq_len), jnp.float32)}
     sh = StepShardings(state=state_shardings(state, mesh), teacher=None if t_shapes is None else
                        param_shardings(t_shapes, mesh), batch=batch_shardings(batch, mesh, leading=1))
-    step = make_train_step(loss_fn, tx, mesh, sh, n_micro, trainable=mask, compute_dtype=tcfg.compute_dtype)
+    step = make_train_step(loss_fn, tx, mesh, sh, n_micro, trainable=mask, compute_dtype=train_cfg.compute_dtype)
     args = (_abstract(state, sh.state), None if t_shapes is None else _abstract(t_shapes, sh.teacher),
             _abstract(batch, sh.batch))
     lowered = step.lower(*args)
-    tokens = n_micro * tcfg.micro_batch * tcfg.seq_len
+    tokens = n_micro * train_cfg.micro_batch * train_cfg.seq_len
     looped = _flops(lowered)
     with _unrolled_scans():     # XLA counts a while loop's body once: count the unrolled program
         cost = _flops(make_train_step(loss_fn, tx, mesh, sh, n_micro, trainable=mask,
-                                      compute_dtype=tcfg.compute_dtype).lower(*args))
+                                      compute_dtype=train_cfg.compute_dtype).lower(*args))
     n_dev = mesh.devices.size
-    rows = tcfg.micro_batch // math.prod(mesh.shape[a] for a in sh.batch["inputs"].spec[1] or ()) \
-        if sh.batch["inputs"].spec[1:] else tcfg.micro_batch
-    local = dataclasses.replace(tcfg, micro_batch=max(1, rows))
+    rows = train_cfg.micro_batch // math.prod(mesh.shape[a] for a in sh.batch["inputs"].spec[1] or ()) \
+        if sh.batch["inputs"].spec[1:] else train_cfg.micro_batch
+    local = dataclasses.replace(train_cfg, micro_batch=max(1, rows))
     est = estimate_stage_bytes(student, teacher, local, stage, dcfg.kl_chunk)
     out = {"stage": stage, "teacher": None if teacher is None else teacher.name, "student": student.name,
-           "mesh": dict(mesh.shape), "devices": n_dev, "seq_len": tcfg.seq_len, "micro_batch": tcfg.micro_batch,
+           "mesh": dict(mesh.shape), "devices": n_dev, "seq_len": train_cfg.seq_len, "micro_batch": train_cfg.micro_batch,
            "accum_steps": n_micro, "tokens_per_step": tokens, "rows_per_device": rows,
            "bytes_per_device": {
                "student params": _per_device_bytes(state.params, sh.state.params),
@@ -185,7 +185,7 @@ def plan(teacher: Optional[ModelConfig], student: ModelConfig, stage: str, mesh,
                                                  if k.startswith(("activations", "logits", "mixing"))))},
            "xla_flops_per_token": None if cost is None else cost / tokens,
            "xla_flops_per_token_loop_bodies_once": None if looped is None else looped / tokens,
-           "analytic_flops_per_token": analytic_flops_per_token(teacher, student, stage, tcfg.seq_len),
+           "analytic_flops_per_token": analytic_flops_per_token(teacher, student, stage, train_cfg.seq_len),
            "compiled": False, "xla_memory": None}
     if compile:
         compiled = lowered.compile()
@@ -285,11 +285,11 @@ def main(argv=None) -> int:
         raise ConfigError(f"--mesh must be three positive integers data,fsdp,tensor, got {a.mesh!r}") from None
     _simulate_devices(math.prod(shape))
     mesh = make_mesh(MeshConfig(*shape))
-    tcfg = TrainConfig(seq_len=a.seq_len, micro_batch=a.micro_batch,
+    train_cfg = TrainConfig(seq_len=a.seq_len, micro_batch=a.micro_batch,
                        batch_tokens=a.seq_len * a.micro_batch * a.accum, compute_dtype=a.compute_dtype,
                        mesh=MeshConfig(*shape))
     teacher, student = _models(a.teacher, a.student, a.stage, ATMNConfig(), a.ssd_impl)
-    p = plan(teacher, student, a.stage, mesh, tcfg, DistillConfig(), compile=not a.no_compile)
+    p = plan(teacher, student, a.stage, mesh, train_cfg, DistillConfig(), compile=not a.no_compile)
     print(format_plan(p))
     if a.json:
         import json   # late import: only for --json

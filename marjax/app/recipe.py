@@ -61,11 +61,11 @@ def calibration_ids(rc: RunConfig, tokenizer, model_cfg, rows: int, seed_offset:
 def dense_student(teacher, rc: RunConfig, recipe: Recipe = Recipe()):
     """(cfg, params) of the stage-1 student: attention -> SSM init, then (recipe.fit_scale) the
     one-shot least-squares scale of C on a calibration batch of the run's data."""
-    scfg, sparams = init_from_attention(teacher.params, teacher.config, decay_bias=recipe.decay_bias)
+    student_cfg, student_params = init_from_attention(teacher.params, teacher.config, decay_bias=recipe.decay_bias)
     if recipe.fit_scale:
-        ids = calibration_ids(rc, teacher.tokenizer, scfg, recipe.fit_rows, seed_offset=999)
-        sparams = fit_mixer_scale(sparams, scfg, teacher.params, teacher.config, ids)
-    return scfg, sparams
+        ids = calibration_ids(rc, teacher.tokenizer, student_cfg, recipe.fit_rows, seed_offset=999)
+        student_params = fit_mixer_scale(student_params, student_cfg, teacher.params, teacher.config, ids)
+    return student_cfg, student_params
 
 
 def spiking_student(dense, rc: RunConfig, recipe: Recipe = Recipe()):

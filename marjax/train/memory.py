@@ -42,20 +42,22 @@ def _activation_floats_per_token(cfg: ModelConfig) -> int:
     return per
 
 
-def estimate_stage_bytes(student: ModelConfig, teacher: Optional[ModelConfig], tcfg: TrainConfig,
+def estimate_stage_bytes(student: ModelConfig, teacher: Optional[ModelConfig], train_cfg: TrainConfig,
                          stage: str, kl_chunk: int = 128) -> dict:
-    tokens = tcfg.micro_batch * tcfg.seq_len
+    tokens = train_cfg.micro_batch * train_cfg.seq_len
     p_s = param_count(student)
     parts = {"student params + grads + adam": 4 * p_s * F32}
     if teacher is not None:
         parts["teacher params"] = param_count(teacher) * F32
     parts["activations"] = tokens * student.n_layers * _activation_floats_per_token(student) * F32
     if stage in ("orient",) and teacher is not None:   # (L, b, h, l, l) attention + mixer matrices
-        parts["mixing matrices"] = 3 * teacher.n_layers * tcfg.micro_batch * teacher.n_heads * tcfg.seq_len ** 2 * F32
+        parts["mixing matrices"] = (3 * teacher.n_layers * train_cfg.micro_batch * teacher.n_heads
+                                    * train_cfg.seq_len ** 2 * F32)
     if stage in ("pretrain",):
         parts["logits"] = 3 * tokens * student.vocab_size * F32
     elif stage in ("kd", "sbds"):
-        parts["logits (chunked KL)"] = 6 * tcfg.micro_batch * min(kl_chunk, tcfg.seq_len) * student.vocab_size * F32
+        parts["logits (chunked KL)"] = (6 * train_cfg.micro_batch * min(kl_chunk, train_cfg.seq_len)
+                                        * student.vocab_size * F32)
     parts["total"] = int(sum(parts.values()))
     return parts
 
@@ -74,16 +76,17 @@ def available_bytes() -> Optional[int]:
         return None
 
 
-def check_fits(student: ModelConfig, teacher: Optional[ModelConfig], tcfg: TrainConfig, stage: str,
+def check_fits(student: ModelConfig, teacher: Optional[ModelConfig], train_cfg: TrainConfig, stage: str,
                kl_chunk: int = 128, available: Optional[int] = None, fraction: float = 0.9) -> dict:
     """Raise ConfigError when the estimate exceeds `fraction` of the available memory."""
-    est = estimate_stage_bytes(student, teacher, tcfg, stage, kl_chunk)
+    est = estimate_stage_bytes(student, teacher, train_cfg, stage, kl_chunk)
     avail = available_bytes() if available is None else available
     if avail is not None and est["total"] > fraction * avail:
         gib = 2 ** 30
         detail = ", ".join(f"{k} {v / gib:.2f} GiB" for k, v in est.items() if k != "total")
         raise ConfigError(
             f"stage {stage!r} needs about {est['total'] / gib:.1f} GiB but {avail / gib:.1f} GiB is available "
-            f"({detail}); lower train.micro_batch (now {tcfg.micro_batch}) or train.seq_len (now {tcfg.seq_len}) "
+            f"({detail}); lower train.micro_batch (now {train_cfg.micro_batch}) or train.seq_len "
+            f"(now {train_cfg.seq_len}) "
             f"and raise train.batch_tokens accumulation instead")
     return est

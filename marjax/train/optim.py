@@ -1,8 +1,8 @@
 """Optimizer: AdamW with linear warmup + cosine decay, global-norm clipping, weight decay only
 on matrices, and a trainable mask (frozen leaves get zero updates and no optimizer state).
 
-    tx = make_optimizer(tcfg, params, trainable=mask)     # mask: pytree of bools or None (all)
-    n_micro = accum_steps(tcfg)                            # micro-batches per update
+    tx = make_optimizer(train_cfg, params, trainable=mask)     # mask: pytree of bools or None (all)
+    n_micro = accum_steps(train_cfg)                            # micro-batches per update
 
 Batch size is counted in tokens per update: `TrainConfig.batch_tokens` tokens are split into
 `accum_steps` micro-batches of `micro_batch x seq_len` tokens.
@@ -26,21 +26,22 @@ FINAL_LR_FRACTION = 0.1    # cosine decays to 10% of the peak learning rate
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.95, 1e-8
 
 
-def accum_steps(tcfg: TrainConfig) -> int:
+def accum_steps(train_cfg: TrainConfig) -> int:
     """Micro-batches per optimizer update: batch_tokens / (micro_batch * seq_len)."""
-    per_micro = tcfg.micro_batch * tcfg.seq_len
-    if tcfg.micro_batch < 1 or tcfg.seq_len < 1:
-        raise ConfigError(f"TrainConfig.micro_batch and seq_len must be >= 1, got {tcfg.micro_batch}, {tcfg.seq_len}")
-    if tcfg.batch_tokens < per_micro or tcfg.batch_tokens % per_micro:
-        raise ConfigError(f"TrainConfig.batch_tokens ({tcfg.batch_tokens}) must be a positive multiple of "
-                          f"micro_batch x seq_len = {tcfg.micro_batch} x {tcfg.seq_len} = {per_micro}")
-    return tcfg.batch_tokens // per_micro
+    per_micro = train_cfg.micro_batch * train_cfg.seq_len
+    if train_cfg.micro_batch < 1 or train_cfg.seq_len < 1:
+        raise ConfigError(f"TrainConfig.micro_batch and seq_len must be >= 1, got {train_cfg.micro_batch}, "
+                          f"{train_cfg.seq_len}")
+    if train_cfg.batch_tokens < per_micro or train_cfg.batch_tokens % per_micro:
+        raise ConfigError(f"TrainConfig.batch_tokens ({train_cfg.batch_tokens}) must be a positive multiple of "
+                          f"micro_batch x seq_len = {train_cfg.micro_batch} x {train_cfg.seq_len} = {per_micro}")
+    return train_cfg.batch_tokens // per_micro
 
 
-def lr_schedule(tcfg: TrainConfig) -> optax.Schedule:
+def lr_schedule(train_cfg: TrainConfig) -> optax.Schedule:
     """lr * (s+1)/(warmup+1) for s < warmup (no wasted zero-lr first step), then a cosine from lr
     down to FINAL_LR_FRACTION * lr at s = steps."""
-    lr, warmup, total = float(tcfg.lr), int(tcfg.warmup), int(tcfg.steps)
+    lr, warmup, total = float(train_cfg.lr), int(train_cfg.warmup), int(train_cfg.steps)
     if lr <= 0:
         raise ConfigError(f"TrainConfig.lr must be > 0, got {lr}")
     if warmup < 0:
@@ -81,16 +82,16 @@ def trainable_leaves(tree, mask) -> list:
     return [x for x, m in zip(jax.tree.leaves(tree), jax.tree.leaves(mask)) if m]
 
 
-def make_optimizer(tcfg: TrainConfig, params, trainable=None) -> optax.GradientTransformation:
+def make_optimizer(train_cfg: TrainConfig, params, trainable=None) -> optax.GradientTransformation:
     """AdamW(b1=0.9, b2=0.95) on the trainable leaves; clipping by the global norm of the
     trainable gradients (TrainConfig.clip_norm <= 0 disables it); frozen leaves: zero updates."""
-    if tcfg.weight_decay < 0:
-        raise ConfigError(f"TrainConfig.weight_decay must be >= 0, got {tcfg.weight_decay}")
+    if train_cfg.weight_decay < 0:
+        raise ConfigError(f"TrainConfig.weight_decay must be >= 0, got {train_cfg.weight_decay}")
     parts = []
-    if tcfg.clip_norm and tcfg.clip_norm > 0:
-        parts.append(optax.clip_by_global_norm(float(tcfg.clip_norm)))
-    parts.append(optax.adamw(lr_schedule(tcfg), b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS,
-                             weight_decay=float(tcfg.weight_decay), mask=decay_mask))
+    if train_cfg.clip_norm and train_cfg.clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(float(train_cfg.clip_norm)))
+    parts.append(optax.adamw(lr_schedule(train_cfg), b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS,
+                             weight_decay=float(train_cfg.weight_decay), mask=decay_mask))
     tx = optax.chain(*parts)
     mask = check_trainable(params, trainable)
     if all(jax.tree.leaves(mask)):
