@@ -11,7 +11,6 @@ Writes results/ablation_ladder.{md,json,png}.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,11 +26,7 @@ LADDER = [("binary spikes", "+ ATMN (ternary)"), ("+ ATMN (ternary)", "+ reverse
 
 
 def main(argv=None) -> int:
-    a = C.base_argparser("ablation_ladder", "ablation_ladder.toml", __doc__.split("\n\n")[0]).parse_args(argv)
-    exp = C.config_from_args(a)
-    t0 = time.time()
-    setup, res = C.run_experiment(exp)
-    wall = time.time() - t0
+    a, exp, setup, res, wall = C.run_from_cli("ablation_ladder", __doc__, argv)
     table = C.markdown_table(res, extra={"paper avg acc": lambda n, r: PAPER.get(n, "-")})
     pairs = [(x, y) for x, y in LADDER if x in res and y in res]
     md = C.ordering_report(

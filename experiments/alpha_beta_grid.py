@@ -7,7 +7,6 @@ Writes results/alpha_beta_grid.{md,json,png}.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -19,11 +18,7 @@ ORDER = [("(1, 0)", "(0, 1)"), ("(0, 1)", "(0.7, 0.2)"), ("(0.7, 0.2)", "(0.2, 0
 
 
 def main(argv=None) -> int:
-    a = C.base_argparser("alpha_beta_grid", "alpha_beta_grid.toml", __doc__.split("\n\n")[0]).parse_args(argv)
-    exp = C.config_from_args(a)
-    t0 = time.time()
-    setup, res = C.run_experiment(exp)
-    wall = time.time() - t0
+    a, exp, setup, res, wall = C.run_from_cli("alpha_beta_grid", __doc__, argv)
     table = C.markdown_table(res, first="(alpha, beta)", extra={"paper avg acc": lambda n, r: PAPER.get(n, "-")})
     pairs = [(x, y) for x, y in ORDER if x in res and y in res]
     md = C.ordering_report(

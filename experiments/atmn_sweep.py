@@ -8,7 +8,6 @@ Writes results/atmn_sweep.{md,json,png}.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -84,11 +83,7 @@ def plot(res: dict, sw: dict, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    a = C.base_argparser("atmn_sweep", "atmn_sweep.toml", __doc__.split("\n\n")[0]).parse_args(argv)
-    exp = C.config_from_args(a)
-    t0 = time.time()
-    setup, res = C.run_experiment(exp)
-    wall = time.time() - t0
+    a, exp, setup, res, wall = C.run_from_cli("atmn_sweep", __doc__, argv)
     sw = sweeps(res)
     parts = ["# ATMN sweeps (small scale)", "",
              "Full SBDS loss (alpha 0.2, beta 0.7, pre-norm features). Mean ± std over seeds; columns as in "

@@ -66,7 +66,8 @@ SIX_TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "op
 
 __all__ = ["SetupConfig", "SBDSConfig", "EvalConfig", "Variant", "ExperimentConfig", "load_experiment",
            "build_setup", "Setup", "run_variant", "evaluate_model", "run_experiment", "aggregate",
-           "fmt_pm", "markdown_table", "base_argparser", "config_from_args", "SIX_TASKS"]
+           "fmt_pm", "markdown_table", "base_argparser", "config_from_args", "SIX_TASKS", "run_from_cli",
+           "ordering_report", "FIDELITY_BARS"]
 
 
 # ----------------------------------------------------------------------------- configs
@@ -509,6 +510,16 @@ def config_from_args(a: argparse.Namespace) -> ExperimentConfig:
     if a.max_variants > 0:
         exp = dataclasses.replace(exp, variants=exp.variants[:a.max_variants])
     return dataclasses.replace(exp, runs_dir=a.runs_dir)
+
+
+def run_from_cli(name: str, doc: str, argv=None):
+    """experiments/<name>.py's standard flags parsed and its variants run (cached runs restored):
+    (args, experiment config, setup, results, wall seconds)."""
+    a = base_argparser(name, f"{name}.toml", doc.split("\n\n")[0]).parse_args(argv)
+    exp = config_from_args(a)
+    t0 = time.time()
+    setup, res = run_experiment(exp)
+    return a, exp, setup, res, time.time() - t0
 
 
 FIDELITY_BARS = [("agreement w/ SSM", "agreement", 1.0), ("KL to SSM", "kl", 1.0), ("held-out ppl", "ppl", 1.0),
