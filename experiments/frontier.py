@@ -8,6 +8,8 @@ SSM, against the analytic energy per token relative to the attention teacher.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -15,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments import common as C  # noqa: E402
+from marjax.app.pipeline import PIPELINE_ATMN, PIPELINE_DISTILL  # noqa: E402
 
 
 def pareto(points: dict) -> list:
@@ -44,9 +47,22 @@ def plot(points: dict, front: list, chosen: str, path: Path, title: str) -> None
     plt.close(fig)
 
 
+def pipeline_row(res: dict) -> str:
+    """The variant whose ATMN and SBDS configs (every field but the stage name) are the pipeline's
+    defaults, or "" when no row is."""
+    want_atmn = json.loads(json.dumps(dataclasses.asdict(PIPELINE_ATMN)))
+    want_distill = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(PIPELINE_DISTILL))).items() if k != "stage"}
+    for name, rows in res.items():
+        r = rows[0]
+        if r["atmn"] == want_atmn and {k: v for k, v in r["distill"].items() if k != "stage"} == want_distill:
+            return name
+    return ""
+
+
 def main(argv=None) -> int:
     ap = C.base_argparser("frontier", "frontier.toml", __doc__.split("\n\n")[0])
-    ap.add_argument("--chosen", default="", help="variant to mark as the pipeline default")
+    ap.add_argument("--chosen", default="", help="variant to mark as the pipeline default (default: the row whose "
+                    "ATMN and SBDS configs equal `marjax pipeline`'s PIPELINE_ATMN / PIPELINE_DISTILL)")
     a = ap.parse_args(argv)
     exp = C.config_from_args(a)
     t0 = time.time()
@@ -57,13 +73,14 @@ def main(argv=None) -> int:
         for r in rows:
             r["ppl_vs_ssm"] = r["ppl"] / p0
             r["energy_vs_teacher"] = r["energy_pj_per_token"] / e0
+    chosen = a.chosen or pipeline_row(res)
     points = {n: (C.aggregate(rr, "energy_vs_teacher")[0], C.aggregate(rr, "ppl_vs_ssm")[0]) for n, rr in res.items()}
     front = pareto(points)
     cols = [("ppl vs SSM", "ppl_vs_ssm", 3, 1.0), ("energy vs teacher", "energy_vs_teacher", 3, 1.0),
             ("agree w/ SSM", "agreement", 3, 1.0), ("KL to SSM", "kl", 4, 1.0),
             ("firing rate", "firing_rate", 3, 1.0), ("held-out ppl", "ppl", 3, 1.0)]
     table = C.markdown_table(res, cols, extra={"frontier": lambda n, rows: "yes" if n in front else "",
-                                                "chosen": lambda n, rows: "**default**" if n == a.chosen else ""})
+                                                "chosen": lambda n, rows: "**default**" if n == chosen else ""})
     wall = time.time() - t0
     md = "\n".join([
         "# Spiking student: held-out ppl vs energy (small scale)", "",
@@ -72,8 +89,8 @@ def main(argv=None) -> int:
         f"teacher's {e0 / 1e3:.1f} nJ/token. 'frontier': not beaten on both axes by another row.", "",
         table, "", C.provenance(exp, setup, wall, a.config), ""])
     d = C.write_outputs(a.results_dir, "frontier", md, {"results": res, "dense": dense, "frontier": front,
-                                                        "chosen": a.chosen, "wall_s": wall})
-    plot(points, front, a.chosen, d / "frontier.png", "spiking student: ppl vs energy (2-layer setup, "
+                                                        "chosen": chosen, "wall_s": wall})
+    plot(points, front, chosen, d / "frontier.png", "spiking student: ppl vs energy (2-layer setup, "
                                                       f"{len(exp.seeds)} seed(s))")
     print(md)
     return 0
