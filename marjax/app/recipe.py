@@ -25,8 +25,7 @@ __all__ = ["Recipe", "StagePlan", "dense_student", "spiking_student", "stage_tra
 @dataclass(frozen=True)
 class Recipe:
     # stage-1 init: decay bias -2 (initial decay exp(-softplus(-2)) = 0.88) and a one-shot
-    # least-squares C scale per head: on SmolLM2 the first KD loss measured 14.4 (plain init, bias
-    # -4), 9.0 (fitted, -4), 7.7 (fitted, -2) nats/token (experiments/README.md, "stage-1 init")
+    # least-squares C scale per head; measurements in experiments/README.md, "Stage-1 init"
     decay_bias: float = -2.0
     fit_scale: bool = True
     fit_rows: int = 4                # sequences of the fit_mixer_scale batch (data seed offset 999)
