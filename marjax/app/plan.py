@@ -173,8 +173,8 @@ def plan(teacher: Optional[ModelConfig], student: ModelConfig, stage: str, mesh,
     local = dataclasses.replace(train_cfg, micro_batch=max(1, rows))
     est = estimate_stage_bytes(student, teacher, local, stage, dcfg.kl_chunk)
     out = {"stage": stage, "teacher": None if teacher is None else teacher.name, "student": student.name,
-           "mesh": dict(mesh.shape), "devices": n_dev, "seq_len": train_cfg.seq_len, "micro_batch": train_cfg.micro_batch,
-           "accum_steps": n_micro, "tokens_per_step": tokens, "rows_per_device": rows,
+           "mesh": dict(mesh.shape), "devices": n_dev, "seq_len": train_cfg.seq_len,
+           "micro_batch": train_cfg.micro_batch, "accum_steps": n_micro, "tokens_per_step": tokens, "rows_per_device": rows,
            "bytes_per_device": {
                "student params": _per_device_bytes(state.params, sh.state.params),
                "optimizer state": _per_device_bytes(state.opt_state, sh.state.opt_state),
@@ -286,8 +286,8 @@ def main(argv=None) -> int:
     _simulate_devices(math.prod(shape))
     mesh = make_mesh(MeshConfig(*shape))
     train_cfg = TrainConfig(seq_len=a.seq_len, micro_batch=a.micro_batch,
-                       batch_tokens=a.seq_len * a.micro_batch * a.accum, compute_dtype=a.compute_dtype,
-                       mesh=MeshConfig(*shape))
+                            batch_tokens=a.seq_len * a.micro_batch * a.accum, compute_dtype=a.compute_dtype,
+                            mesh=MeshConfig(*shape))
     teacher, student = _models(a.teacher, a.student, a.stage, ATMNConfig(), a.ssd_impl)
     p = plan(teacher, student, a.stage, mesh, train_cfg, DistillConfig(), compile=not a.no_compile)
     print(format_plan(p))

@@ -72,8 +72,9 @@ def _read_batch(f: Path, index: dict) -> dict:
                     if dtype.hasobject or dtype.kind not in kinds or tuple(shape) != want or fortran:
                         raise DataError(f"teacher cache file {f}: {key} is {dtype} {tuple(shape)}"
                                         f"{' (Fortran order)' if fortran else ''}, expected kind {kinds!r} {want}")
-                    data = fh.read(int(np.prod(want)) * dtype.itemsize)
-                    if len(data) != int(np.prod(want)) * dtype.itemsize:
+                    nbytes = int(np.prod(want)) * dtype.itemsize
+                    data = fh.read(nbytes)
+                    if len(data) != nbytes:
                         raise DataError(f"teacher cache file {f}: {key} is truncated")
                     out[key] = np.frombuffer(data, dtype).reshape(want)
     except DataError:

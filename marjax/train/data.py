@@ -126,7 +126,7 @@ def _read_json_docs(path: Path, text_field: str) -> list:
     if path.suffix == ".jsonl":
         docs = [_doc_from_record(obj, f"{path}:{lineno}", text_field) for lineno, obj in jsonl_records(text, path)]
     else:
-        obj = parse_json(text, str(path))
+        obj = parse_json(text, path)
         records = obj if isinstance(obj, list) else [obj]
         docs = [_doc_from_record(r, f"{path}[{i}]", text_field) for i, r in enumerate(records)]
     return [d for d in docs if d is not None]

@@ -11,14 +11,15 @@ import struct
 import time
 import tracemalloc
 import warnings
+import zipfile
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-from marjax.distill.teacher_cache import TeacherCache
 from marjax.config import MeshConfig, TrainConfig, preset
+from marjax.distill.teacher_cache import TeacherCache
 from marjax.errors import MarjaxError
 from marjax.io.gguf import load_gguf, save_gguf
 from marjax.io.tokenizer import ByteTokenizer
@@ -181,7 +182,6 @@ def _npy_with_header(shape, dtype="<f2", payload=b"") -> bytes:
 
 
 def test_teacher_cache_fuzz(tmp_path):
-    import zipfile
     good = _write_cache(tmp_path / "good")
     assert len(_read_all(good)) == 2                     # the unmutated cache reads
     rng = np.random.default_rng(SEED)
