@@ -6,6 +6,7 @@ everywhere (the ladder's "+ pre-norm features" = the grid's (0.2, 0.7) = the mai
 spiking row), so after the shared setup only one spiking student is trained and the rest comes
 from the cache. The slow test runs two variants of the ladder and of atmn_sweep (which pins its
 own base, so it trains its own runs): orderings, the binary row, a real T sweep."""
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from experiments import ablation_ladder, alpha_beta_grid, atmn_sweep, main_table  # noqa: E402
+from experiments import ablation_ladder, alpha_beta_grid, atmn_sweep, frontier, main_table  # noqa: E402
 from experiments import common as C  # noqa: E402
 
 
@@ -121,3 +122,17 @@ def test_experiment_configs_parse():
     assert v[("atmn_sweep", "T=4")].atmn == cfgs["atmn_sweep"].variants[2].atmn
     assert v[("ablation_ladder", "binary spikes")].atmn.ternary is False
     assert all(len(e.seeds) == 3 for n, e in cfgs.items() if n != "frontier")
+
+
+def test_frontier_marks_the_pipelines_own_row():
+    """The frontier's "default" row is the one whose ATMN and SBDS configs are the pipeline's
+    (every field but the stage name), whatever its name; no row matches when one field differs."""
+    from marjax.app.pipeline import PIPELINE_ATMN, PIPELINE_DISTILL
+    atmn = json.loads(json.dumps(dataclasses.asdict(PIPELINE_ATMN)))
+    distill = dict(json.loads(json.dumps(dataclasses.asdict(PIPELINE_DISTILL))), stage="sbds")
+    res = {"a": [{"atmn": dict(atmn, T=4), "distill": distill}],
+           "b": [{"atmn": atmn, "distill": dict(distill, rate_weight=0.0)}],
+           "c": [{"atmn": atmn, "distill": distill}]}
+    assert frontier.pipeline_row(res) == "c"
+    del res["c"]
+    assert frontier.pipeline_row(res) == ""
