@@ -182,8 +182,19 @@ def load_experiment(path: str, name: Optional[str] = None) -> ExperimentConfig:
         variants=tuple(variants), recipe=recipe)
 
 
+# Fields added to the library configs after runs were cached, with the value that reproduces the
+# code before them: at that value they stay out of the cache key, so a cached run is still found
+# (its code path is unchanged); any other value is a new key.
+_KEY_LEGACY = {"calib_max_ratio": 4.0, "token_grad_clip": 0.0}
+
+
+def _key_fields(o) -> dict:
+    d = dataclasses.asdict(o)
+    return {k: v for k, v in d.items() if not (k in _KEY_LEGACY and v == _KEY_LEGACY[k])}
+
+
 def _key(*objs) -> str:
-    blob = json.dumps([dataclasses.asdict(o) if dataclasses.is_dataclass(o) else o for o in objs],
+    blob = json.dumps([_key_fields(o) if dataclasses.is_dataclass(o) else o for o in objs],
                       sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 

@@ -73,6 +73,11 @@ class ATMNConfig:
     reset_grad: str = "membrane"
     quantizer: str = "floor"         # floor: fire at h >= V; round: fire at h >= V/2 (round to nearest)
     calib_rate_weight: float = 0.0   # calibration objective nmse + w * spikes per element (rate-aware)
+    # largest calibration threshold candidate, in units of the channel's mean |x|. 4 was the old
+    # rule; it clips the rare massive activations (1e2-1e3x the mean) that a pretrained LM builds
+    # on its first tokens, and the student then trains from an out-of-distribution residual stream
+    # (experiments/README.md, "The SBDS gradient explosion")
+    calib_max_ratio: float = 4096.0
     ternary: bool = True             # False: binary {0, 1} spikes (the paper's baseline)
     sites: tuple = SITES             # which projections get a neuron
 
@@ -97,6 +102,8 @@ class ATMNConfig:
                  f"ATMNConfig.quantizer must be 'floor' or 'round', got {self.quantizer!r}")
         _require(self.calib_rate_weight >= 0,
                  f"ATMNConfig.calib_rate_weight must be >= 0, got {self.calib_rate_weight}")
+        _require(self.calib_max_ratio >= 1,
+                 f"ATMNConfig.calib_max_ratio must be >= 1, got {self.calib_max_ratio}")
         bad = [s for s in self.sites if s not in SITES]
         _require(not bad, f"ATMNConfig.sites has unknown sites {bad}; known: {SITES}")
         return self
@@ -222,6 +229,9 @@ class DistillConfig:
     # share of the spiking projections' fan-out (so the term follows the AC energy)
     rate_weight: float = 0.0
     rate_target: float = 0.0
+    # sbds: cap each token's gradient at every block input of the student at this many times the
+    # median token's (0 = off); experiments/README.md, "The SBDS gradient explosion"
+    token_grad_clip: float = 0.0
 
     def validate(self) -> "DistillConfig":
         _require(self.stage in ("orient", "align", "kd", "sbds"), f"DistillConfig.stage unknown: {self.stage!r}")
@@ -234,6 +244,8 @@ class DistillConfig:
                  f"DistillConfig.feature_norm must be relative|absolute, got {self.feature_norm!r}")
         _require(self.trainable in ("all", "mixer", "atmn"), f"DistillConfig.trainable unknown: {self.trainable!r}")
         _require(self.rate_weight >= 0, f"DistillConfig.rate_weight must be >= 0, got {self.rate_weight}")
+        _require(self.token_grad_clip == 0 or self.token_grad_clip >= 1,
+                 f"DistillConfig.token_grad_clip must be 0 (off) or >= 1, got {self.token_grad_clip}")
         _require(0 <= self.rate_target <= 1, f"DistillConfig.rate_target must be in [0, 1], got {self.rate_target}")
         return self
 

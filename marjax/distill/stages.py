@@ -79,6 +79,8 @@ def _kl_loss(teacher_cfg, student_cfg, distill_cfg, alpha, beta):
     feats = {"prenorm": ("prenorm",), "postnorm": ("postnorm",), "both": ("prenorm", "postnorm"),
              "none": ()}[distill_cfg.feature if distill_cfg.stage == "sbds" else "none"]
 
+    clip = distill_cfg.token_grad_clip if distill_cfg.stage == "sbds" else 0.0
+
     def loss_fn(student: LMParams, teacher: LMParams, batch, rng):
         if "topk_ids" in batch:   # offline: teacher top-k from disk (KL terms only; features refused)
             if feats:
@@ -86,7 +88,7 @@ def _kl_loss(teacher_cfg, student_cfg, distill_cfg, alpha, beta):
                                   "teacher top-k cache does not hold; set distill.feature=none to train from the "
                                   "cache, or train against the teacher model")
             _, as_ = forward(student, batch["inputs"], student_cfg, taps=("hidden", "spikes"), head=False,
-                             mask=batch["mask"])
+                             mask=batch["mask"], token_grad_clip=clip)
             s, n, m = losses.kd_from_topk(batch["topk_logprobs"], batch["topk_ids"], as_["hidden"],
                                           head_matrix(student), batch["mask"], alpha=alpha, beta=beta,
                                           temperature=distill_cfg.temperature, chunk=distill_cfg.kl_chunk,
@@ -98,7 +100,8 @@ def _kl_loss(teacher_cfg, student_cfg, distill_cfg, alpha, beta):
         taps = ("hidden",) + feats
         mask = batch["mask"]
         _, at = forward(teacher, batch["inputs"], teacher_cfg, taps=taps, head=False)
-        _, as_ = forward(student, batch["inputs"], student_cfg, taps=taps + ("spikes",), head=False, mask=mask)
+        _, as_ = forward(student, batch["inputs"], student_cfg, taps=taps + ("spikes",), head=False, mask=mask,
+                         token_grad_clip=clip)
         kl_s, n, m = losses.chunked_kd_loss(
             at["hidden"], as_["hidden"], head_matrix(teacher), head_matrix(student), mask,
             alpha=alpha, beta=beta, temperature=distill_cfg.temperature, chunk=distill_cfg.kl_chunk,

@@ -26,7 +26,7 @@ from jaxtyping import Array, Float, Int
 from marjax.config import ModelConfig
 from marjax.errors import MarjaxError
 from marjax.nn import mamba2
-from marjax.nn.layers import (AttnParams, MLPParams, attention, attention_dims, attention_matrix, mlp_hidden,
+from marjax.nn.layers import (AttnParams, MLPParams, attention, clip_token_grad, attention_dims, attention_matrix, mlp_hidden,
                               rms_norm)
 from marjax.spiking import atmn_with_stats, init_atmn
 from marjax.typing import array, fan_in_normal, init_dataclass, normal, ones, param_dataclass, subtree
@@ -163,9 +163,11 @@ def block(p: BlockParams, x: Float[Array, "b l d"], cfg: ModelConfig, positions,
     return out, cache, aux
 
 
-def _run_blocks(params: LMParams, x, cfg: ModelConfig, positions, cache, taps, mask=None):
+def _run_blocks(params: LMParams, x, cfg: ModelConfig, positions, cache, taps, mask=None, token_grad_clip=0.0):
     def body(carry, layer):
         p, c = layer
+        if token_grad_clip > 0:
+            carry = clip_token_grad(carry, float(token_grad_clip))
         y, c, aux = block(p, carry, cfg, positions, c, taps, mask)
         return y, (c, aux)
 
@@ -190,15 +192,17 @@ def check_ids(ids, cfg: ModelConfig) -> None:
 
 
 def forward(params: LMParams, ids, cfg: ModelConfig, *, taps=(), head: bool = True,
-            mask=None):
+            mask=None, token_grad_clip: float = 0.0):
     """Full-sequence forward of int ids (b, l), checked by `check_ids` (a MarjaxError, not a type
     error, for a bad shape, dtype or range). Returns (logits float32 (b,l,v) or final hidden (b,l,d), aux).
-    `mask` (b, l) only selects the tokens counted in the firing-rate taps (padding left out)."""
+    `mask` (b, l) only selects the tokens counted in the firing-rate taps (padding left out).
+    `token_grad_clip` > 0 caps each token's gradient at every block input at that many times the
+    median token's (`clip_token_grad`; the forward is unchanged)."""
     check_ids(ids, cfg)
     ids = jnp.asarray(ids)           # host (numpy) batches are accepted: the layers take jax arrays
     mask = None if mask is None else jnp.asarray(mask)
     positions = jnp.broadcast_to(jnp.arange(ids.shape[1])[None], ids.shape)
-    x, _, aux = _run_blocks(params, embed(params, ids), cfg, positions, None, taps, mask)
+    x, _, aux = _run_blocks(params, embed(params, ids), cfg, positions, None, taps, mask, token_grad_clip)
     h = rms_norm(params.final_norm, x, cfg.rms_eps)
     if "hidden" in taps:
         aux["hidden"] = h

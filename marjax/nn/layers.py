@@ -6,6 +6,7 @@ result is cast back to the activation dtype.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ from jaxtyping import Array, Float, Int
 
 from marjax.typing import array, depth_scaled_normal, fan_in_normal, param_dataclass
 
-__all__ = ["MLPParams", "AttnParams", "attention_dims", "rms_norm", "rope_inv_freq", "rope_tables", "apply_rope",
+__all__ = ["MLPParams", "AttnParams", "attention_dims", "rms_norm", "clip_token_grad", "rope_inv_freq", "rope_tables", "apply_rope",
            "mlp", "attention", "attention_matrix", "repeat_kv"]
 
 
@@ -43,6 +44,31 @@ def rms_norm(w: Float[Array, "d"], x: Float[Array, "... d"], eps: float) -> Floa
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return (y * w.astype(jnp.float32)).astype(x.dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def clip_token_grad(x: Float[Array, "b l d"], ratio: float) -> Float[Array, "b l d"]:
+    """Identity forward; backward caps each token's cotangent norm at `ratio` times the median
+    token norm of the batch. Placed on the residual stream at every block input of the spiking
+    student: tokens whose forward state is far from the teacher's (a first-token massive
+    activation that the quantised layers did not rebuild) see RMSNorm Jacobians 40x the usual
+    and multiply the gradient by that per layer (experiments/README.md, "The SBDS gradient
+    explosion"); the cap bounds the growth at each layer and leaves ordinary tokens alone."""
+    return x
+
+
+def _clip_token_grad_fwd(x, ratio):
+    return x, None
+
+
+def _clip_token_grad_bwd(ratio, _, g):
+    n = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32)), axis=-1))          # (b, l)
+    cap = ratio * jnp.median(n)
+    scale = jnp.where(n > cap, cap / jnp.maximum(n, 1e-30), 1.0)
+    return ((g.astype(jnp.float32) * scale[..., None]).astype(g.dtype),)
+
+
+clip_token_grad.defvjp(_clip_token_grad_fwd, _clip_token_grad_bwd)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling=None) -> Float[Array, "hd2"]:

@@ -243,15 +243,19 @@ def _decode_values(x32, V, cfg: ATMNConfig):
     return V * acc, n
 
 
-# Candidate thresholds for calibration: V = m * 2^(j/4), m = mean |x|, from m/64 to 4m; ordered by
-# |j| so that ties (e.g. an all-zero channel) keep V = m.
-_GRID = np.array(sorted(range(-24, 9), key=lambda j: (abs(j), j)), np.float32) / 4.0
+def calib_grid(max_ratio: float) -> np.ndarray:
+    """Exponents j/4 of the calibration candidates V = m * 2^(j/4), m = mean |x|, from m/64 up to
+    m * max_ratio (rounded to the grid); ordered by |j| so that ties (e.g. an all-zero channel)
+    keep V = m."""
+    top = max(0, int(round(4 * np.log2(max_ratio))))
+    return np.array(sorted(range(-24, top + 1), key=lambda j: (abs(j), j)), np.float32) / 4.0
 
 
 def calibrate_a(x_calib, cfg: ATMNConfig) -> ATMNParams:
     """Thresholds from activation statistics. Rule: per channel (granularity "channel", over all
     leading axes of x_calib (..., n_channels)) or over all elements ("site"/"scalar"), V is the
-    candidate m * 2^(j/4), j = -24..8, m = mean |x| (floored at 1e-3 of the mean over channels),
+    candidate m * 2^(j/4), j = -24 .. 4 log2(cfg.calib_max_ratio), m = mean |x| (floored at 1e-3 of
+    the mean over channels),
     that minimises the mean squared error between the decoded ATMN output and x on x_calib
     (relative to the mean square of x), plus cfg.calib_rate_weight times the spikes per element
     (summed over the T micro-steps): with weight 0 the neuron starts as the best quantiser of the
@@ -272,8 +276,9 @@ def calibrate_a(x_calib, cfg: ATMNConfig) -> ATMNParams:
         nmse = jnp.mean(jnp.square(y - x), axis=0) / power
         return nmse + cfg.calib_rate_weight * jnp.mean(n, axis=0) if cfg.calib_rate_weight else nmse
 
-    errs = jax.lax.map(err, jnp.asarray(_GRID))                  # (G, channels)
-    V = m * jnp.exp2(jnp.asarray(_GRID)[jnp.argmin(errs, axis=0)])
+    grid = jnp.asarray(calib_grid(cfg.calib_max_ratio))
+    errs = jax.lax.map(err, grid)                                # (G, channels)
+    V = m * jnp.exp2(grid[jnp.argmin(errs, axis=0)])
     a = jnp.log(V)
     return ATMNParams(a=a if cfg.granularity == "channel" else a.reshape(()))
 

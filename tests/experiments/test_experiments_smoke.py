@@ -115,9 +115,16 @@ def test_experiment_configs_parse():
     for other in (("alpha_beta_grid", "(0.2, 0.7)"), ("main_table", "spiking student (MAR)"),
                   ("frontier", "round, T=2, reset full, rate 1 -> 0.1")):
         assert (v[other].atmn, v[other].distill) == (mar.atmn, mar.distill), other
-    # ... and it is what `marjax pipeline` runs
+    # ... and it is what `marjax pipeline` runs, but for the two fixes of the SBDS gradient
+    # explosion that the pipeline adds (the tables were made before them); the frontier has the
+    # pipeline's own row
     from marjax.app.pipeline import PIPELINES
-    assert (mar.atmn, mar.distill) == (PIPELINES["smollm2"].atmn, PIPELINES["smollm2"].distill)
+    pipe = PIPELINES["smollm2"]
+    assert (dataclasses.replace(mar.atmn, calib_max_ratio=pipe.atmn.calib_max_ratio),
+            dataclasses.replace(mar.distill, token_grad_clip=pipe.distill.token_grad_clip)) == (pipe.atmn, pipe.distill)
+    assert (mar.atmn.calib_max_ratio, mar.distill.token_grad_clip) == (4.0, 0.0)
+    row = v[("frontier", "round, T=2, reset full, rate 1 -> 0.1, calib to 4096x, token clip 8")]
+    assert (row.atmn, dataclasses.replace(row.distill, stage="sbds")) == (pipe.atmn, dataclasses.replace(pipe.distill, stage="sbds"))
     # the ATMN sweep pins its own base (T 4, floor): its T sweep includes that base point
     assert v[("atmn_sweep", "T=4")].atmn == cfgs["atmn_sweep"].variants[2].atmn
     assert v[("ablation_ladder", "binary spikes")].atmn.ternary is False

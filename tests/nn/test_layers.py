@@ -167,3 +167,22 @@ def test_params_match_their_declarations(name):
     assert "embed" in seen and "down" in seen and ("in_proj" in seen or "wq" in seen)
     assert isinstance(params, LMParams) and isinstance(params.blocks, BlockParams)
     assert isinstance(params.blocks.mixer, mamba2.MixerParams if cfg.is_ssm else AttnParams)
+
+
+def test_clip_token_grad_caps_outlier_tokens_only():
+    from marjax.nn.layers import clip_token_grad
+    x = jax.random.normal(jax.random.key(0), (2, 5, 3))
+    w = np.ones((2, 5, 1), np.float32)
+    w[1, 2], w[0, 4] = 1e4, 30.0                     # two outlier tokens in the incoming gradient
+    g = jax.random.normal(jax.random.key(1), (2, 5, 3)) * w
+    y, vjp = jax.vjp(lambda v: clip_token_grad(v, 8.0), x)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
+    (gx,) = vjp(g)
+    n = np.linalg.norm(np.asarray(g), axis=-1)
+    cap = 8.0 * np.median(n)
+    want = np.asarray(g) * np.minimum(1.0, cap / n)[..., None]
+    np.testing.assert_allclose(np.asarray(gx), want, rtol=1e-5)
+    assert np.isclose(np.linalg.norm(np.asarray(gx)[1, 2]), cap, rtol=1e-5)      # capped to the cap
+    ordinary = n <= cap
+    assert ordinary.sum() >= 8
+    np.testing.assert_array_equal(np.asarray(gx)[ordinary], np.asarray(g)[ordinary])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from marjax.config import ATMNConfig
-from marjax.errors import MarjaxError
+from marjax.errors import ConfigError, MarjaxError
 from marjax.spiking import (ATMNParams, atmn, atmn_decode, atmn_spikes, atmn_with_stats, calibrate_a, init_atmn,
                             readout_coeffs)
 from marjax.spiking.reference import atmn_unrolled
@@ -379,7 +379,7 @@ def test_rate_aware_calibration_trades_error_for_spikes():
         # the chosen threshold minimises the stated objective over the grid, per channel (brute force)
         m = np.maximum(np.mean(np.abs(np.asarray(x)), 0), 1e-3 * np.mean(np.abs(np.asarray(x))))
         obj = []
-        for j in np.arange(-24, 9) / 4.0:
+        for j in np.arange(-24, 4 * int(np.log2(cfg.calib_max_ratio)) + 1) / 4.0:
             Vj = m * 2.0 ** j
             s = np_spikes(np.asarray(x), Vj, 4, 1.0).astype(np.float32)
             yj = Vj * s.sum(0)
@@ -392,6 +392,26 @@ def test_rate_aware_calibration_trades_error_for_spikes():
             + w * np.abs(s).sum(0).mean(0)
         np.testing.assert_allclose(mine, best, rtol=1e-4, atol=1e-6)
     assert rates[0] > rates[1] > rates[2] and errs[0] < errs[1] < errs[2]
+
+
+def test_calibration_keeps_rare_massive_activations():
+    """A channel that is ~1 on most tokens and 600x that on 4 of 256 (the first-token massive
+    activations of a pretrained LM): the default candidate range reaches a threshold that keeps the
+    outliers; the old rule (4x mean |x|) clips them to 2V = 8x the mean."""
+    x = np.array(jax.random.normal(jax.random.key(3), (256, 3)), np.float32)
+    x[[1, 2, 4, 70], 0] = [600.0, -580.0, 640.0, 610.0]
+    cfg = ATMNConfig(T=2, tau=1.0, quantizer="round", init="stats")
+    for ratio, keeps in ((cfg.calib_max_ratio, True), (4.0, False)):
+        c = dataclasses.replace(cfg, calib_max_ratio=ratio)
+        y, _ = atmn_with_stats(jnp.asarray(x), calibrate_a(x, c), c)
+        out = np.asarray(y)[[1, 2, 4, 70], 0]
+        rel = np.abs(out - x[[1, 2, 4, 70], 0]) / np.abs(x[[1, 2, 4, 70], 0])
+        assert (rel.max() < 0.3) == keeps, (ratio, out)
+        # the ordinary channels are unaffected by the range
+        np.testing.assert_allclose(np.asarray(y)[:, 1:], np.asarray(atmn_with_stats(
+            jnp.asarray(x), calibrate_a(x, cfg), cfg)[0])[:, 1:])
+    with pytest.raises(ConfigError, match="calib_max_ratio"):
+        dataclasses.replace(cfg, calib_max_ratio=0.5).validate()
 
 
 def test_old_detach_reset_configs_still_load():
