@@ -115,3 +115,28 @@ def test_fit_mixer_scale_reduces_orientation_error():
     np.testing.assert_array_equal(sp2.blocks.mixer.out_proj, sp.blocks.mixer.out_proj)
     d = scfg.ssm.d_inner + scfg.ssm.n_heads * scfg.ssm.state_dim
     np.testing.assert_array_equal(sp2.blocks.mixer.in_proj[..., :d], sp.blocks.mixer.in_proj[..., :d])
+
+
+def test_token_grad_clip_binds_in_sbds_only():
+    """distill.token_grad_clip caps per-token gradients inside the spiking student's forward in
+    SBDS (the loss value is unchanged, the gradient changes when the cap binds) and is ignored by
+    the other stages."""
+    from marjax.config import ATMNConfig
+    from marjax.models.spiking import make_spiking_student
+    tcfg, tp = _teacher()
+    scfg, sp = init_from_attention(tp, tcfg)
+    batch = _batch(scfg, seed=5)
+    pcfg, pp = make_spiking_student(sp, scfg, ATMNConfig(T=2, quantizer="round", init="stats"), batch["inputs"])
+    on, off = DistillConfig(stage="sbds", token_grad_clip=1.0), DistillConfig(stage="sbds")
+
+    def loss_and_grad(dcfg, stage, s_cfg, s_params, teacher, t_cfg):
+        f = make_loss(stage, t_cfg, s_cfg, dataclasses.replace(dcfg, stage=stage))
+        return jax.value_and_grad(lambda p: (lambda s, n, m: s / n)(*f(p, teacher, batch, None)))(s_params)
+
+    (l_on, g_on), (l_off, g_off) = (loss_and_grad(d, "sbds", pcfg, pp, sp, scfg) for d in (on, off))
+    np.testing.assert_allclose(float(l_on), float(l_off), rtol=1e-6)
+    diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(g_on), jax.tree.leaves(g_off)))
+    assert diff > 1e-6                              # a cap at the median binds on half the tokens
+    (_, k_on), (_, k_off) = (loss_and_grad(d, "kd", scfg, sp, tp, tcfg) for d in (on, off))
+    for a, b in zip(jax.tree.leaves(k_on), jax.tree.leaves(k_off)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
