@@ -328,7 +328,7 @@ def _train_seconds(out: Path, default: float) -> float:
 def _effective(d) -> dict:
     """The DistillConfig fields that change an SBDS run (the cache key): without a feature loss,
     its weight and norm do nothing."""
-    out = dataclasses.asdict(d)
+    out = _key_fields(d)
     if d.feature == "none":
         out.pop("feature_weight")
         out.pop("feature_norm", None)

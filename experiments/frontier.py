@@ -53,7 +53,7 @@ def pipeline_row(res: dict) -> str:
     want_atmn = json.loads(json.dumps(dataclasses.asdict(PIPELINE_ATMN)))
     want_distill = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(PIPELINE_DISTILL))).items() if k != "stage"}
     for name, rows in res.items():
-        r = rows[0]
+        r = json.loads(json.dumps(rows[0], default=str))   # a freshly trained row holds tuples, a cached one lists
         if r["atmn"] == want_atmn and {k: v for k, v in r["distill"].items() if k != "stage"} == want_distill:
             return name
     return ""

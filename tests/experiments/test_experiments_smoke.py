@@ -141,5 +141,7 @@ def test_frontier_marks_the_pipelines_own_row():
            "b": [{"atmn": atmn, "distill": dict(distill, rate_weight=0.0)}],
            "c": [{"atmn": atmn, "distill": distill}]}
     assert frontier.pipeline_row(res) == "c"
+    res["c"][0]["atmn"] = dict(atmn, sites=tuple(atmn["sites"]))     # as a freshly trained row holds it
+    assert frontier.pipeline_row(res) == "c"
     del res["c"]
     assert frontier.pipeline_row(res) == ""
