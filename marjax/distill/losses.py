@@ -99,8 +99,12 @@ def _to_chunks(x, n_chunks: int, chunk: int):
 
 
 def _scan_chunks(body, xs):
-    """Sum a tuple of per-chunk scalars over chunks; `body` rematerialised in the backward."""
-    body = jax.checkpoint(body)
+    """Sum a tuple of per-chunk scalars over chunks; `body` rematerialised in the backward when
+    there is more than one chunk. With one, remat would recompute both LM heads' logits (the
+    teacher's too) in the backward; without it the chunk's (b, c, V) intermediates stay live from
+    the forward instead, which is the memory remat saves only when it frees chunk after chunk."""
+    if jax.tree.leaves(xs)[0].shape[0] > 1:
+        body = jax.checkpoint(body)
 
     def step(carry, x):
         return tuple(c + o for c, o in zip(carry, body(*x))), None
