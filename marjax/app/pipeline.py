@@ -74,7 +74,7 @@ class PipelineConfig:
 # quantizer a resting membrane sits inside the surrogate band, and "membrane" counts it once per
 # micro-step (its max |grad| overflowed to inf on SmolLM2, experiments/results/reset_grad/),
 # while "detach" leaves 69-77% of the site inputs without gradient.
-PIPELINE_ATMN = ATMNConfig(T=2, tau=1.0, quantizer="round", init="stats", reset_grad="full", calib_max_ratio=4096.0)
+PIPELINE_ATMN = ATMNConfig(T=2, tau=1.0, quantizer="round", init="stats", reset_grad="full", calib_max_ratio=4.0)
 PIPELINE_DISTILL = DistillConfig(rate_weight=1.0, rate_target=0.1, token_grad_clip=8.0)
 
 PIPELINES = {

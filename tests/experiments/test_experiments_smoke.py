@@ -115,16 +115,16 @@ def test_experiment_configs_parse():
     for other in (("alpha_beta_grid", "(0.2, 0.7)"), ("main_table", "spiking student (MAR)"),
                   ("frontier", "round, T=2, reset full, rate 1 -> 0.1")):
         assert (v[other].atmn, v[other].distill) == (mar.atmn, mar.distill), other
-    # ... and it is what `marjax pipeline` runs, but for the two fixes of the SBDS gradient
-    # explosion that the pipeline adds (the tables were made before them); the frontier has the
-    # pipeline's own row
+    # ... and it is what `marjax pipeline` runs, but for the per-token gradient cap against the
+    # SBDS gradient explosion that the pipeline adds (the tables were made before it); the frontier
+    # has the pipeline's own row
     from marjax.app.pipeline import PIPELINES
     pipe = PIPELINES["smollm2"]
-    assert (dataclasses.replace(mar.atmn, calib_max_ratio=pipe.atmn.calib_max_ratio),
-            dataclasses.replace(mar.distill, token_grad_clip=pipe.distill.token_grad_clip)) == (pipe.atmn, pipe.distill)
-    assert (mar.atmn.calib_max_ratio, mar.distill.token_grad_clip) == (4.0, 0.0)
-    row = v[("frontier", "round, T=2, reset full, rate 1 -> 0.1, calib to 4096x, token clip 8")]
-    assert (row.atmn, dataclasses.replace(row.distill, stage="sbds")) == (pipe.atmn, dataclasses.replace(pipe.distill, stage="sbds"))
+    assert mar.atmn == pipe.atmn
+    assert dataclasses.replace(mar.distill, token_grad_clip=pipe.distill.token_grad_clip) == pipe.distill
+    assert (mar.distill.token_grad_clip, pipe.distill.token_grad_clip) == (0.0, 8.0)
+    row = v[("frontier", "round, T=2, reset full, rate 1 -> 0.1, token clip 8")]
+    assert (row.atmn, row.distill) == (pipe.atmn, pipe.distill)
     # the ATMN sweep pins its own base (T 4, floor): its T sweep includes that base point
     assert v[("atmn_sweep", "T=4")].atmn == cfgs["atmn_sweep"].variants[2].atmn
     assert v[("ablation_ladder", "binary spikes")].atmn.ternary is False

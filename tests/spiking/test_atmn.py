@@ -401,7 +401,8 @@ def test_calibration_keeps_rare_massive_activations():
     x = np.array(jax.random.normal(jax.random.key(3), (256, 3)), np.float32)
     x[[1, 2, 4, 70], 0] = [600.0, -580.0, 640.0, 610.0]
     cfg = ATMNConfig(T=2, tau=1.0, quantizer="round", init="stats")
-    for ratio, keeps in ((cfg.calib_max_ratio, True), (4.0, False)):
+    assert cfg.calib_max_ratio == 4.0
+    for ratio, keeps in ((4096.0, True), (4.0, False)):
         c = dataclasses.replace(cfg, calib_max_ratio=ratio)
         y, _ = atmn_with_stats(jnp.asarray(x), calibrate_a(x, c), c)
         out = np.asarray(y)[[1, 2, 4, 70], 0]
