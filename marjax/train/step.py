@@ -118,18 +118,12 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
             return (g_acc, l_acc + ls, c_acc + cnt, m_acc), None
 
         first = jax.tree.map(lambda x: x[0], batch)
-        if accum_steps == 1:
-            # no accumulator: a zero-initialised gradient buffer plus an add is one more pass over
-            # every parameter, which the step measurably pays on CPU (experiments/bench/RESULTS.md)
-            (loss_sum, (count, metrics)), g_sum = grad_fn(state.params, teacher, first,
-                                                          jax.random.fold_in(step_key, 0))
-        else:
-            _, (_, m_shape) = jax.eval_shape(micro_loss, state.params, teacher, first, step_key)
-            zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), t)  # noqa: E731
-            g0 = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-            g0 = jax.lax.with_sharding_constraint(g0, shardings.state.params)   # accumulate sharded like params
-            init = (g0, jnp.float32(0), jnp.float32(0), zeros(m_shape))
-            (g_sum, loss_sum, count, metrics), _ = jax.lax.scan(body, init, (batch, jnp.arange(accum_steps)))
+        _, (_, m_shape) = jax.eval_shape(micro_loss, state.params, teacher, first, step_key)
+        zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), t)  # noqa: E731
+        g0 = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        g0 = jax.lax.with_sharding_constraint(g0, shardings.state.params)   # accumulate sharded like params
+        init = (g0, jnp.float32(0), jnp.float32(0), zeros(m_shape))
+        (g_sum, loss_sum, count, metrics), _ = jax.lax.scan(body, init, (batch, jnp.arange(accum_steps)))
 
         # d(sum loss)/d(params) over all micro-batches, divided by the total count: one big batch.
         safe = jnp.maximum(count, 1e-9)
