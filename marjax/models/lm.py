@@ -26,8 +26,8 @@ from jaxtyping import Array, Float, Int
 from marjax.config import ModelConfig
 from marjax.errors import MarjaxError
 from marjax.nn import mamba2
-from marjax.nn.layers import (AttnParams, MLPParams, attention, clip_token_grad, attention_dims, attention_matrix, mlp_hidden,
-                              rms_norm)
+from marjax.nn.layers import (AttnParams, MLPParams, attention, attention_dims, attention_matrix, clip_token_grad,
+                              mlp_hidden, rms_norm)
 from marjax.spiking import atmn_with_stats, init_atmn
 from marjax.typing import array, fan_in_normal, init_dataclass, normal, ones, param_dataclass, subtree
 

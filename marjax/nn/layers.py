@@ -14,8 +14,8 @@ from jaxtyping import Array, Float, Int
 
 from marjax.typing import array, depth_scaled_normal, fan_in_normal, param_dataclass
 
-__all__ = ["MLPParams", "AttnParams", "attention_dims", "rms_norm", "clip_token_grad", "rope_inv_freq", "rope_tables", "apply_rope",
-           "mlp", "attention", "attention_matrix", "repeat_kv"]
+__all__ = ["MLPParams", "AttnParams", "attention_dims", "rms_norm", "clip_token_grad", "rope_inv_freq", "rope_tables",
+           "apply_rope", "mlp", "attention", "attention_matrix", "repeat_kv"]
 
 
 @param_dataclass
