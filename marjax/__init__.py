@@ -3,10 +3,11 @@
     import marjax
     m = marjax.load("smollm2-135m-instruct")
     marjax.logits(m, ids); marjax.generate(m, "Once upon a time", max_new_tokens=32)
+    marjax.generate(marjax.quantize(m, "int8"), "Once upon a time")   # faster decoding on CPU
     marjax.ssm.ssd(...); marjax.spiking.atmn(...)
 """
 from marjax import config
-from marjax.api import Model, generate, generate_ids, load, logits
+from marjax.api import Model, generate, generate_ids, load, logits, quantize
 from marjax.config import PRESETS, ATMNConfig, DistillConfig, ModelConfig, SSMConfig, TrainConfig, preset
 from marjax.errors import MarjaxError
 

@@ -56,8 +56,9 @@ def _bucket(n: int, bucket: int = FULL_BUCKET) -> int:
 
 def _greedy_cached(step, params, prompt, cfg, n_new: int):
     """n_new greedy tokens (1, n_new) from `step` (forward_cached-like: (params, ids, cache) ->
-    (logits, cache)) after prefilling `prompt`, with a cache sized for prompt + n_new."""
-    cache = lm.init_cache(cfg, 1, prompt.shape[1] + n_new)
+    (logits, cache)) after prefilling `prompt`, with a cache sized for prompt + n_new (in the
+    params' layout)."""
+    cache = lm.init_cache(cfg, 1, prompt.shape[1] + n_new, unrolled=lm.is_unrolled(params))
     lg, cache = step(params, prompt, cache, cfg=cfg)
     toks = []
     for _ in range(n_new):
@@ -71,8 +72,10 @@ def _decode_kv_vs_full(m, prompt_len: int, n_new: int, bucket: int = FULL_BUCKET
     """Greedy decode of n_new tokens: with the model's cache vs re-running the full forward per
     token over the growing prefix (length prompt_len + i at step i), padded up to the next
     multiple of `bucket` so each bucket length compiles once (all compiled before timing; the
-    causal mask keeps the tail padding out of position prompt_len + i - 1)."""
+    causal mask keeps the tail padding out of position prompt_len + i - 1). The cached path runs
+    marjax's decode layout (unrolled layers), the full forward the stacked one it is trained in."""
     cfg, params = m.config, m.params
+    dparams = lm.unroll_layers(params)
     total = prompt_len + n_new
     prompt = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, prompt_len)), jnp.int32)
     fwd_cached = jax.jit(lm.forward_cached, static_argnames="cfg")
@@ -81,7 +84,7 @@ def _decode_kv_vs_full(m, prompt_len: int, n_new: int, bucket: int = FULL_BUCKET
     buf_len = buckets[-1]
 
     def run_cached():
-        return _greedy_cached(fwd_cached, params, prompt, cfg, n_new)
+        return _greedy_cached(fwd_cached, dparams, prompt, cfg, n_new)
 
     def run_full():
         buf = jnp.zeros((1, buf_len), jnp.int32).at[:, :prompt_len].set(prompt)
@@ -95,9 +98,9 @@ def _decode_kv_vs_full(m, prompt_len: int, n_new: int, bucket: int = FULL_BUCKET
         return jnp.concatenate(toks, 1)
 
     # compile both paths first (prefill, one decode step, one full forward per bucket), then time one run each
-    cache = lm.init_cache(cfg, 1, total)
-    lg, cache = fwd_cached(params, prompt, cache, cfg=cfg)
-    jax.block_until_ready(fwd_cached(params, prompt[:, :1], cache, cfg=cfg))
+    cache = lm.init_cache(cfg, 1, total, unrolled=True)
+    lg, cache = fwd_cached(dparams, prompt, cache, cfg=cfg)
+    jax.block_until_ready(fwd_cached(dparams, prompt[:, :1], cache, cfg=cfg))
     for blen in buckets:
         jax.block_until_ready(fwd(params, jnp.zeros((1, blen), jnp.int32), cfg=cfg))
 
@@ -113,14 +116,20 @@ def _decode_kv_vs_full(m, prompt_len: int, n_new: int, bucket: int = FULL_BUCKET
             "full_tok_s": n_new / t_f, "speedup": t_f / t_c, "same_tokens": same}
 
 
+STACKED = "f32 stacked"   # the --weights row that decodes the stacked (lax.scan) layout
+
+
 def _decode_weights(m, prompt_len: int, n_new: int, modes, repeats: int = 3) -> dict:
     """Cached greedy decode with the matmul weights in each of `modes` (marjax.models.quant:
-    dequantised inside the jitted step), interleaved; tokens/s of each over float32's, and
-    whether its tokens equal float32's."""
+    dequantised inside the jitted step) in the decode layout (unrolled layers), and float32 in
+    the stacked layout under lax.scan (what decoding ran before the decode layout), interleaved;
+    tokens/s of each over unrolled float32's, and whether its tokens equal float32's."""
     cfg = m.config
     prompt = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (1, prompt_len)), jnp.int32)
-    step = jax.jit(quant.forward_cached_q, static_argnames="cfg")
-    qparams = {mode: quant.quantize_params(m.params, mode) for mode in ("f32",) + tuple(x for x in modes if x != "f32")}
+    step = jax.jit(quant.forward_cached_q, static_argnames="cfg", donate_argnames="cache")
+    dparams = lm.unroll_layers(m.params)
+    qparams = {mode: quant.quantize_params(dparams, mode) for mode in ("f32",) + tuple(x for x in modes if x != "f32")}
+    qparams[STACKED] = m.params
 
     def run(q):
         return _greedy_cached(step, q, prompt, cfg, n_new)
@@ -138,9 +147,10 @@ def _decode_weights(m, prompt_len: int, n_new: int, modes, repeats: int = 3) -> 
     return {"new_tokens": n_new, "prompt_len": prompt_len, "repeats": repeats, "rows": rows}
 
 
-def _llama_cpp_peer(m, gguf: str, prompt_len: int, n_new: int, threads: int = 2) -> dict:
-    """marjax's cached greedy decode against llama.cpp's (llama-cpp-python, optional and never a
-    dependency) on the same GGUF and prompt ids, both timed once after a warm-up run."""
+def _llama_cpp_peer(m, gguf: str, prompt_len: int, n_new: int, threads: int = 2, repeats: int = 3) -> dict:
+    """marjax's cached greedy decode (float32 and int8 weights, decode layout) against llama.cpp's
+    (llama-cpp-python, optional and never a dependency) on the same GGUF and prompt ids, after a
+    warm-up run each, in `repeats` interleaved rounds."""
     try:
         import llama_cpp   # late import: optional peer (llama-cpp-python), absent from marjax's dependencies
     except ImportError:
@@ -157,19 +167,24 @@ def _llama_cpp_peer(m, gguf: str, prompt_len: int, n_new: int, threads: int = 2)
                 break
         return out
 
-    def run_marjax():
-        return decode(m.params, m.config, prompt, n_new, stop_ids=())
+    dparams = lm.unroll_layers(m.params)     # decode layout and int8 weights made once, before timing
+    weights = {"marjax": dparams, "marjax_int8": quant.quantize_params(dparams, "int8")}
 
-    res = {}
-    for name, fn in (("llama_cpp", run_llama), ("marjax", run_marjax)):
-        fn()                                          # warm-up (marjax: compiles)
-        t0 = time.perf_counter()
-        toks = fn()
-        res[name] = {"tok_s": n_new / (time.perf_counter() - t0), "tokens": toks}
-    return {"threads": threads, "new_tokens": n_new, "marjax_tok_s": res["marjax"]["tok_s"],
-            "llama_cpp_tok_s": res["llama_cpp"]["tok_s"],
-            "marjax_over_llama_cpp": res["marjax"]["tok_s"] / res["llama_cpp"]["tok_s"],
-            "same_tokens": res["marjax"]["tokens"] == res["llama_cpp"]["tokens"]}
+    def run_marjax(name):
+        return decode(weights[name], m.config, prompt, n_new, stop_ids=())
+
+    fns = {"llama_cpp": run_llama, "marjax": lambda: run_marjax("marjax"),
+           "marjax_int8": lambda: run_marjax("marjax_int8")}
+    toks = {name: fn() for name, fn in fns.items()}   # warm-up (marjax: compiles)
+    t = interleaved(fns, repeats, warmup=0)
+    llama = t["llama_cpp"]["median_s"]
+    out = {"threads": threads, "new_tokens": n_new, "repeats": repeats, "llama_cpp_tok_s": n_new / llama}
+    for name in ("marjax", "marjax_int8"):
+        out[f"{name}_tok_s"] = n_new / t[name]["median_s"]
+        out[f"{name}_over_llama_cpp"] = llama / t[name]["median_s"]
+        out[f"{name}_over_llama_cpp_min"] = t["llama_cpp"]["min_s"] / t[name]["min_s"]
+        out[f"{name}_same_tokens"] = toks[name] == toks["llama_cpp"]
+    return out
 
 
 def _ssm_decode_curve(m, contexts) -> list:
@@ -259,14 +274,19 @@ def decode_main(argv=None) -> int:
         if not own_gguf and a.model not in ("smollm2-135m-instruct", "smollm2"):
             print(f"\n# llama.cpp peer skipped: --model {a.model} is not a GGUF (llama.cpp reads GGUF files)")
         else:
-            peer = _llama_cpp_peer(m, m.source if own_gguf else smollm2_gguf_path(), a.prompt_len, a.weights_tokens)
+            peer = _llama_cpp_peer(m, m.source if own_gguf else smollm2_gguf_path(), a.prompt_len, a.weights_tokens,
+                                   repeats=a.repeats)
             out["llama_cpp"] = peer
             if "skipped" in peer:
                 print(f"\n# llama.cpp peer skipped: {peer['skipped']}")
             else:
-                print("\n| marjax tok/s / llama.cpp tok/s (n_threads=2, same GGUF, greedy) | same tokens |")
-                print("|---|---|")
-                print(f"| {peer['marjax_over_llama_cpp']:.2f} | {peer['same_tokens']} |")
+                print(f"\n# {a.weights_tokens} new tokens, median (min) of {a.repeats} interleaved rounds")
+                print("| marjax weights | marjax tok/s / llama.cpp tok/s (n_threads=2, same GGUF, greedy) | "
+                      "same tokens |")
+                print("|---|---|---|")
+                for name, w in (("marjax", "f32"), ("marjax_int8", "int8")):
+                    print(f"| {w} | {peer[f'{name}_over_llama_cpp']:.2f} ({peer[f'{name}_over_llama_cpp_min']:.2f}) | "
+                          f"{peer[f'{name}_same_tokens']} |")
     write_json(a.json, out)
     return 0
 

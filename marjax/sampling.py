@@ -3,6 +3,11 @@ decode loop over an LM's params (KV cache for attention, conv window + SSD state
 
     new_ids = decode(params, cfg, prompt_ids, max_new_tokens=32, temperature=0.7, top_p=0.9)
 
+`params` may be stacked (as trained) or in the decode layout (`lm.unroll_layers`), float or
+weight-only quantised (`marjax.models.quant.quantize_params`, dequantised inside the step).
+Decoding runs the unrolled layout: stacked params are unrolled on every call (a copy of the
+block weights), so pass unrolled ones when decoding many prompts.
+
 Sampling runs on the host in float64 numpy (one row of v logits per step), so a seed gives the
 same tokens on every backend.
 """
@@ -17,13 +22,13 @@ from jaxtyping import Float, Int
 
 from marjax.config import ModelConfig
 from marjax.errors import MarjaxError
-from marjax.models import lm
+from marjax.models import lm, quant
 
 __all__ = ["sample_token", "cache_length", "as_ids", "decode"]
 
 CACHE_BUCKET = 256   # the KV cache length is rounded up to this, so decoding compiles once per bucket
 
-_forward_cached = jax.jit(lm.forward_cached, static_argnames=("cfg",), donate_argnames=("cache",))
+_forward_cached = jax.jit(quant.forward_cached_q, static_argnames=("cfg",), donate_argnames=("cache",))
 
 
 def sample_token(logits_v: Float[np.ndarray, "v"], temperature: float, top_p: float,
@@ -79,7 +84,8 @@ def decode(params: lm.LMParams, cfg: ModelConfig, prompt_ids: Sequence[int], max
     if max_new_tokens == 0:
         return out
     stop, rng = set(stop_ids), np.random.default_rng(seed)
-    cache = lm.init_cache(cfg, 1, min(cache_length(total), cfg.max_seq_len))
+    params = lm.unroll_layers(params)
+    cache = lm.init_cache(cfg, 1, min(cache_length(total), cfg.max_seq_len), unrolled=True)
     lg, cache = _forward_cached(params, ids, cache, cfg=cfg)
     for _ in range(max_new_tokens):
         tok = sample_token(np.asarray(lg[0, -1]), temperature, top_p, rng)

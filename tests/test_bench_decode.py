@@ -5,7 +5,7 @@ import json
 import warnings
 
 from marjax.api import load
-from marjax.bench import FULL_BUCKET, _decode_weights
+from marjax.bench import FULL_BUCKET, STACKED, _decode_weights
 from marjax.cli import main
 
 
@@ -31,7 +31,8 @@ def test_decode_weights_rows_against_f32():
         m = load("tiny")
     res = _decode_weights(m, prompt_len=4, n_new=6, modes=["int8"], repeats=1)
     rows = {r["weights"]: r for r in res["rows"]}
-    assert set(rows) == {"f32", "int8"}                  # f32 is always the baseline
+    assert set(rows) == {"f32", "int8", STACKED}         # f32 (decode layout) is always the baseline
+    assert rows[STACKED]["same_tokens_as_f32"]           # the stacked layout decodes the same tokens
     assert rows["f32"]["tok_s_over_f32"] == 1.0 and rows["f32"]["same_tokens_as_f32"]
     assert rows["int8"]["tok_s_over_f32"] > 0
     assert rows["int8"]["weight_bytes"] < 0.35 * rows["f32"]["weight_bytes"]

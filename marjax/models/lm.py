@@ -5,6 +5,13 @@ axis and run under `lax.scan`, so compile time does not grow with depth.
     logits, aux = forward(params, ids, cfg, taps=("prenorm", "spikes"))
     cache = init_cache(cfg, batch, max_len); logits, cache = forward_cached(params, ids, cache, cfg)
 
+The decode layout, `unroll_layers(params)`, holds `blocks` as a tuple of per-layer BlockParams
+(and `init_cache(..., unrolled=True)` a tuple of per-layer caches); every function here runs it
+as a Python loop over layers. It is for decoding: under a scan, XLA:CPU copies each layer's
+matrices out of the stacked array on every token (1.4x slower SmolLM2 decode, measured), and only
+in the loop can a dequantising producer (marjax.models.quant) fuse into its matrix-vector product.
+Its compile time grows with depth.
+
 Taps (static) come back in `aux`:
   prenorm   (L, 2, b, l, d) residual stream entering each block's two RMSNorms
   postnorm  (L, 2, b, l, d) the normed values leaving them
@@ -16,6 +23,7 @@ Taps (static) come back in `aux`:
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 import jax
@@ -32,7 +40,8 @@ from marjax.spiking import atmn_with_stats, init_atmn
 from marjax.typing import array, fan_in_normal, init_dataclass, normal, ones, param_dataclass, subtree
 
 __all__ = ["SpikeSites", "BlockParams", "LMParams", "param_dims", "init_params", "init_block", "forward",
-           "init_cache", "forward_cached", "lm_head", "block", "embed", "check_ids"]
+           "init_cache", "forward_cached", "lm_head", "block", "embed", "check_ids", "unroll_layers",
+           "is_unrolled"]
 
 
 @param_dataclass
@@ -163,6 +172,21 @@ def block(p: BlockParams, x: Float[Array, "b l d"], cfg: ModelConfig, positions,
     return out, cache, aux
 
 
+def is_unrolled(params: LMParams) -> bool:
+    """True for the decode layout (blocks a tuple of per-layer BlockParams, `unroll_layers`)."""
+    return isinstance(params.blocks, tuple)
+
+
+def unroll_layers(params: LMParams) -> LMParams:
+    """The same params with `blocks` as a tuple of per-layer BlockParams (module doc: the decode
+    layout; a copy of the block weights). Already unrolled params come back as they are."""
+    if is_unrolled(params):
+        return params
+    n = jax.tree.leaves(params.blocks)[0].shape[0]
+    return dataclasses.replace(params, blocks=tuple(jax.tree.map(lambda a, i=i: a[i], params.blocks)
+                                                    for i in range(n)))
+
+
 def _run_blocks(params: LMParams, x, cfg: ModelConfig, positions, cache, taps, mask=None, token_grad_clip=0.0):
     def body(carry, layer):
         p, c = layer
@@ -171,8 +195,22 @@ def _run_blocks(params: LMParams, x, cfg: ModelConfig, positions, cache, taps, m
         y, c, aux = block(p, carry, cfg, positions, c, taps, mask)
         return y, (c, aux)
 
-    x, (cache, aux) = jax.lax.scan(body, x, (params.blocks, cache))
-    return x, cache, aux
+    per_layer_cache = isinstance(cache, tuple) and not any(isinstance(c, jax.Array) for c in cache)
+    if cache is not None and per_layer_cache != is_unrolled(params):
+        raise MarjaxError("the cache's layout does not match the params': unrolled params (lm.unroll_layers) "
+                          "take init_cache(cfg, ..., unrolled=True), stacked params the default init_cache")
+    if not is_unrolled(params):
+        x, (cache, aux) = jax.lax.scan(body, x, (params.blocks, cache))
+        return x, cache, aux
+    if cache is not None and len(cache) != len(params.blocks):
+        raise MarjaxError(f"unrolled params have {len(params.blocks)} layers but the cache has {len(cache)}")
+    caches, auxs = [], []
+    for i, p in enumerate(params.blocks):
+        x, (c, aux) = body(x, (p, None if cache is None else cache[i]))
+        caches.append(c)
+        auxs.append(aux)
+    aux = jax.tree.map(lambda *a: jnp.stack(a), *auxs)     # the scan's (L, ...) layout
+    return x, (None if cache is None else tuple(caches)), aux
 
 
 def check_ids(ids, cfg: ModelConfig) -> None:
@@ -209,17 +247,21 @@ def forward(params: LMParams, ids, cfg: ModelConfig, *, taps=(), head: bool = Tr
     return (lm_head(params, h) if head else h), aux
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int):
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, unrolled: bool = False):
     """Decoding state stacked over layers: KV cache (attention) or conv window + SSD state (SSM,
-    O(1) in context length). `pos` is the number of tokens consumed so far."""
+    O(1) in context length); `unrolled`: a tuple of per-layer states instead, for params in the
+    decode layout (`unroll_layers`). `pos` is the number of tokens consumed so far."""
     dtype = jnp.dtype(cfg.dtype)
     L = cfg.n_layers
     if cfg.is_ssm:
-        c = mamba2.init_mixer_cache(batch, cfg.ssm, dtype)
-        layers = jax.tree.map(lambda a: jnp.broadcast_to(a, (L,) + a.shape), c)
+        one = mamba2.init_mixer_cache(batch, cfg.ssm, dtype)
     else:
-        shape = (L, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-        layers = (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        one = (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    if unrolled:   # separate buffers per layer: a donated cache is then updated in place
+        layers = tuple(jax.tree.map(jnp.copy, one) for _ in range(L))
+    else:
+        layers = jax.tree.map(lambda a: jnp.broadcast_to(a, (L,) + a.shape), one)
     return {"layers": layers, "pos": jnp.zeros((), jnp.int32)}
 
 

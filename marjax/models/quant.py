@@ -1,8 +1,9 @@
 """Weight-only quantised decode weights: a pure map from an LM's params to bfloat16 or int8
-matmul weights, and the cached decode step that dequantises them inside the jitted program.
+matmul weights, dequantised inside the jitted decode step.
 
-    qp = quantize_params(params, "int8")        # LMParams with Int8Weight leaves (4x fewer bytes)
-    logits, cache = forward_cached_q(qp, ids, cache, cfg)     # jit with static cfg, like forward_cached
+    qp = unroll_layers(quantize_params(params, "int8"))    # QWeight leaves; the decode layout
+    logits, cache = forward_cached_q(qp, ids, cache, cfg)   # jit with static cfg, like forward_cached
+    ids = marjax.sampling.decode(qp, cfg, prompt, 32)       # decode takes quantised params as they are
 
 The matmul weights are the ones `marjax.models.lm` multiplies by: the attention projections
 (wq, wk, wv, wo) or the SSM mixer's in_proj and out_proj, the MLP's gate, up and down, the LM
@@ -10,19 +11,28 @@ head and the embedding table (tied models multiply by embed.T for the head). Nor
 conv taps, D and the biases (under 0.5% of the params) stay as they are, and so do ATMN
 thresholds.
 
-int8 is symmetric per output channel: scale = max |w| over the contraction axis / 127 and
-q = round(w / scale), so |dequantised - w| <= scale / 2 element by element. The embedding table
-(v, d) is scaled per row (per vocab entry), which is per output channel of the tied head and per
-token of the gather. bf16 rounds each weight to 8 mantissa bits.
+A QWeight stores its matrix output-major, (..., out, in) (the model's (in, out) weights
+transposed; the embedding table (v, d) as it is), because that is the layout XLA:CPU fuses: in
+a matrix-vector product (one decode token) against transpose(convert(q) * scale) it reads the
+int8 or bf16 values straight from memory. Any other layout, or the stacked weights under a
+lax.scan, makes it materialise the float32 copy of every matrix on every token (3-4x slower
+than float32, measured). So quantised decoding wants the unrolled layout (lm.unroll_layers).
 
-Activations stay in the model's dtype: `dequantize_params` turns every quantised leaf back into
-it at the start of the jitted step, so the layers run unchanged (XLA fuses the conversion where
-the backend can; otherwise it materialises the dequantised weights once per call).
+int8 is symmetric per group of `group` (default 32) consecutive weights along the contraction
+axis, as llama.cpp's Q8_0: scale = max |w| over the group / 127 (stored float16), q = round(w /
+scale), so |dequantised - w| <= scale / 2 (plus the scale's float16 rounding). A contraction
+length not divisible by the group uses one group (per output channel). bf16 rounds each weight
+to 8 mantissa bits.
+
+Activations stay in the model's dtype: `dequantize_params` turns every QWeight back into it
+inside the jitted step, so the layers run unchanged.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -32,68 +42,102 @@ from marjax.config import ModelConfig
 from marjax.errors import ConfigError
 from marjax.models.lm import LMParams, forward_cached
 
-__all__ = ["MODES", "Int8Weight", "quantize_int8", "quantize_params", "dequantize_params", "forward_cached_q",
-           "weight_bytes"]
+__all__ = ["MODES", "GROUP", "QWeight", "quantize_int8", "quantize_weight", "quantize_params", "dequantize_params",
+           "forward_cached_q", "weight_bytes"]
 
 MODES = ("f32", "bf16", "int8")
 INT8_MAX = 127
+GROUP = 32
 
 
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
-class Int8Weight:
-    """w ~= q * scale; scale has size 1 along the contraction axis (broadcasts against q)."""
-    q: Int[Array, "..."]
-    scale: Float[Array, "..."]
+class QWeight:
+    """A quantised matrix stored output-major: data (..., out, in) int8 or bfloat16; scale
+    (..., out, in // group, 1) float16 for int8, None for bf16. `transposed`: the model's weight
+    is data's transpose, (..., in, out) (every matmul weight but the embedding table)."""
+    data: Array
+    scale: Optional[Array]
+    transposed: bool = field(metadata=dict(static=True), default=True)
     __no_type_check__ = True     # leaves are mapped by tree ops (ShapeDtypeStructs under eval_shape)
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
-        return (self.q.astype(jnp.float32) * self.scale).astype(dtype)
+        w = self.data.astype(jnp.float32)
+        if self.scale is not None:
+            *lead, o, i = self.data.shape
+            n = self.scale.shape[-2]
+            w = (w.reshape(*lead, o, n, i // n) * self.scale.astype(jnp.float32)).reshape(*lead, o, i)
+        w = w.astype(dtype)
+        return jnp.swapaxes(w, -1, -2) if self.transposed else w
 
 
-def quantize_int8(w: Float[Array, "..."], axis: int) -> Int8Weight:
-    """Symmetric int8 with one scale per slice along every axis but `axis` (the contraction
-    axis); an all-zero channel gets scale 1 (its q is 0 either way)."""
-    w32 = w.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(w32), axis=axis, keepdims=True)
-    scale = jnp.where(amax > 0, amax / INT8_MAX, 1.0)
-    q = jnp.clip(jnp.round(w32 / scale), -INT8_MAX, INT8_MAX).astype(jnp.int8)
-    return Int8Weight(q=q, scale=scale)
+def _output_major(w, axis: int):
+    """(w in output-major layout (..., out, in), transposed?) for contraction axis -2 or -1."""
+    if axis not in (-1, -2):
+        raise ConfigError(f"the contraction axis must be -1 or -2, got {axis}")
+    return (jnp.swapaxes(w, -1, -2), True) if axis == -2 else (w, False)
 
 
-def _quantize(w, axis: int, mode: str):
+def quantize_int8(w: Float[Array, "..."], axis: int = -2, group: int = GROUP) -> QWeight:
+    """Symmetric int8 with one scale per `group` consecutive weights along `axis` (the
+    contraction axis, -2 or -1); one group per channel when the axis length is not divisible by
+    `group`; an all-zero group gets scale 1 (its q is 0 either way)."""
+    if group < 1:
+        raise ConfigError(f"int8 group must be >= 1, got {group}")
+    wo, transposed = _output_major(w.astype(jnp.float32), axis)
+    *lead, o, i = wo.shape
+    g = group if i % group == 0 else i
+    blocks = wo.reshape(*lead, o, i // g, g)
+    amax = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True)
+    scale = jnp.where(amax > 0, amax / INT8_MAX, 1.0).astype(jnp.float16)
+    q = jnp.clip(jnp.round(blocks / scale.astype(jnp.float32)), -INT8_MAX, INT8_MAX).astype(jnp.int8)
+    return QWeight(data=q.reshape(*lead, o, i), scale=scale, transposed=transposed)
+
+
+def quantize_weight(w, axis: int, mode: str, group: int = GROUP):
+    """w in `mode` ("f32": unchanged; None stays None) with contraction axis `axis`."""
     if w is None or mode == "f32":
         return w
     if mode == "bf16":
-        return w.astype(jnp.bfloat16)
-    return quantize_int8(w, axis)
+        wo, transposed = _output_major(w, axis)
+        return QWeight(data=wo.astype(jnp.bfloat16), scale=None, transposed=transposed)
+    return quantize_int8(w, axis, group)
 
 
-def quantize_params(params: LMParams, mode: str) -> LMParams:
-    """The same LMParams with its matmul weights (module doc) in `mode` ("f32": unchanged).
-    Weights are stacked (L, in, out) or (in, out): the contraction axis is -2; the embedding
-    table (v, d) contracts over d (-1) in the tied head."""
+def quantize_params(params: LMParams, mode: str, group: int = GROUP) -> LMParams:
+    """The same LMParams (stacked or unrolled) with its matmul weights (module doc) in `mode`
+    ("f32": unchanged). Weights are (in, out) with the contraction axis -2; the embedding table
+    (v, d) contracts over d (-1) in the tied head."""
     if mode not in MODES:
         raise ConfigError(f"weights mode must be one of {MODES}, got {mode!r}")
     if mode == "f32":
         return params
-    b = params.blocks
+
+    blocks = params.blocks
+    blocks = (tuple(_quantize_block(b, mode, group) for b in blocks) if isinstance(blocks, tuple)
+              else _quantize_block(blocks, mode, group))
+    return dataclasses.replace(params, embed=quantize_weight(params.embed, -1, mode, group), blocks=blocks,
+                               lm_head=quantize_weight(params.lm_head, -2, mode, group))
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "group"))   # one compile for all layers of an unrolled model
+def _quantize_block(b, mode: str, group: int):
     mixer_fields = [f.name for f in dataclasses.fields(b.mixer)
                     if f.name in ("wq", "wk", "wv", "wo", "in_proj", "out_proj")]
-    mixer = dataclasses.replace(b.mixer, **{n: _quantize(getattr(b.mixer, n), -2, mode) for n in mixer_fields})
-    mlp = dataclasses.replace(b.mlp, **{n: _quantize(getattr(b.mlp, n), -2, mode) for n in ("gate", "up", "down")})
-    blocks = dataclasses.replace(b, mixer=mixer, mlp=mlp)
-    return dataclasses.replace(params, embed=_quantize(params.embed, -1, mode), blocks=blocks,
-                               lm_head=_quantize(params.lm_head, -2, mode))
+    mixer = dataclasses.replace(b.mixer, **{n: quantize_weight(getattr(b.mixer, n), -2, mode, group)
+                                            for n in mixer_fields})
+    mlp = dataclasses.replace(b.mlp, **{n: quantize_weight(getattr(b.mlp, n), -2, mode, group)
+                                        for n in ("gate", "up", "down")})
+    return dataclasses.replace(b, mixer=mixer, mlp=mlp)
+
+
+def _is_q(x) -> bool:
+    return isinstance(x, QWeight)
 
 
 def dequantize_params(qparams: LMParams, dtype=jnp.float32) -> LMParams:
-    """Every Int8Weight and bfloat16 leaf back in `dtype` (traceable: call it inside jit)."""
-    def one(x):
-        if isinstance(x, Int8Weight):
-            return x.dequantize(dtype)
-        return x.astype(dtype) if x.dtype == jnp.bfloat16 else x
-    return jax.tree.map(one, qparams, is_leaf=lambda x: isinstance(x, Int8Weight))
+    """Every QWeight back in `dtype` (traceable: call it inside jit); other leaves unchanged."""
+    return jax.tree.map(lambda x: x.dequantize(dtype) if _is_q(x) else x, qparams, is_leaf=_is_q)
 
 
 def forward_cached_q(qparams: LMParams, ids: Int[Array, "b n"], cache, cfg: ModelConfig):

@@ -147,7 +147,11 @@ def qkv(p: AttnParams, x: Float[Array, "b l d"], cfg, positions: Int[Array, "b l
 def _scores_softmax(q, k, q_pos, k_pos, k_valid=None):
     """Causal softmax(q k^T / sqrt(hd)) in float32: q (b,l,hq,hd), k (b,s,hq,hd) -> (b,hq,l,s)."""
     s = jnp.einsum("blhd,bshd->bhls", q.astype(jnp.float32), k.astype(jnp.float32))
-    s = s / jnp.sqrt(jnp.float32(q.shape[-1]))
+    return _masked_softmax(s / jnp.sqrt(jnp.float32(q.shape[-1])), q_pos, k_pos, k_valid)
+
+
+def _masked_softmax(s, q_pos, k_pos, k_valid=None):
+    """Causal softmax over the last axis of scaled scores s (b, h, l, s), in float32."""
     allowed = q_pos[:, None, :, None] >= k_pos[:, None, None, :]
     if k_valid is not None:
         allowed = allowed & k_valid[:, None, None, :]
@@ -180,7 +184,13 @@ def attention(p: AttnParams, x: Float[Array, "b l d"], cfg, positions: Int[Array
         k_pos = jnp.broadcast_to(jnp.arange(ck.shape[1])[None], (x.shape[0], ck.shape[1]))
         k_valid = k_pos <= positions[:, -1:]
         cache = (ck, cv)
-    probs = _scores_softmax(q, repeat_kv(k_all, n_rep), positions, k_pos, k_valid)
-    o = jnp.einsum("bhls,bshd->blhd", probs, repeat_kv(v_all, n_rep).astype(jnp.float32))
+    # grouped: query head h reads KV head h // n_rep (repeat_kv's order) without materialising
+    # the repeated K/V, which decoding would otherwise copy out of the whole cache every token
+    b, l, h, hd = q.shape
+    qg = q.reshape(b, l, cfg.n_kv_heads, n_rep, hd).astype(jnp.float32)
+    s = jnp.einsum("blgrd,bsgd->bgrls", qg, k_all.astype(jnp.float32)).reshape(b, h, l, -1)
+    probs = _masked_softmax(s / jnp.sqrt(jnp.float32(hd)), positions, k_pos, k_valid)
+    pg = probs.reshape(b, cfg.n_kv_heads, n_rep, l, -1)
+    o = jnp.einsum("bgrls,bsgd->blgrd", pg, v_all.astype(jnp.float32)).reshape(b, l, h, hd)
     out = o.reshape(*x.shape[:2], -1).astype(x.dtype) @ p.wo
     return out, cache

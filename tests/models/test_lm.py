@@ -8,7 +8,7 @@ import pytest
 
 from marjax.config import preset
 from marjax.errors import MarjaxError
-from marjax.models.lm import forward, forward_cached, init_cache, init_params
+from marjax.models.lm import forward, forward_cached, init_cache, init_params, is_unrolled, unroll_layers
 
 
 def _ids(cfg, b=2, l=12, seed=1):
@@ -64,13 +64,19 @@ def test_rope_layouts_agree_with_permuted_weights():
     np.testing.assert_allclose(forward(p, ids, cfg)[0], forward(p2, ids, cfg2)[0], atol=1e-4)
 
 
+@pytest.mark.parametrize("unrolled", [False, True], ids=["stacked", "unrolled"])
 @pytest.mark.parametrize("name", ["tiny", "tiny-ssm"])
-def test_cache_decode_equals_full_forward(name):
+def test_cache_decode_equals_full_forward(name, unrolled):
+    """Cached decoding (stacked params under the scan, or the unrolled decode layout with its
+    per-layer cache) against the stacked full forward."""
     cfg = preset(name)
     p = init_params(jax.random.PRNGKey(0), cfg)
     ids = _ids(cfg, l=11)
     full, _ = forward(p, ids, cfg)
-    cache = init_cache(cfg, 2, 16)
+    if unrolled:
+        p = unroll_layers(p)
+        assert is_unrolled(p) and len(p.blocks) == cfg.n_layers and unroll_layers(p) is p
+    cache = init_cache(cfg, 2, 16, unrolled=unrolled)
     step = jax.jit(forward_cached, static_argnames="cfg")
     out, cache = step(p, ids[:, :5], cache, cfg=cfg)
     outs = [out]
@@ -78,6 +84,27 @@ def test_cache_decode_equals_full_forward(name):
         out, cache = step(p, ids[:, t:t + 1], cache, cfg=cfg)
         outs.append(out)
     np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=2e-4)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-ssm"])
+def test_unrolled_forward_and_taps_equal_stacked(name):
+    """The decode layout runs the same blocks in a Python loop: logits, grads and the stacked
+    (L, ...) taps equal the scan's; a cache in the other layout is refused."""
+    cfg = preset(name)
+    p = init_params(jax.random.PRNGKey(0), cfg)
+    ids = _ids(cfg)
+    u = unroll_layers(p)
+    (lg, aux), (lg_u, aux_u) = forward(p, ids, cfg, taps=("prenorm",)), forward(u, ids, cfg, taps=("prenorm",))
+    np.testing.assert_allclose(lg_u, lg, atol=2e-5)
+    np.testing.assert_allclose(aux_u["prenorm"], aux["prenorm"], atol=2e-5)
+    assert aux_u["prenorm"].shape == (cfg.n_layers, 2, 2, 12, cfg.d_model)
+    g = jax.grad(lambda p: jnp.sum(forward(p, ids, cfg)[0] ** 2) * 1e-3)(p)
+    g_u = jax.grad(lambda u: jnp.sum(forward(u, ids, cfg)[0] ** 2) * 1e-3)(u)
+    np.testing.assert_allclose(g_u.blocks[1].mlp.up, g.blocks.mlp.up[1], rtol=1e-4, atol=1e-6)
+    with pytest.raises(MarjaxError, match="layout"):
+        forward_cached(u, ids[:, :3], init_cache(cfg, 2, 16), cfg)
+    with pytest.raises(MarjaxError, match="layout"):
+        forward_cached(p, ids[:, :3], init_cache(cfg, 2, 16, unrolled=True), cfg)
 
 
 def test_bad_ids():
