@@ -44,7 +44,9 @@ DEFAULT_CHUNK = 128
 # the first row covering the sequence length wins. CPU: measured in experiments/bench/RESULTS.md.
 # Accelerators: the chunked form is matmul-bound (0.18 ms vs 23 ms for the token scan on an H100
 # at L=1024); the Pallas kernel is not auto-selected until it has been measured there.
-AUTO_TABLE: dict[str, tuple] = {"cpu": ((1024, "chunk_scan", 16), (None, "chunk_scan", 32))}
+# CPU: chunk 32 (with ssd_chunk_scan's 4 chunks per scan iteration) is within the noise of the best
+# of chunks 16/32/64 x unroll 1/2/4/8 at L = 1024 and 4096, forward and forward+backward.
+AUTO_TABLE: dict[str, tuple] = {"cpu": ((None, "chunk_scan", 32),)}
 AUTO_ACCELERATOR = ((None, "chunked", DEFAULT_CHUNK),)
 
 

@@ -14,6 +14,7 @@ from jax import lax
 from jaxtyping import Array, Float
 
 INTER_CHUNK = ("scan", "associative")
+CHUNK_SCAN_UNROLL = 4     # chunks per lax.scan iteration in ssd_chunk_scan (experiments/bench/RESULTS.md)
 
 
 def segsum(a: Float[Array, "... t"]) -> Float[Array, "... t t"]:
@@ -109,34 +110,37 @@ def ssd_chunked(x: Float[Array, "b l h p"], log_a: Float[Array, "b l h"], B: Flo
 
 def ssd_chunk_scan(x: Float[Array, "b l h p"], log_a: Float[Array, "b l h"], B: Float[Array, "b l h n"],
                    C: Float[Array, "b l h n"], h0: Float[Array, "b h p n"], chunk_size: int,
-                   inter_chunk: str = "scan", unroll: int = 1):
+                   inter_chunk: str = "scan", unroll: int = CHUNK_SCAN_UNROLL):
     """The block form with the chunks walked by one lax.scan: each step does one chunk's in-chunk
     matmuls and its state passing (C h_prev, x^T B) for all batch elements and heads at once.
 
     Same flops as `ssd_chunked`, but the (p, n) chunk states never go to memory as a
     (b, h, l / Q, p, n) array (p n / Q floats per token and head: twice the size of x at Q = 32),
     and one chunk's working set stays in cache: on a CPU it beats the fully parallel form
-    (experiments/bench/RESULTS.md). inter_chunk is unused. -> (y float32, final state float32)."""
+    (experiments/bench/RESULTS.md). The chunks are laid out head-major, (c, b, h, q, .), once
+    before the scan, so every product inside is a plain batched matmul over (b, h); `unroll`
+    chunks per scan iteration (measured on CPU: 1.5-2x faster forward than unroll 1 in this
+    layout). inter_chunk is unused. -> (y float32, final state float32)."""
     f32 = jnp.float32
     b, l, h, p = x.shape
     q = chunk_size
     x, log_a, B, C = pad_time(l, q, x.astype(f32), log_a.astype(f32), B.astype(f32), C.astype(f32))
     c = x.shape[1] // q
-    to_chunks = lambda t: jnp.moveaxis(t.reshape(b, c, q, h, t.shape[-1]), 1, 0)   # (c, b, q, h, .)
-    a_cs = jnp.cumsum(jnp.moveaxis(log_a.reshape(b, c, q, h), 1, 0), axis=2)      # (c, b, q, h), per chunk
+    to_chunks = lambda t: t.reshape(b, c, q, h, t.shape[-1]).transpose(1, 0, 3, 2, 4)   # (c, b, h, q, .)
+    a_cs = jnp.cumsum(log_a.reshape(b, c, q, h).transpose(1, 0, 3, 2), axis=-1)     # (c, b, h, q), per chunk
     causal = jnp.tril(jnp.ones((q, q), bool))
 
     def body(state, inp):
         xq, Bq, Cq, a = inp
-        ah = jnp.moveaxis(a, 1, 2)                                                  # (b, h, q)
-        decay = jnp.exp(jnp.where(causal, ah[..., :, None] - ah[..., None, :], -jnp.inf))
-        scores = jnp.einsum("bthn,bshn->bhts", Cq, Bq) * decay
-        y = jnp.einsum("bhts,bshp->bthp", scores, xq) + \
-            jnp.exp(a)[..., None] * jnp.einsum("bthn,bhpn->bthp", Cq, state)
-        to_end = jnp.exp(a[:, -1:] - a)                                              # (b, q, h)
-        state = jnp.exp(ah[..., -1])[..., None, None] * state + \
-            jnp.einsum("bshp,bshn->bhpn", xq * to_end[..., None], Bq)
+        decay = jnp.exp(jnp.where(causal, a[..., :, None] - a[..., None, :], -jnp.inf))
+        scores = jnp.einsum("bhtn,bhsn->bhts", Cq, Bq) * decay
+        y = jnp.einsum("bhts,bhsp->bhtp", scores, xq) + \
+            jnp.exp(a)[..., None] * jnp.einsum("bhtn,bhpn->bhtp", Cq, state)
+        to_end = jnp.exp(a[..., -1:] - a)                                            # (b, h, q)
+        state = jnp.exp(a[..., -1])[..., None, None] * state + \
+            jnp.einsum("bhsp,bhsn->bhpn", xq * to_end[..., None], Bq)
         return state, y
 
-    final, ys = lax.scan(body, h0.astype(f32), (to_chunks(x), to_chunks(B), to_chunks(C), a_cs), unroll=unroll)
-    return jnp.moveaxis(ys, 0, 1).reshape(b, c * q, h, p)[:, :l], final
+    final, ys = lax.scan(body, h0.astype(f32), (to_chunks(x), to_chunks(B), to_chunks(C), a_cs),
+                         unroll=max(1, min(int(unroll), c)))
+    return ys.transpose(1, 0, 3, 2, 4).reshape(b, c * q, h, p)[:, :l], final
