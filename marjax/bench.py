@@ -188,13 +188,14 @@ def _llama_cpp_peer(m, gguf: str, prompt_len: int, n_new: int, threads: int = 2,
 
 
 def _ssm_decode_curve(m, contexts) -> list:
-    """Per-step decode time and cache bytes after `ctx` tokens: flat for the SSM, linear for KV."""
-    cfg, params = m.config, m.params
+    """Per-step decode time and cache bytes after `ctx` tokens, in the decode layout (unrolled
+    layers, as `marjax.sampling.decode` runs): flat for the SSM, linear for KV."""
+    cfg, params = m.config, lm.unroll_layers(m.params)
     step = jax.jit(lm.forward_cached, static_argnames="cfg")
     tok = jnp.zeros((1, 1), jnp.int32)
     rows = []
     for ctx in contexts:
-        cache = lm.init_cache(cfg, 1, ctx + 1)
+        cache = lm.init_cache(cfg, 1, ctx + 1, unrolled=True)
         cache = dict(cache, pos=jnp.asarray(ctx, jnp.int32))   # timing does not depend on contents
         t = timeit(lambda c: step(params, tok, c, cfg=cfg)[0], cache, repeats=5)
         nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache["layers"]))
