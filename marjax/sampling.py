@@ -5,8 +5,9 @@ decode loop over an LM's params (KV cache for attention, conv window + SSD state
 
 `params` may be stacked (as trained) or in the decode layout (`lm.unroll_layers`), float or
 weight-only quantised (`marjax.models.quant.quantize_params`, dequantised inside the step).
-Decoding runs the unrolled layout: stacked params are unrolled on every call (a copy of the
-block weights), so pass unrolled ones when decoding many prompts.
+The token steps run the unrolled layout: stacked params prefill under the scan (one cheap compile
+per prompt length), then are unrolled (a copy of the block weights on every call; pass unrolled
+ones to skip it, at the price of an unrolled prefill compile per prompt length).
 
 Sampling runs on the host in float64 numpy (one row of v logits per step), so a seed gives the
 same tokens on every backend.
@@ -84,9 +85,13 @@ def decode(params: lm.LMParams, cfg: ModelConfig, prompt_ids: Sequence[int], max
     if max_new_tokens == 0:
         return out
     stop, rng = set(stop_ids), np.random.default_rng(seed)
-    params = lm.unroll_layers(params)
-    cache = lm.init_cache(cfg, 1, min(cache_length(total), cfg.max_seq_len), unrolled=True)
+    # prefill in the params' own layout: stacked params compile one scan per prompt length (cheap)
+    # rather than one unrolled program; the token steps then run the decode layout
+    unrolled = lm.is_unrolled(params)
+    cache = lm.init_cache(cfg, 1, min(cache_length(total), cfg.max_seq_len), unrolled=unrolled)
     lg, cache = _forward_cached(params, ids, cache, cfg=cfg)
+    if not unrolled:
+        params, cache = lm.unroll_layers(params), lm.unroll_cache(cache)
     for _ in range(max_new_tokens):
         tok = sample_token(np.asarray(lg[0, -1]), temperature, top_p, rng)
         out.append(tok)

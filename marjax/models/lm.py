@@ -41,7 +41,7 @@ from marjax.typing import array, fan_in_normal, init_dataclass, normal, ones, pa
 
 __all__ = ["SpikeSites", "BlockParams", "LMParams", "param_dims", "init_params", "init_block", "forward",
            "init_cache", "forward_cached", "lm_head", "block", "embed", "check_ids", "unroll_layers",
-           "is_unrolled"]
+           "unroll_cache", "is_unrolled"]
 
 
 @param_dataclass
@@ -185,6 +185,16 @@ def unroll_layers(params: LMParams) -> LMParams:
     n = jax.tree.leaves(params.blocks)[0].shape[0]
     return dataclasses.replace(params, blocks=tuple(jax.tree.map(lambda a, i=i: a[i], params.blocks)
                                                     for i in range(n)))
+
+
+def unroll_cache(cache: dict) -> dict:
+    """A stacked decoding cache (init_cache's default) as the per-layer tuple the decode layout
+    takes, same contents."""
+    layers = cache["layers"]
+    if isinstance(layers, tuple) and not any(isinstance(c, jax.Array) for c in layers):
+        return cache   # already per-layer
+    n = jax.tree.leaves(layers)[0].shape[0]
+    return dict(cache, layers=tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n)))
 
 
 def _run_blocks(params: LMParams, x, cfg: ModelConfig, positions, cache, taps, mask=None, token_grad_clip=0.0):

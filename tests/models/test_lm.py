@@ -8,7 +8,8 @@ import pytest
 
 from marjax.config import preset
 from marjax.errors import MarjaxError
-from marjax.models.lm import forward, forward_cached, init_cache, init_params, is_unrolled, unroll_layers
+from marjax.models.lm import (forward, forward_cached, init_cache, init_params, is_unrolled, unroll_cache,
+                              unroll_layers)
 
 
 def _ids(cfg, b=2, l=12, seed=1):
@@ -105,6 +106,24 @@ def test_unrolled_forward_and_taps_equal_stacked(name):
         forward_cached(u, ids[:, :3], init_cache(cfg, 2, 16), cfg)
     with pytest.raises(MarjaxError, match="layout"):
         forward_cached(p, ids[:, :3], init_cache(cfg, 2, 16, unrolled=True), cfg)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-ssm"])
+def test_stacked_prefill_then_unrolled_steps(name):
+    """What `sampling.decode` does with stacked params: prefill under the scan, then unroll the
+    params and the cache (`unroll_cache`) and decode token by token: equal to the full forward."""
+    cfg = preset(name)
+    p = init_params(jax.random.PRNGKey(0), cfg)
+    ids = _ids(cfg, l=9)
+    full, _ = forward(p, ids, cfg)
+    out, cache = forward_cached(p, ids[:, :5], init_cache(cfg, 2, 16), cfg)
+    u, cache = unroll_layers(p), unroll_cache(cache)
+    assert len(cache["layers"]) == cfg.n_layers and unroll_cache(cache) is cache
+    outs = [out]
+    for t in range(5, 9):
+        out, cache = forward_cached(u, ids[:, t:t + 1], cache, cfg)
+        outs.append(out)
+    np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=2e-4)
 
 
 def test_bad_ids():
