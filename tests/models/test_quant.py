@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import marjax
 from marjax.api import load
 from marjax.models import lm
 from marjax.models.quant import QWeight, forward_cached_q, quantize_int8, quantize_params, weight_bytes
@@ -74,6 +75,9 @@ def test_quantised_logits_within_tolerance(name, mode):
     lg_q, _ = _step(q, ids, lm.init_cache(cfg, 2, 32), cfg=cfg)
     lg_u, _ = _step(lm.unroll_layers(q), ids, lm.init_cache(cfg, 2, 32, unrolled=True), cfg=cfg)
     np.testing.assert_allclose(np.asarray(lg_u), np.asarray(lg_np), atol=2e-4, rtol=1e-4)
+    # the public API: marjax.quantize (unrolled, quantised) and logits dequantising it
+    mq = marjax.quantize(m, mode)
+    np.testing.assert_allclose(np.asarray(marjax.logits(mq, ids)), np.asarray(lg_np), atol=2e-4, rtol=1e-4)
     np.testing.assert_allclose(np.asarray(lg_q), np.asarray(lg_np), atol=2e-4, rtol=1e-4)
     err = float(jnp.max(jnp.abs(lg_q - ref)))
     assert 0 < err <= TOL[(name, mode)] * float(jnp.std(ref)), (err, float(jnp.std(ref)))
