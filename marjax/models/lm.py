@@ -177,24 +177,28 @@ def is_unrolled(params: LMParams) -> bool:
     return isinstance(params.blocks, tuple)
 
 
+def _unstack(tree) -> tuple:
+    """A pytree whose leaves share a leading L axis -> a tuple of L pytrees (copies)."""
+    n = jax.tree.leaves(tree)[0].shape[0]
+    return tuple(jax.tree.map(lambda a, i=i: a[i], tree) for i in range(n))
+
+
+def _per_layer(cache_layers) -> bool:
+    """True for a cache's `layers` in the decode layout: a tuple of per-layer states. A stacked
+    attention cache is a tuple too, of two arrays (k, v); a stacked SSM cache is a MixerCache."""
+    return isinstance(cache_layers, tuple) and not any(isinstance(c, jax.Array) for c in cache_layers)
+
+
 def unroll_layers(params: LMParams) -> LMParams:
     """The same params with `blocks` as a tuple of per-layer BlockParams (module doc: the decode
     layout; a copy of the block weights). Already unrolled params come back as they are."""
-    if is_unrolled(params):
-        return params
-    n = jax.tree.leaves(params.blocks)[0].shape[0]
-    return dataclasses.replace(params, blocks=tuple(jax.tree.map(lambda a, i=i: a[i], params.blocks)
-                                                    for i in range(n)))
+    return params if is_unrolled(params) else dataclasses.replace(params, blocks=_unstack(params.blocks))
 
 
 def unroll_cache(cache: dict) -> dict:
     """A stacked decoding cache (init_cache's default) as the per-layer tuple the decode layout
-    takes, same contents."""
-    layers = cache["layers"]
-    if isinstance(layers, tuple) and not any(isinstance(c, jax.Array) for c in layers):
-        return cache   # already per-layer
-    n = jax.tree.leaves(layers)[0].shape[0]
-    return dict(cache, layers=tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n)))
+    takes, same contents. Already per-layer caches come back as they are."""
+    return cache if _per_layer(cache["layers"]) else dict(cache, layers=_unstack(cache["layers"]))
 
 
 def _run_blocks(params: LMParams, x, cfg: ModelConfig, positions, cache, taps, mask=None, token_grad_clip=0.0):
@@ -205,8 +209,7 @@ def _run_blocks(params: LMParams, x, cfg: ModelConfig, positions, cache, taps, m
         y, c, aux = block(p, carry, cfg, positions, c, taps, mask)
         return y, (c, aux)
 
-    per_layer_cache = isinstance(cache, tuple) and not any(isinstance(c, jax.Array) for c in cache)
-    if cache is not None and per_layer_cache != is_unrolled(params):
+    if cache is not None and _per_layer(cache) != is_unrolled(params):
         raise MarjaxError("the cache's layout does not match the params': unrolled params (lm.unroll_layers) "
                           "take init_cache(cfg, ..., unrolled=True), stacked params the default init_cache")
     if not is_unrolled(params):

@@ -40,7 +40,7 @@ from jaxtyping import Array, Float, Int
 
 from marjax.config import ModelConfig
 from marjax.errors import ConfigError
-from marjax.models.lm import LMParams, forward_cached
+from marjax.models.lm import LMParams, forward_cached, is_unrolled
 
 __all__ = ["MODES", "GROUP", "QWeight", "quantize_int8", "quantize_weight", "quantize_params", "dequantize_params",
            "forward_cached_q", "weight_bytes"]
@@ -113,9 +113,8 @@ def quantize_params(params: LMParams, mode: str, group: int = GROUP) -> LMParams
     if mode == "f32":
         return params
 
-    blocks = params.blocks
-    blocks = (tuple(_quantize_block(b, mode, group) for b in blocks) if isinstance(blocks, tuple)
-              else _quantize_block(blocks, mode, group))
+    blocks = (tuple(_quantize_block(b, mode, group) for b in params.blocks) if is_unrolled(params)
+              else _quantize_block(params.blocks, mode, group))
     return dataclasses.replace(params, embed=quantize_weight(params.embed, -1, mode, group), blocks=blocks,
                                lm_head=quantize_weight(params.lm_head, -2, mode, group))
 
