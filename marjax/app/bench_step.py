@@ -42,11 +42,11 @@ from marjax.errors import ConfigError
 from marjax.models.lm import forward
 from marjax.models.spiking import make_spiking_student
 from marjax.train.mesh import make_mesh, shard_params
-from marjax.train.optim import accum_steps, make_optimizer
+from marjax.train.optim import OPTIMIZER_IMPLS, accum_steps, make_optimizer
 from marjax.train.state import init_state
 from marjax.train.step import make_step_shardings, make_train_step
 
-__all__ = ["main", "stage_models", "step_bench"]
+__all__ = ["main", "stage_models", "step_bench", "optimizer_bench"]
 
 STAGES = ("kd", "sbds")
 
@@ -128,6 +128,31 @@ def step_bench(stage: str, teacher_cfg: ModelConfig, teacher_params, train_cfg: 
     return rec
 
 
+def optimizer_bench(params, train_cfg: TrainConfig, mask, repeats: int = 3) -> dict:
+    """One AdamW update + apply (params and state donated) of each make_optimizer impl on the
+    same params and gradients, interleaved: {impl: times} and the fused / optax ratio."""
+    grads = jax.tree.map(lambda p: jnp.full(p.shape, 1e-3, p.dtype), params)
+    fns, holders = {}, {}
+    for impl in OPTIMIZER_IMPLS:
+        tx = make_optimizer(train_cfg, params, mask, impl=impl)
+
+        def apply(p, s, g, tx=tx):
+            u, s = tx.update(g, s, p)
+            return jax.tree.map(jnp.add, p, u), s
+        fn = jax.jit(apply, donate_argnums=(0, 1))
+        p0 = jax.tree.map(jnp.copy, params)
+        holders[impl] = (p0, tx.init(p0))
+
+        def run(impl=impl, fn=fn):
+            holders[impl] = fn(*holders[impl], grads)
+            return holders[impl][0]
+        fns[impl] = run
+    t = interleaved(fns, repeats)
+    return {"params": int(sum(x.size for x in jax.tree.leaves(params))), "times": t,
+            "fused_over_optax_median": t["fused"]["median_s"] / t["optax"]["median_s"],
+            "fused_over_optax_min": t["fused"]["min_s"] / t["optax"]["min_s"]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="marjax bench step", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2", choices=sorted(PIPELINES),
@@ -179,5 +204,10 @@ def main(argv=None) -> int:
               f"{format_ratio(r['peak_fraction']['student_fwd_bwd'], 3)} | "
               f"{c['step']:.1f}, {c['teacher_fwd']:.1f}, {c['student_fwd_bwd']:.1f} |")
         sys.stdout.flush()
+    # the optimizer on its own: the trainer's fused AdamW against the optax chain it replaces
+    d_cfg, dense = init_from_attention(base.params, base.config)
+    opt = out["optimizer"] = optimizer_bench(dense, train_cfg, trainable_mask(dense, pc.distill.trainable), a.repeats)
+    print(f"\n| adamw update ({opt['params'] / 1e6:.0f}M params, the kd student) | fused / optax chain |\n|---|---|\n"
+          f"| median (min) | {opt['fused_over_optax_median']:.2f} ({opt['fused_over_optax_min']:.2f}) |")
     write_json(a.json, out)
     return 0

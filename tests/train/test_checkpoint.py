@@ -176,7 +176,7 @@ _OTHER_DEVICE_COUNT = textwrap.dedent("""
     assert sorted(got) == sorted(saved.files), (sorted(got)[:5], sorted(saved.files)[:5])
     for k, v in got.items():
         np.testing.assert_array_equal(v, saved[k], err_msg=k)
-    mu = state.opt_state[1][0].mu.blocks.mixer.in_proj
+    mu = state.opt_state.mu.blocks.mixer.in_proj
     assert len({str(s.index) for s in mu.addressable_shards}) == 4, mu.sharding
 
     def loss_fn(student, teacher, batch, rng):
