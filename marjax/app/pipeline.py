@@ -82,7 +82,7 @@ PIPELINES = {
     "smollm2": PipelineConfig(
         teacher="smollm2-135m-instruct", eval_tokens=4096, eval_window=128,
         train=TrainConfig(seq_len=64, micro_batch=4, batch_tokens=256, lr=3e-4, log_every=1, keep=1),
-        orient=StagePlan(20), align=StagePlan(30), kd=StagePlan(50), sbds=StagePlan(100),
+        orient=StagePlan(20), align=StagePlan(30), kd=StagePlan(150), sbds=StagePlan(100),
         distill=PIPELINE_DISTILL, atmn=PIPELINE_ATMN),
     "tiny": PipelineConfig(
         teacher="tiny", eval_tokens=4096, eval_window=128,
