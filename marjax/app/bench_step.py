@@ -11,13 +11,15 @@ At the pipeline's shapes (marjax.app.pipeline.PIPELINES: seq_len 64, micro_batch
                       stage kd (attention teacher -> dense SSM) and sbds (dense SSM -> spiking).
 
 The figure is step / (teacher fwd + student fwd+bwd): 1.0 means the step costs exactly its two
-parts; above 1 is the price of the stage loss (the chunked KL recomputes both heads, the feature
+parts; above 1 is the price of the stage loss (the KL over both heads' logits, the feature
 taps, the firing-rate term) and the optimizer. Achieved GFLOP/s are the analytic FLOP counts of
 marjax.app.plan (XLA's cost analysis counts a lax.scan body once, so it under-counts the layer
 scan) over the median time, as a fraction of the float32 matmul peak measured in the same run.
-Compile time (lower + compile) is reported apart. The student's starting weights are the
-attention -> SSM init (kd) and its ATMN version with thresholds calibrated on one batch (sbds);
-the tokens are random ids (the work does not depend on them).
+Compile time (lower + compile) is reported apart. A last table times the optimizer alone: one
+update of the kd student with the trainer's fused AdamW against the optax chain it replaces
+(marjax.train.optim.make_optimizer impl "fused" / "optax"), interleaved. The student's starting
+weights are the attention -> SSM init (kd) and its ATMN version with thresholds calibrated on one
+batch (sbds); the tokens are random ids (the work does not depend on them).
 """
 from __future__ import annotations
 
