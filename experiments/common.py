@@ -218,9 +218,11 @@ class Setup:
 
 
 def _train_cfg(steps: int, seq_len: int, micro_batch: int, lr: float, seed: int):
+    # optimizer "optax": the tables were made before the trainer's fused AdamW (same formulas,
+    # other rounding, which can move a small run's results)
     return TrainConfig(steps=steps, seq_len=seq_len, micro_batch=micro_batch, batch_tokens=seq_len * micro_batch,
                        lr=lr, warmup=max(1, steps // 10), seed=seed, log_every=max(1, steps // 10),
-                       save_every=steps, keep=1)
+                       save_every=steps, keep=1, optimizer="optax")
 
 
 def _stage(stage: str, teacher, scfg, sparams, tc, dcfg, atmn, data: str, out: Path, tok):

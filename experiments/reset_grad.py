@@ -35,7 +35,8 @@ from marjax.spiking import ATMNParams, atmn  # noqa: E402
 
 
 # the SmolLM2 pipeline's configs at commit 513e2e2, where the committed table was measured
-MEASURED_TRAIN = TrainConfig(seq_len=64, micro_batch=4, batch_tokens=256, lr=3e-4, log_every=1, keep=1)
+MEASURED_TRAIN = TrainConfig(seq_len=64, micro_batch=4, batch_tokens=256, lr=3e-4, log_every=1, keep=1,
+                             optimizer="optax")
 MEASURED_ATMN = ATMNConfig(T=4, tau=1.0, surrogate="rectangular", width=1.0, init="stats", quantizer="floor",
                            calib_max_ratio=4.0, calib_rate_weight=0.0)
 MEASURED_DISTILL = DistillConfig(alpha=0.2, beta=0.7, temperature=1.0, feature_weight=1.0, feature="prenorm",

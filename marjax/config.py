@@ -276,6 +276,8 @@ class TrainConfig:
     nonfinite: str = "stop"          # a NaN/inf loss, gradient or update: "stop" (raise, last good checkpoint
                                      # kept) or "skip" (drop that update, log it, go on)
     max_skips: int = 10              # "skip": this many non-finite updates in a row stop the run anyway
+    optimizer: str = "fused"         # fused: marjax.train.optim.fused_adamw; optax: the optax chain it replaces
+                                     # (same formulas, other float rounding: the experiment tables pin it)
 
 
 PRESETS: dict[str, ModelConfig] = {

@@ -9,7 +9,7 @@ Batch size is counted in tokens per update: `TrainConfig.batch_tokens` tokens ar
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -85,11 +85,13 @@ def trainable_leaves(tree, mask) -> list:
 OPTIMIZER_IMPLS = ("fused", "optax")
 
 
-def make_optimizer(train_cfg: TrainConfig, params, trainable=None, impl: str = "fused") -> optax.GradientTransformation:
+def make_optimizer(train_cfg: TrainConfig, params, trainable=None,
+                   impl: Optional[str] = None) -> optax.GradientTransformation:
     """AdamW(b1=0.9, b2=0.95) on the trainable leaves; clipping by the global norm of the
     trainable gradients (TrainConfig.clip_norm <= 0 disables it); frozen leaves: zero updates.
-    impl "fused": `fused_adamw` (the trainer's); "optax": the optax chain it replaces (the
-    reference of tests and `marjax bench step`; its state has a different structure)."""
+    impl (default TrainConfig.optimizer) "fused": `fused_adamw`; "optax": the optax chain it
+    replaces (the reference of tests and `marjax bench step`; its state has another structure)."""
+    impl = train_cfg.optimizer if impl is None else impl
     if train_cfg.weight_decay < 0:
         raise ConfigError(f"TrainConfig.weight_decay must be >= 0, got {train_cfg.weight_decay}")
     lr, wd, clip = lr_schedule(train_cfg), float(train_cfg.weight_decay), float(train_cfg.clip_norm or 0.0)
@@ -100,7 +102,7 @@ def make_optimizer(train_cfg: TrainConfig, params, trainable=None, impl: str = "
         tx = optax.chain(*([optax.clip_by_global_norm(clip)] if clip > 0 else []),
                          optax.adamw(lr, b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS, weight_decay=wd, mask=decay_mask))
     else:
-        raise ConfigError(f"make_optimizer: impl must be one of {OPTIMIZER_IMPLS}, got {impl!r}")
+        raise ConfigError(f"TrainConfig.optimizer (make_optimizer impl) must be one of {OPTIMIZER_IMPLS}, got {impl!r}")
     mask = check_trainable(params, trainable)
     if all(jax.tree.leaves(mask)):
         return tx

@@ -58,7 +58,7 @@ def test_weight_decay_only_on_matrices_and_frozen_leaves_untouched():
 
 
 def test_unknown_impl_is_refused():
-    with pytest.raises(ConfigError, match="impl must be one of"):
+    with pytest.raises(ConfigError, match="must be one of"):
         make_optimizer(TrainConfig(), {"w": jnp.ones((2, 2))}, impl="sgd")
 
 
