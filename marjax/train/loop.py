@@ -13,8 +13,9 @@ divergence stop and exact resume.
   from wherever it is (a fresh iterator restarts its data), which the loop warns about.
 - out_dir/metrics.jsonl: one JSON record per log point: step, loss, each metric, lr,
   grad_norm, tokens, tokens_per_s, time (and eval_* from eval_fn at save points).
-- Non-finite numbers (TrainConfig.nonfinite): a NaN/inf loss, gradient, or updated param /
-  optimizer moment is never applied (decided inside the jitted step). "stop" (default) ends the
+- Non-finite numbers (TrainConfig.nonfinite): a NaN/inf loss, gradient (or a gradient norm >=
+  2**60, where Adam's moments could overflow), or updated param is never applied (decided inside
+  the jitted step, before the update: marjax.train.step). "stop" (default) ends the
   run: the last good checkpoint stays the latest, and TrainingDiverged (a MarjaxError) names the
   step. "skip" drops that update (the batch is consumed, params and optimizer state are kept),
   logs {"step", "status": "skipped", "event": "nonfinite", ...} and goes on; TrainConfig.max_skips

@@ -21,9 +21,10 @@ the returned params and optimizer state are the input ones (nothing applied; a l
 the step, no host sync), so the last good state survives donation; only `step` and `rng`
 advance. `finite` tells the loop to skip or stop (TrainConfig.nonfinite).
 
-How that is checked without passes over the new state (each costs a read of params + moments,
-and a select of new against old forces XLA to copy the donated moments: together 0.66 s of a
-~3 s SmolLM2 step, `marjax bench step`): the decision is made *before* the update, from
+How that is checked without passes over the new state (a check reads params + moments, and a
+select of new against old makes XLA copy the donated moments: together 0.87 s per update of the
+158M-param SmolLM2 student, 4.6x the update itself; experiments/bench/step_gate_probe.py): the
+decision is made *before* the update, from
 
   * the loss and the gradient norm: finite, and the norm below MAX_GRAD_NORM = 2**60. Then every
     |g| <= 2**60 (also after clipping), so Adam's moments, convex combinations of such g and g**2
@@ -131,12 +132,11 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
             m_acc = jax.tree.map(jnp.add, m_acc, mets)
             return (g_acc, l_acc + ls, c_acc + cnt, m_acc), None
 
+        first = jax.tree.map(lambda x: x[0], batch)
         if accum_steps == 1:   # no scan: it would zero-fill and add a params-sized accumulator
-            first = jax.tree.map(lambda x: x[0], batch)
             (loss_sum, (count, metrics)), g_sum = grad_fn(state.params, teacher, first,
                                                           jax.random.fold_in(step_key, 0))
         else:
-            first = jax.tree.map(lambda x: x[0], batch)
             _, (_, m_shape) = jax.eval_shape(micro_loss, state.params, teacher, first, step_key)
             zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), t)  # noqa: E731
             g0 = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
