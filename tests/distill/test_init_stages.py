@@ -131,7 +131,7 @@ def test_token_grad_clip_binds_in_sbds_only():
 
     def loss_and_grad(dcfg, stage, s_cfg, s_params, teacher, t_cfg):
         f = make_loss(stage, t_cfg, s_cfg, dataclasses.replace(dcfg, stage=stage))
-        return jax.value_and_grad(lambda p: (lambda s, n, m: s / n)(*f(p, teacher, batch, None)))(s_params)
+        return jax.jit(jax.value_and_grad(lambda p: (lambda s, n, m: s / n)(*f(p, teacher, batch, None))))(s_params)
 
     (l_on, g_on), (l_off, g_off) = (loss_and_grad(d, "sbds", pcfg, pp, sp, scfg) for d in (on, off))
     np.testing.assert_allclose(float(l_on), float(l_off), rtol=1e-6)

@@ -42,6 +42,7 @@ def _check_outputs(results: Path, stem: str, n_rows: int):
     return md, payload
 
 
+@pytest.mark.slow   # 50 s of the fast suite's 8 minutes; the configs are checked fast (test_experiment_configs_parse)
 def test_each_script_runs(dirs):
     assert ablation_ladder.main(_args(dirs, "+ pre-norm features")) == 0
     _, payload = _check_outputs(dirs[1], "ablation_ladder", 1)

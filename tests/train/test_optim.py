@@ -21,7 +21,7 @@ def _run(tx, params, grads_seq):
     return params, state
 
 
-@pytest.mark.parametrize("clip_norm, grad_scale", [(1.0, 10.0), (1.0, 1e-4), (0.0, 10.0)])
+@pytest.mark.parametrize("clip_norm, grad_scale", [(1.0, 10.0), (0.0, 1e-4)])
 def test_fused_adamw_matches_the_optax_chain(clip_norm, grad_scale):
     tc = TrainConfig(lr=3e-3, warmup=2, steps=6, clip_norm=clip_norm, weight_decay=0.1)
     params = init_params(jax.random.PRNGKey(0), preset("tiny-ssm"))
