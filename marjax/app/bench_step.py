@@ -209,7 +209,7 @@ def main(argv=None) -> int:
     # the optimizer on its own: the trainer's fused AdamW against the optax chain it replaces
     d_cfg, dense = init_from_attention(base.params, base.config)
     opt = out["optimizer"] = optimizer_bench(dense, train_cfg, trainable_mask(dense, pc.distill.trainable), a.repeats)
-    print(f"\n| adamw update ({opt['params'] / 1e6:.0f}M params, the kd student) | fused / optax chain |\n|---|---|\n"
+    print(f"\n| adamw update ({opt['params'] / 1e6:.3g}M params, the kd student) | fused / optax chain |\n|---|---|\n"
           f"| median (min) | {opt['fused_over_optax_median']:.2f} ({opt['fused_over_optax_min']:.2f}) |")
     write_json(a.json, out)
     return 0
