@@ -29,7 +29,7 @@ from marjax.app.benchkit import device_name, header_line, interleaved, machine_i
 from marjax.distill.init import init_from_attention
 from marjax.errors import ConfigError
 from marjax.io.resolve import smollm2_gguf_path
-from marjax.models import lm, quant
+from marjax.models import cpu_kernels, lm, quant
 from marjax.sampling import decode
 
 __all__ = ["main", "decode_main", "all_main", "timeit", "device_name", "FULL_BUCKET"]
@@ -129,6 +129,9 @@ def _decode_weights(m, prompt_len: int, n_new: int, modes, repeats: int = 3) -> 
     step = jax.jit(quant.forward_cached_q, static_argnames="cfg", donate_argnames="cache")
     dparams = lm.unroll_layers(m.params)
     qparams = {mode: quant.quantize_params(dparams, mode) for mode in ("f32",) + tuple(x for x in modes if x != "f32")}
+    if cpu_kernels.available():   # the same weights through XLA's dequantising matmul: what the kernel replaces
+        qparams.update({f"{mode} xla": quant.quantize_params(dparams, mode, impl="xla") for mode in modes
+                        if mode != "f32"})
     qparams[STACKED] = m.params
 
     def run(q):
@@ -169,17 +172,19 @@ def _llama_cpp_peer(m, gguf: str, prompt_len: int, n_new: int, threads: int = 2,
 
     dparams = lm.unroll_layers(m.params)     # decode layout and int8 weights made once, before timing
     weights = {"marjax": dparams, "marjax_int8": quant.quantize_params(dparams, "int8")}
+    if cpu_kernels.available():              # int8 without the native kernel (XLA's dequantising matmul)
+        weights["marjax_int8_xla"] = quant.quantize_params(dparams, "int8", impl="xla")
 
     def run_marjax(name):
         return decode(weights[name], m.config, prompt, n_new, stop_ids=())
 
-    fns = {"llama_cpp": run_llama, "marjax": lambda: run_marjax("marjax"),
-           "marjax_int8": lambda: run_marjax("marjax_int8")}
+    fns = {"llama_cpp": run_llama, **{name: (lambda name=name: run_marjax(name)) for name in weights}}
     toks = {name: fn() for name, fn in fns.items()}   # warm-up (marjax: compiles)
     t = interleaved(fns, repeats, warmup=0)
     llama = t["llama_cpp"]["median_s"]
     out = {"threads": threads, "new_tokens": n_new, "repeats": repeats, "llama_cpp_tok_s": n_new / llama}
-    for name in ("marjax", "marjax_int8"):
+    out["cpu_kernel"] = cpu_kernels.status().reason
+    for name in weights:
         out[f"{name}_tok_s"] = n_new / t[name]["median_s"]
         out[f"{name}_over_llama_cpp"] = llama / t[name]["median_s"]
         out[f"{name}_over_llama_cpp_min"] = t["llama_cpp"]["min_s"] / t[name]["min_s"]
@@ -260,7 +265,9 @@ def decode_main(argv=None) -> int:
         out["curve"] = {"kv": kv, "ssm": ss}
     if modes != ["f32"]:
         out["weights"] = {}
-        print(f"\n# cached greedy decode, {a.weights_tokens} new tokens, weights dequantised inside the jitted step; "
+        print(f"\n# cpu kernel: {cpu_kernels.status().reason}")
+        print(f"# cached greedy decode, {a.weights_tokens} new tokens; bf16/int8 products run the native CPU kernel "
+              "where it is built, rows marked xla XLA's dequantising matmul; "
               f"median (min) of {a.repeats} interleaved rounds")
         print("| model | weights | tok/s over f32 | same, CPU time | weight MiB | same tokens as f32 |")
         print("|---|---|---|---|---|---|")
@@ -285,7 +292,11 @@ def decode_main(argv=None) -> int:
                 print("| marjax weights | marjax tok/s / llama.cpp tok/s (n_threads=2, same GGUF, greedy) | "
                       "same tokens |")
                 print("|---|---|---|")
-                for name, w in (("marjax", "f32"), ("marjax_int8", "int8")):
+                labels = {"marjax": "f32", "marjax_int8": "int8" + (" (cpu kernel)" if cpu_kernels.available() else ""),
+                          "marjax_int8_xla": "int8 (xla)"}
+                for name, w in labels.items():
+                    if f"{name}_over_llama_cpp" not in peer:
+                        continue
                     print(f"| {w} | {peer[f'{name}_over_llama_cpp']:.2f} ({peer[f'{name}_over_llama_cpp_min']:.2f}) | "
                           f"{peer[f'{name}_same_tokens']} |")
     write_json(a.json, out)

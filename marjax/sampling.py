@@ -10,7 +10,10 @@ per prompt length), then are unrolled (a copy of the block weights on every call
 ones to skip it, at the price of an unrolled prefill compile per prompt length).
 
 Sampling runs on the host in float64 numpy (one row of v logits per step), so a seed gives the
-same tokens on every backend.
+same tokens on every backend. Greedy decoding (temperature 0) takes the argmax inside the step
+instead and keeps one step in flight: the next step is dispatched on the device's token before
+the host reads it, so reading, callbacks and dispatch overlap the device's work (one step past a
+stop token is computed and dropped).
 """
 from __future__ import annotations
 
@@ -30,6 +33,13 @@ __all__ = ["sample_token", "cache_length", "as_ids", "decode"]
 CACHE_BUCKET = 256   # the KV cache length is rounded up to this, so decoding compiles once per bucket
 
 _forward_cached = jax.jit(quant.forward_cached_q, static_argnames=("cfg",), donate_argnames=("cache",))
+
+
+@jax.jit(static_argnames=("cfg",), donate_argnames=("cache",))
+def _greedy_step(params, tok: Int[jax.Array, "b 1"], cache, cfg: ModelConfig):
+    """(argmax of the next logits (b, 1) int32, new cache): the token never visits the host."""
+    lg, cache = quant.forward_cached_q(params, tok, cache, cfg)
+    return jnp.argmax(lg[:, -1], axis=-1).astype(jnp.int32)[:, None], cache
 
 
 def sample_token(logits_v: Float[np.ndarray, "v"], temperature: float, top_p: float,
@@ -92,12 +102,32 @@ def decode(params: lm.LMParams, cfg: ModelConfig, prompt_ids: Sequence[int], max
     lg, cache = _forward_cached(params, ids, cache, cfg=cfg)
     if not unrolled:
         params, cache = lm.unroll_layers(params), lm.unroll_cache(cache)
-    for _ in range(max_new_tokens):
-        tok = sample_token(np.asarray(lg[0, -1]), temperature, top_p, rng)
+    tok = sample_token(np.asarray(lg[0, -1]), temperature, top_p, rng)
+    if temperature <= 0:
+        return _greedy_tokens(params, cfg, tok, cache, max_new_tokens, stop, on_token)
+    while True:
         out.append(tok)
         if on_token is not None:
             on_token(tok)
         if tok in stop or len(out) == max_new_tokens:
-            break
+            return out
         lg, cache = _forward_cached(params, jnp.asarray([[tok]], jnp.int32), cache, cfg=cfg)
-    return out
+        tok = sample_token(np.asarray(lg[0, -1]), temperature, top_p, rng)
+
+
+def _greedy_tokens(params, cfg: ModelConfig, first: int, cache, max_new_tokens: int, stop: set,
+                   on_token: Optional[Callable[[int], None]]) -> list:
+    """decode's greedy loop after the prefill's token `first`, one step in flight (module doc)."""
+    out: list = []
+    pending = jnp.asarray([[first]], jnp.int32)
+    while True:
+        nxt = None
+        if len(out) + 1 < max_new_tokens:    # the token after `pending` will be wanted: start it now
+            nxt, cache = _greedy_step(params, pending, cache, cfg=cfg)
+        tok = int(pending[0, 0])             # waits for the step before, not the one just started
+        out.append(tok)
+        if on_token is not None:
+            on_token(tok)
+        if tok in stop or len(out) == max_new_tokens:
+            return out
+        pending = nxt

@@ -115,15 +115,22 @@ def init_params(key, cfg: ModelConfig) -> LMParams:
 
 
 def embed(params: LMParams, ids: Int[Array, "b l"]) -> Float[Array, "b l d"]:
-    return jnp.take(params.embed, ids, axis=0)
+    table = params.embed
+    if hasattr(table, "take_rows"):   # a quantised table (marjax.models.quant.QWeight): only the rows taken
+        return table.take_rows(ids)
+    return jnp.take(table, ids, axis=0)
 
 
-def head_matrix(params: LMParams) -> Float[Array, "d v"]:
+def head_matrix(params: LMParams) -> Any:
+    """The (d, v) head: an array, or a quantised matrix (marjax.models.quant.QWeight)."""
     return params.embed.T if params.lm_head is None else params.lm_head
 
 
 def lm_head(params: LMParams, h: Float[Array, "... d"]) -> Float[Array, "... v"]:
-    return jnp.einsum("...d,dv->...v", h, head_matrix(params), preferred_element_type=jnp.float32)
+    w = head_matrix(params)
+    if not isinstance(w, jax.Array):   # a quantised matrix (marjax.models.quant.QWeight) multiplies by `@`
+        return (h @ w).astype(jnp.float32)
+    return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
 
 
 def _spike_fn(sites: Optional[SpikeSites], cfg: ModelConfig, stats: dict, inputs: Optional[dict] = None,

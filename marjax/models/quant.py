@@ -24,13 +24,19 @@ scale), so |dequantised - w| <= scale / 2 (plus the scale's float16 rounding). A
 length not divisible by the group uses one group (per output channel). bf16 rounds each weight
 to 8 mantissa bits.
 
-Activations stay in the model's dtype: `dequantize_params` turns every QWeight back into it
-inside the jitted step, so the layers run unchanged.
+Activations stay in the model's dtype. The layers multiply by a QWeight as by an array (`x @ w`
+calls `matmul`), so they run unchanged on quantised params: on the CPU a decode-sized float32
+product (at most cpu_kernels.MAX_ROWS activation rows) of a 2-D output-major QWeight runs the
+native kernel of marjax.models.cpu_kernels, which streams the int8/bf16 weights on all cores;
+everything else (prefill, other platforms, impl="xla", no kernel built) multiplies by the
+dequantised matrix, which XLA fuses as above. `dequantize_params` turns every QWeight back into
+an array for code that needs plain arrays.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -40,12 +46,16 @@ from jaxtyping import Array, Float, Int
 
 from marjax.config import ModelConfig
 from marjax.errors import ConfigError
+from marjax.models import cpu_kernels
 from marjax.models.lm import LMParams, forward_cached, is_unrolled
 
-__all__ = ["MODES", "GROUP", "QWeight", "quantize_int8", "quantize_weight", "quantize_params", "dequantize_params",
-           "forward_cached_q", "weight_bytes"]
+__all__ = ["MODES", "IMPLS", "GROUP", "QWeight", "matmul", "quantize_int8", "quantize_weight", "quantize_params",
+           "dequantize_params", "forward_cached_q", "weight_bytes"]
 
 MODES = ("f32", "bf16", "int8")
+# how a QWeight product runs: "auto" the native CPU kernel where it applies (module doc), else
+# XLA's dequantising matmul; "xla" always the latter
+IMPLS = ("auto", "xla")
 INT8_MAX = 127
 GROUP = 32
 
@@ -59,7 +69,25 @@ class QWeight:
     data: Array
     scale: Optional[Array]
     transposed: bool = field(metadata=dict(static=True), default=True)
+    impl: str = field(metadata=dict(static=True), default="auto")
     __no_type_check__ = True     # leaves are mapped by tree ops (ShapeDtypeStructs under eval_shape)
+
+    def __rmatmul__(self, x):
+        return matmul(x, self)
+
+    @property
+    def T(self) -> "QWeight":
+        """The transposed matrix (the tied head's embed.T): same data, the other contraction axis."""
+        return dataclasses.replace(self, transposed=not self.transposed)
+
+    def take_rows(self, ids) -> jax.Array:
+        """jnp.take(self.dequantize(), ids, axis=0), dequantising only the rows taken (the embedding
+        lookup: the table is stored as it is, untransposed)."""
+        if self.transposed or self.data.ndim != 2:
+            return jnp.take(self.dequantize(), ids, axis=0)
+        rows = QWeight(jnp.take(self.data, ids, axis=0),
+                       None if self.scale is None else jnp.take(self.scale, ids, axis=0), transposed=False)
+        return rows.dequantize()
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         w = self.data.astype(jnp.float32)
@@ -94,38 +122,69 @@ def quantize_int8(w: Float[Array, "..."], axis: int = -2, group: int = GROUP) ->
     return QWeight(data=q.reshape(*lead, o, i), scale=scale, transposed=transposed)
 
 
-def quantize_weight(w, axis: int, mode: str, group: int = GROUP):
-    """w in `mode` ("f32": unchanged; None stays None) with contraction axis `axis`."""
+def _uses_kernel(x, w: QWeight) -> bool:
+    """Whether x @ w can run the native CPU kernel (module doc), decided at trace time."""
+    rows = math.prod(x.shape[:-1])
+    return (w.impl == "auto" and w.transposed and w.data.ndim == 2 and x.dtype == jnp.float32
+            and 0 < rows <= cpu_kernels.MAX_ROWS and cpu_kernels.available())
+
+
+def matmul(x: Float[Array, "... k"], w: QWeight) -> Float[Array, "... n"]:
+    """x @ (the matrix w stands for), in x's dtype: the kernel on the CPU where `_uses_kernel`,
+    else against the dequantised matrix (which XLA fuses)."""
+    def dense(x):
+        return x @ w.dequantize(x.dtype)
+
+    if not _uses_kernel(x, w):
+        return dense(x)
+    if x.shape[-1] != w.data.shape[-1]:
+        raise ConfigError(f"matmul: x's last axis is {x.shape[-1]} but the weight contracts over {w.data.shape[-1]}")
+    x2 = x.reshape(-1, x.shape[-1])
+
+    def cpu(x2):
+        return (cpu_kernels.bf16_matmul(x2, w.data) if w.scale is None
+                else cpu_kernels.q8_matmul(x2, w.data, w.scale))
+
+    # other platforms (an exported or accelerator program) lower the dense branch only
+    y = jax.lax.platform_dependent(x2, cpu=cpu, default=dense)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def quantize_weight(w, axis: int, mode: str, group: int = GROUP, impl: str = "auto"):
+    """w in `mode` ("f32": unchanged; None stays None) with contraction axis `axis`; `impl` picks
+    how its products run (IMPLS)."""
     if w is None or mode == "f32":
         return w
     if mode == "bf16":
         wo, transposed = _output_major(w, axis)
-        return QWeight(data=wo.astype(jnp.bfloat16), scale=None, transposed=transposed)
-    return quantize_int8(w, axis, group)
+        return QWeight(data=wo.astype(jnp.bfloat16), scale=None, transposed=transposed, impl=impl)
+    return dataclasses.replace(quantize_int8(w, axis, group), impl=impl)
 
 
-def quantize_params(params: LMParams, mode: str, group: int = GROUP) -> LMParams:
+def quantize_params(params: LMParams, mode: str, group: int = GROUP, impl: str = "auto") -> LMParams:
     """The same LMParams (stacked or unrolled) with its matmul weights (module doc) in `mode`
     ("f32": unchanged). Weights are (in, out) with the contraction axis -2; the embedding table
-    (v, d) contracts over d (-1) in the tied head."""
+    (v, d) contracts over d (-1) in the tied head. `impl` (IMPLS): how their products run."""
     if mode not in MODES:
         raise ConfigError(f"weights mode must be one of {MODES}, got {mode!r}")
+    if impl not in IMPLS:
+        raise ConfigError(f"quantised matmul impl must be one of {IMPLS}, got {impl!r}")
     if mode == "f32":
         return params
 
-    blocks = (tuple(_quantize_block(b, mode, group) for b in params.blocks) if is_unrolled(params)
-              else _quantize_block(params.blocks, mode, group))
-    return dataclasses.replace(params, embed=quantize_weight(params.embed, -1, mode, group), blocks=blocks,
-                               lm_head=quantize_weight(params.lm_head, -2, mode, group))
+    blocks = (tuple(_quantize_block(b, mode, group, impl) for b in params.blocks) if is_unrolled(params)
+              else _quantize_block(params.blocks, mode, group, impl))
+    return dataclasses.replace(params, embed=quantize_weight(params.embed, -1, mode, group, impl), blocks=blocks,
+                               lm_head=quantize_weight(params.lm_head, -2, mode, group, impl))
 
 
-@functools.partial(jax.jit, static_argnames=("mode", "group"))   # one compile for all layers of an unrolled model
-def _quantize_block(b, mode: str, group: int):
+@functools.partial(jax.jit, static_argnames=("mode", "group", "impl"))   # one compile for all layers of an unrolled model
+def _quantize_block(b, mode: str, group: int, impl: str):
     mixer_fields = [f.name for f in dataclasses.fields(b.mixer)
                     if f.name in ("wq", "wk", "wv", "wo", "in_proj", "out_proj")]
-    mixer = dataclasses.replace(b.mixer, **{n: quantize_weight(getattr(b.mixer, n), -2, mode, group)
+    mixer = dataclasses.replace(b.mixer, **{n: quantize_weight(getattr(b.mixer, n), -2, mode, group, impl)
                                             for n in mixer_fields})
-    mlp = dataclasses.replace(b.mlp, **{n: quantize_weight(getattr(b.mlp, n), -2, mode, group)
+    mlp = dataclasses.replace(b.mlp, **{n: quantize_weight(getattr(b.mlp, n), -2, mode, group, impl)
                                         for n in ("gate", "up", "down")})
     return dataclasses.replace(b, mixer=mixer, mlp=mlp)
 
@@ -140,8 +199,9 @@ def dequantize_params(qparams: LMParams, dtype=jnp.float32) -> LMParams:
 
 
 def forward_cached_q(qparams: LMParams, ids: Int[Array, "b n"], cache, cfg: ModelConfig):
-    """lm.forward_cached on weights dequantised to the model's dtype inside the same program."""
-    return forward_cached(dequantize_params(qparams, jnp.dtype(cfg.dtype)), ids, cache, cfg)
+    """lm.forward_cached on quantised (or float) params: the layers multiply by the QWeights
+    (`matmul`) inside the same program."""
+    return forward_cached(qparams, ids, cache, cfg)
 
 
 def weight_bytes(params) -> int:

@@ -1,0 +1,167 @@
+"""Native CPU kernels for decode-sized products with weight-only quantised matrices, as XLA FFI
+custom calls (source: csrc/qgemv.cc). marjax.models.quant routes a QWeight product here on the
+CPU; everything else (other platforms, prefill, bf16 activations) keeps XLA's dequantising matmul.
+
+    if cpu_kernels.available():
+        y = cpu_kernels.q8_matmul(x, q, scale)       # x (m, in) f32, q (out, in) int8 -> (m, out) f32
+        y = cpu_kernels.bf16_matmul(x, w)            # w (out, in) bfloat16
+
+Why a native kernel: one decode token reads every weight once, so decoding is bound by how fast
+the matrix-vector products stream their weights. XLA:CPU fuses a dequantising producer into the
+product but runs it single-threaded at about 6 GB/s of int8 (measured on the 2-core dev VM);
+the kernel uses both cores and AVX-512 and streams int8 at memory speed (`marjax bench decode`).
+JAX cannot express such a loop on the CPU any other way (Pallas runs only interpreted there).
+
+The kernel is compiled on first use with the machine's C++ compiler (`$CXX`, else g++, c++ or
+clang++; -O3 -march=native) against the FFI headers jaxlib ships, into
+`$MARJAX_CACHE_DIR/kernels` (default ~/.cache/marjax), keyed by the source, jaxlib's version, the
+compiler and the CPU's flags; later processes load the cached library. It needs an x86-64 CPU with
+AVX-512 F/BW and F16C. Where that, the compiler or the build is missing, `available()` is False,
+`status()` says why (a warning says so once, when a build fails) and callers fall back to XLA.
+`MARJAX_CPU_KERNELS=0` turns the kernels off.
+"""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import hashlib
+import importlib.metadata
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+__all__ = ["MAX_ROWS", "KernelStatus", "status", "available", "q8_matmul", "bf16_matmul"]
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "qgemv.cc"
+ENV_SWITCH = "MARJAX_CPU_KERNELS"
+ENV_CACHE = "MARJAX_CACHE_DIR"
+CPU_FLAGS = ("avx512f", "avx512bw", "f16c")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+# products with more activation rows than this (prefill) are matmul-bound, not weight-bound:
+# XLA's dequantise-then-matmul is the right tool there
+MAX_ROWS = 16
+_TARGETS = {"q8": ("marjax_q8_matmul", "MarjaxQ8Matmul"), "bf16": ("marjax_bf16_matmul", "MarjaxBf16Matmul")}
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelStatus:
+    available: bool
+    reason: str                  # why not, or where the library was loaded from
+    library: Optional[str] = None
+
+
+def _cpu_flags() -> Optional[set]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return None
+
+
+def _compiler() -> Optional[str]:
+    cxx = os.environ.get("CXX")
+    if cxx:
+        return shutil.which(cxx) or cxx
+    return next((p for p in map(shutil.which, ("g++", "c++", "clang++")) if p), None)
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get(ENV_CACHE) or os.path.join(os.path.expanduser("~"), ".cache", "marjax")
+    return Path(root) / "kernels"
+
+
+def _build(cxx: str, flags: set) -> Path:
+    """The cached library for this source/jaxlib/compiler/CPU, compiled now if missing. Raises
+    RuntimeError with the compiler's message on failure."""
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([src, importlib.metadata.version("jaxlib").encode(), cxx.encode(), " ".join(FLAGS).encode(),
+                                     " ".join(sorted(flags)).encode()])).hexdigest()[:16]
+    out = _cache_dir() / f"qgemv-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)     # then an atomic rename: safe
+    os.close(fd)                                                  # against concurrent builds
+    cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+@functools.cache
+def status() -> KernelStatus:
+    """Whether the kernels are registered with XLA in this process (building them on the first
+    call), and why not. Cached: set MARJAX_CPU_KERNELS before the first call."""
+    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        return KernelStatus(False, f"turned off by {ENV_SWITCH}={os.environ[ENV_SWITCH]}")
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return KernelStatus(False, f"the kernels are x86-64 (AVX-512); this CPU is {platform.machine()}")
+    flags = _cpu_flags()
+    missing = [f for f in CPU_FLAGS if flags is None or f not in flags]
+    if missing:
+        return KernelStatus(False, f"this CPU lacks {', '.join(missing)} (or /proc/cpuinfo is unreadable)")
+    cxx = _compiler()
+    if cxx is None:
+        return KernelStatus(False, "no C++ compiler found ($CXX, g++, c++, clang++)")
+    try:
+        lib_path = _build(cxx, flags)
+        lib = ctypes.cdll.LoadLibrary(str(lib_path))
+        for name, symbol in _TARGETS.values():
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
+        warnings.warn(f"marjax CPU kernels unavailable, using XLA's dequantising matmul instead: {e}",
+                      RuntimeWarning, stacklevel=2)
+        return KernelStatus(False, f"build or load failed: {e}")
+    return KernelStatus(True, f"loaded {lib_path}", str(lib_path))
+
+
+def available() -> bool:
+    return status().available
+
+
+def _check(x, w) -> None:
+    if not available():
+        raise RuntimeError(f"marjax CPU kernels are unavailable: {status().reason}")
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"expected x (m, in) and w (out, in), got {x.shape} and {w.shape}")
+    if x.dtype != jnp.float32:
+        raise ValueError(f"x must be float32, got {x.dtype}")
+
+
+def q8_matmul(x: Float[Array, "m k"], q: Int[Array, "n k"], scale: Float[Array, "n g 1"]) -> Float[Array, "m n"]:
+    """x @ dequantised(q).T for int8 q with one float16 scale per k // g consecutive weights."""
+    _check(x, q)
+    if q.dtype != jnp.int8 or scale.dtype != jnp.float16 or scale.shape[0] != q.shape[0] or \
+            q.shape[1] % scale.shape[1] != 0:
+        raise ValueError(f"expected int8 q (n, k) and float16 scale (n, g, 1) with g dividing k, got "
+                         f"{q.dtype} {q.shape} and {scale.dtype} {scale.shape}")
+    out = jax.ShapeDtypeStruct((x.shape[0], q.shape[0]), jnp.float32)
+    return jax.ffi.ffi_call(_TARGETS["q8"][0], out)(x, q, scale)
+
+
+def bf16_matmul(x: Float[Array, "m k"], w: Float[Array, "n k"]) -> Float[Array, "m n"]:
+    """x @ w.T (float32 accumulation) for a bfloat16 w."""
+    _check(x, w)
+    if w.dtype != jnp.bfloat16:
+        raise ValueError(f"w must be bfloat16, got {w.dtype}")
+    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32)
+    return jax.ffi.ffi_call(_TARGETS["bf16"][0], out)(x, w)
