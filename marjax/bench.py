@@ -151,7 +151,8 @@ def _decode_weights(m, prompt_len: int, n_new: int, modes, repeats: int = 3) -> 
 
 
 def _llama_cpp_peer(m, gguf: str, prompt_len: int, n_new: int, threads: int = 2, repeats: int = 3) -> dict:
-    """marjax's cached greedy decode (float32 and int8 weights, decode layout) against llama.cpp's
+    """marjax's cached greedy decode (float32, int8 and q4 weights, decode layout; int8 also without
+    the native CPU kernel when it is built) against llama.cpp's
     (llama-cpp-python, optional and never a dependency) on the same GGUF and prompt ids, after a
     warm-up run each, in `repeats` interleaved rounds."""
     try:
@@ -171,7 +172,8 @@ def _llama_cpp_peer(m, gguf: str, prompt_len: int, n_new: int, threads: int = 2,
         return out
 
     dparams = lm.unroll_layers(m.params)     # decode layout and int8 weights made once, before timing
-    weights = {"marjax": dparams, "marjax_int8": quant.quantize_params(dparams, "int8")}
+    weights = {"marjax": dparams, "marjax_int8": quant.quantize_params(dparams, "int8"),
+               "marjax_q4": quant.quantize_params(dparams, "q4")}
     if cpu_kernels.available():              # int8 without the native kernel (XLA's dequantising matmul)
         weights["marjax_int8_xla"] = quant.quantize_params(dparams, "int8", impl="xla")
 
@@ -292,8 +294,9 @@ def decode_main(argv=None) -> int:
                 print("| marjax weights | marjax tok/s / llama.cpp tok/s (n_threads=2, same GGUF, greedy) | "
                       "same tokens |")
                 print("|---|---|---|")
-                labels = {"marjax": "f32", "marjax_int8": "int8" + (" (cpu kernel)" if cpu_kernels.available() else ""),
-                          "marjax_int8_xla": "int8 (xla)"}
+                kernel = " (cpu kernel)" if cpu_kernels.available() else ""
+                labels = {"marjax": "f32", "marjax_int8": "int8" + kernel, "marjax_int8_xla": "int8 (xla)",
+                          "marjax_q4": "q4" + kernel}
                 for name, w in labels.items():
                     if f"{name}_over_llama_cpp" not in peer:
                         continue

@@ -4,6 +4,7 @@ CPU; everything else (other platforms, prefill, bf16 activations) keeps XLA's de
 
     if cpu_kernels.available():
         y = cpu_kernels.q8_matmul(x, q, scale)       # x (m, in) f32, q (out, in) int8 -> (m, out) f32
+        y = cpu_kernels.q4_matmul(x, q, scale, zero) # q (out, in / 2) uint8: two 4-bit weights a byte
         y = cpu_kernels.bf16_matmul(x, w)            # w (out, in) bfloat16
 
 Why a native kernel: one decode token reads every weight once, so decoding is bound by how fast
@@ -16,7 +17,7 @@ The kernel is compiled on first use with the machine's C++ compiler (`$CXX`, els
 clang++; -O3 -march=native) against the FFI headers jaxlib ships, into
 `$MARJAX_CACHE_DIR/kernels` (default ~/.cache/marjax), keyed by the source, jaxlib's version, the
 compiler and the CPU's flags; later processes load the cached library. It needs an x86-64 CPU with
-AVX-512 F/BW and F16C. Where that, the compiler or the build is missing, `available()` is False,
+AVX-512 F/BW/VNNI and F16C. Where that, the compiler or the build is missing, `available()` is False,
 `status()` says why (a warning says so once, when a build fails) and callers fall back to XLA.
 `MARJAX_CPU_KERNELS=0` turns the kernels off.
 """
@@ -40,17 +41,18 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-__all__ = ["MAX_ROWS", "KernelStatus", "status", "available", "q8_matmul", "bf16_matmul"]
+__all__ = ["MAX_ROWS", "KernelStatus", "status", "available", "q8_matmul", "q4_matmul", "bf16_matmul"]
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "qgemv.cc"
 ENV_SWITCH = "MARJAX_CPU_KERNELS"
 ENV_CACHE = "MARJAX_CACHE_DIR"
-CPU_FLAGS = ("avx512f", "avx512bw", "f16c")
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni", "f16c")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 # products with more activation rows than this (prefill) are matmul-bound, not weight-bound:
 # XLA's dequantise-then-matmul is the right tool there
 MAX_ROWS = 16
-_TARGETS = {"q8": ("marjax_q8_matmul", "MarjaxQ8Matmul"), "bf16": ("marjax_bf16_matmul", "MarjaxBf16Matmul")}
+_TARGETS = {"q8": ("marjax_q8_matmul", "MarjaxQ8Matmul"), "q4": ("marjax_q4_matmul", "MarjaxQ4Matmul"),
+            "bf16": ("marjax_bf16_matmul", "MarjaxBf16Matmul")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +158,24 @@ def q8_matmul(x: Float[Array, "m k"], q: Int[Array, "n k"], scale: Float[Array, 
                          f"{q.dtype} {q.shape} and {scale.dtype} {scale.shape}")
     out = jax.ShapeDtypeStruct((x.shape[0], q.shape[0]), jnp.float32)
     return jax.ffi.ffi_call(_TARGETS["q8"][0], out)(x, q, scale)
+
+
+def q4_matmul(x: Float[Array, "m k"], q: Int[Array, "n k2"], scale: Float[Array, "n g 1"],
+              zero: Float[Array, "n g 1"]) -> Float[Array, "m n"]:
+    """x @ W.T for the 4-bit W of quant.quantize_q4: groups of 32 along k, w = scale * q + zero,
+    byte j of a group's 16 holding q_j (low nibble) and q_(j+16) (high)."""
+    if not available():
+        raise RuntimeError(f"marjax CPU kernels are unavailable: {status().reason}")
+    k = x.shape[-1] if x.ndim == 2 else -1
+    if x.ndim != 2 or q.ndim != 2 or k != 2 * q.shape[1] or k % 32 or x.dtype != jnp.float32:
+        raise ValueError(f"expected float32 x (m, k) with k a multiple of 32 and q (n, k / 2), got {x.dtype} "
+                         f"{x.shape} and {q.shape}")
+    want = (q.shape[0], k // 32, 1)
+    if q.dtype != jnp.uint8 or any(a.dtype != jnp.float16 or a.shape != want for a in (scale, zero)):
+        raise ValueError(f"expected uint8 q and float16 scale and zero {want}, got {q.dtype}, "
+                         f"{scale.dtype} {scale.shape}, {zero.dtype} {zero.shape}")
+    out = jax.ShapeDtypeStruct((x.shape[0], q.shape[0]), jnp.float32)
+    return jax.ffi.ffi_call(_TARGETS["q4"][0], out)(x, q, scale, zero)
 
 
 def bf16_matmul(x: Float[Array, "m k"], w: Float[Array, "n k"]) -> Float[Array, "m n"]:

@@ -1,5 +1,5 @@
-"""Weight-only quantised decode weights: a pure map from an LM's params to bfloat16 or int8
-matmul weights, dequantised inside the jitted decode step.
+"""Weight-only quantised decode weights: a pure map from an LM's params to bfloat16, int8 or
+4-bit matmul weights, multiplied by inside the jitted decode step.
 
     qp = unroll_layers(quantize_params(params, "int8"))    # QWeight leaves; the decode layout
     logits, cache = forward_cached_q(qp, ids, cache, cfg)   # jit with static cfg, like forward_cached
@@ -24,10 +24,18 @@ scale), so |dequantised - w| <= scale / 2 (plus the scale's float16 rounding). A
 length not divisible by the group uses one group (per output channel). bf16 rounds each weight
 to 8 mantissa bits.
 
+q4 is llama.cpp's Q4_1 layout: per group of 32 weights along the contraction axis, scale = (max
+- min) / 15 and zero = min (both float16), q = round((w - zero) / scale) in [0, 15], two q a
+byte (byte j of a group holds q_j low and q_(j+16) high), so |dequantised - w| <= scale / 2
+(plus float16 rounding). The block matrices are q4 and the embedding table (and an untied head)
+int8, as in the SmolLM2 GGUF (Q4_1 blocks, a Q8_0 token table); a GGUF's Q4_1 matrices come back
+unchanged (their min and max are on the grid). A matrix whose contraction length is not a
+multiple of 32 stays int8.
+
 Activations stay in the model's dtype. The layers multiply by a QWeight as by an array (`x @ w`
 calls `matmul`), so they run unchanged on quantised params: on the CPU a decode-sized float32
 product (at most cpu_kernels.MAX_ROWS activation rows) of a 2-D output-major QWeight runs the
-native kernel of marjax.models.cpu_kernels, which streams the int8/bf16 weights on all cores;
+native kernel of marjax.models.cpu_kernels, which streams the int8/q4/bf16 weights on all cores;
 everything else (prefill, other platforms, impl="xla", no kernel built) multiplies by the
 dequantised matrix, which XLA fuses as above. `dequantize_params` turns every QWeight back into
 an array for code that needs plain arrays.
@@ -49,25 +57,28 @@ from marjax.errors import ConfigError
 from marjax.models import cpu_kernels
 from marjax.models.lm import LMParams, forward_cached, is_unrolled
 
-__all__ = ["MODES", "IMPLS", "GROUP", "QWeight", "matmul", "quantize_int8", "quantize_weight", "quantize_params",
-           "dequantize_params", "forward_cached_q", "weight_bytes"]
+__all__ = ["MODES", "IMPLS", "GROUP", "Q4_GROUP", "QWeight", "matmul", "quantize_int8", "quantize_q4",
+           "quantize_weight", "quantize_params", "dequantize_params", "forward_cached_q", "weight_bytes"]
 
-MODES = ("f32", "bf16", "int8")
+MODES = ("f32", "bf16", "int8", "q4")
 # how a QWeight product runs: "auto" the native CPU kernel where it applies (module doc), else
 # XLA's dequantising matmul; "xla" always the latter
 IMPLS = ("auto", "xla")
 INT8_MAX = 127
 GROUP = 32
+Q4_GROUP = 32      # fixed: the kernel's layout (16 bytes a group)
 
 
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class QWeight:
-    """A quantised matrix stored output-major: data (..., out, in) int8 or bfloat16; scale
-    (..., out, in // group, 1) float16 for int8, None for bf16. `transposed`: the model's weight
-    is data's transpose, (..., in, out) (every matmul weight but the embedding table)."""
+    """A quantised matrix stored output-major: data (..., out, in) int8 or bfloat16, or (..., out,
+    in / 2) uint8 for q4 (two 4-bit values a byte); scale (..., out, in // group, 1) float16 for
+    int8 and q4, None for bf16; zero (the same shape) for q4 only. `transposed`: the model's
+    weight is data's transpose, (..., in, out) (every matmul weight but the embedding table)."""
     data: Array
     scale: Optional[Array]
+    zero: Optional[Array] = None
     transposed: bool = field(metadata=dict(static=True), default=True)
     impl: str = field(metadata=dict(static=True), default="auto")
     __no_type_check__ = True     # leaves are mapped by tree ops (ShapeDtypeStructs under eval_shape)
@@ -85,13 +96,18 @@ class QWeight:
         lookup: the table is stored as it is, untransposed)."""
         if self.transposed or self.data.ndim != 2:
             return jnp.take(self.dequantize(), ids, axis=0)
-        rows = QWeight(jnp.take(self.data, ids, axis=0),
-                       None if self.scale is None else jnp.take(self.scale, ids, axis=0), transposed=False)
+        rows = jax.tree.map(lambda a: jnp.take(a, ids, axis=0), self)
         return rows.dequantize()
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         w = self.data.astype(jnp.float32)
-        if self.scale is not None:
+        if self.zero is not None:      # q4: unpack each group's 16 bytes into its 32 values
+            *lead, o, half = self.data.shape
+            n = self.scale.shape[-2]
+            b = self.data.reshape(*lead, o, n, half // n)
+            q = jnp.concatenate([b & 15, b >> 4], axis=-1).astype(jnp.float32)
+            w = (q * self.scale.astype(jnp.float32) + self.zero.astype(jnp.float32)).reshape(*lead, o, 2 * half)
+        elif self.scale is not None:
             *lead, o, i = self.data.shape
             n = self.scale.shape[-2]
             w = (w.reshape(*lead, o, n, i // n) * self.scale.astype(jnp.float32)).reshape(*lead, o, i)
@@ -122,6 +138,24 @@ def quantize_int8(w: Float[Array, "..."], axis: int = -2, group: int = GROUP) ->
     return QWeight(data=q.reshape(*lead, o, i), scale=scale, transposed=transposed)
 
 
+def quantize_q4(w: Float[Array, "..."], axis: int = -2) -> QWeight:
+    """4-bit with a float16 scale and zero per Q4_GROUP consecutive weights along `axis` (module
+    doc); int8 (quantize_int8) when the axis length is not a multiple of Q4_GROUP. A constant
+    group gets scale 1 (its q is 0: the zero holds the value)."""
+    wo, transposed = _output_major(w.astype(jnp.float32), axis)
+    *lead, o, i = wo.shape
+    if i % Q4_GROUP:
+        return quantize_int8(w, axis)
+    blocks = wo.reshape(*lead, o, i // Q4_GROUP, Q4_GROUP)
+    lo, hi = jnp.min(blocks, axis=-1, keepdims=True), jnp.max(blocks, axis=-1, keepdims=True)
+    zero = lo.astype(jnp.float16)
+    scale = jnp.where(hi > lo, (hi - lo) / 15, 1.0).astype(jnp.float16)
+    q = jnp.clip(jnp.round((blocks - zero.astype(jnp.float32)) / scale.astype(jnp.float32)), 0, 15).astype(jnp.uint8)
+    half = Q4_GROUP // 2
+    packed = q[..., :half] | (q[..., half:] << 4)
+    return QWeight(data=packed.reshape(*lead, o, i // 2), scale=scale, zero=zero, transposed=transposed)
+
+
 def _uses_kernel(x, w: QWeight) -> bool:
     """Whether x @ w can run the native CPU kernel (module doc), decided at trace time."""
     rows = math.prod(x.shape[:-1])
@@ -137,13 +171,17 @@ def matmul(x: Float[Array, "... k"], w: QWeight) -> Float[Array, "... n"]:
 
     if not _uses_kernel(x, w):
         return dense(x)
-    if x.shape[-1] != w.data.shape[-1]:
-        raise ConfigError(f"matmul: x's last axis is {x.shape[-1]} but the weight contracts over {w.data.shape[-1]}")
+    k = w.data.shape[-1] * (2 if w.zero is not None else 1)
+    if x.shape[-1] != k:
+        raise ConfigError(f"matmul: x's last axis is {x.shape[-1]} but the weight contracts over {k}")
     x2 = x.reshape(-1, x.shape[-1])
 
     def cpu(x2):
-        return (cpu_kernels.bf16_matmul(x2, w.data) if w.scale is None
-                else cpu_kernels.q8_matmul(x2, w.data, w.scale))
+        if w.zero is not None:
+            return cpu_kernels.q4_matmul(x2, w.data, w.scale, w.zero)
+        if w.scale is None:
+            return cpu_kernels.bf16_matmul(x2, w.data)
+        return cpu_kernels.q8_matmul(x2, w.data, w.scale)
 
     # other platforms (an exported or accelerator program) lower the dense branch only
     y = jax.lax.platform_dependent(x2, cpu=cpu, default=dense)
@@ -155,6 +193,8 @@ def quantize_weight(w, axis: int, mode: str, group: int = GROUP, impl: str = "au
     how its products run (IMPLS)."""
     if w is None or mode == "f32":
         return w
+    if mode == "q4":
+        return dataclasses.replace(quantize_q4(w, axis), impl=impl)
     if mode == "bf16":
         wo, transposed = _output_major(w, axis)
         return QWeight(data=wo.astype(jnp.bfloat16), scale=None, transposed=transposed, impl=impl)
@@ -164,7 +204,8 @@ def quantize_weight(w, axis: int, mode: str, group: int = GROUP, impl: str = "au
 def quantize_params(params: LMParams, mode: str, group: int = GROUP, impl: str = "auto") -> LMParams:
     """The same LMParams (stacked or unrolled) with its matmul weights (module doc) in `mode`
     ("f32": unchanged). Weights are (in, out) with the contraction axis -2; the embedding table
-    (v, d) contracts over d (-1) in the tied head. `impl` (IMPLS): how their products run."""
+    (v, d) contracts over d (-1) in the tied head. `impl` (IMPLS): how their products run. q4
+    quantises the block matrices to 4 bits and the table and head to int8 (module doc)."""
     if mode not in MODES:
         raise ConfigError(f"weights mode must be one of {MODES}, got {mode!r}")
     if impl not in IMPLS:
@@ -174,8 +215,9 @@ def quantize_params(params: LMParams, mode: str, group: int = GROUP, impl: str =
 
     blocks = (tuple(_quantize_block(b, mode, group, impl) for b in params.blocks) if is_unrolled(params)
               else _quantize_block(params.blocks, mode, group, impl))
-    return dataclasses.replace(params, embed=quantize_weight(params.embed, -1, mode, group, impl), blocks=blocks,
-                               lm_head=quantize_weight(params.lm_head, -2, mode, group, impl))
+    outer = "int8" if mode == "q4" else mode
+    return dataclasses.replace(params, embed=quantize_weight(params.embed, -1, outer, group, impl), blocks=blocks,
+                               lm_head=quantize_weight(params.lm_head, -2, outer, group, impl))
 
 
 @functools.partial(jax.jit, static_argnames=("mode", "group", "impl"))   # one compile for all layers of an unrolled model

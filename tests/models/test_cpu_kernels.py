@@ -11,7 +11,7 @@ import pytest
 
 from marjax.api import load
 from marjax.models import cpu_kernels, lm, quant
-from marjax.models.quant import QWeight, quantize_int8, quantize_weight
+from marjax.models.quant import QWeight, quantize_int8, quantize_q4, quantize_weight
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -48,6 +48,35 @@ def test_q8_matmul_matches_numpy(out, k, group, m):
     assert np.all(np.abs(got - want) <= 1e-5 * scale + 1e-6), np.max(np.abs(got - want) / scale)
 
 
+def _np_q4(w: QWeight) -> np.ndarray:
+    """(out, in) float64 dequantised from the packed nibbles (byte j of a group: q_j | q_(j+16) << 4)."""
+    b = np.asarray(w.data).astype(np.int64)
+    g = b.reshape(b.shape[0], -1, 16)
+    q = np.concatenate([g % 16, g // 16], axis=-1)                    # (out, groups, 32)
+    sc, zr = (np.asarray(a, np.float64) for a in (w.scale, w.zero))   # (out, groups, 1)
+    return (q * sc + zr).reshape(b.shape[0], -1)
+
+
+@pytest.mark.parametrize("out,k", [(5, 32), (67, 96), (130, 576)])
+@pytest.mark.parametrize("m", [1, 3, 4, 6])
+def test_q4_matmul_matches_numpy(out, k, m):
+    """Within float32 summation error plus the activations' int16 rounding (per group of 32,
+    at most half a step of max |x| / 32767 per value)."""
+    rng = np.random.default_rng(out * 1000 + k + m)
+    w = quantize_q4(jnp.asarray(rng.normal(size=(k, out)), jnp.float32), axis=-2)
+    x = rng.normal(size=(m, k)).astype(np.float32)
+    x[0, :32] *= 1e3                                                   # one loud group
+    deq = _np_q4(w)
+    want = x.astype(np.float64) @ deq.T
+    got = np.asarray(jax.jit(cpu_kernels.q4_matmul)(jnp.asarray(x), w.data, w.scale, w.zero))
+    step = np.repeat(np.abs(x).reshape(m, -1, 32).max(-1) / 32767, 32, axis=-1)       # (m, k)
+    bound = 1e-5 * (np.abs(x) @ np.abs(deq).T) + (step / 2) @ np.abs(deq).T + 1e-6
+    assert got.shape == (m, out)
+    assert np.all(np.abs(got - want) <= bound), np.max(np.abs(got - want) / bound)
+    # the int16 rounding is real, not an accident of the tolerance: it is below 1e-4 relative
+    assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(x) @ np.abs(deq).T)
+
+
 @pytest.mark.parametrize("out,k", [(5, 40), (67, 96), (9, 17)])
 @pytest.mark.parametrize("m", [1, 5])
 def test_bf16_matmul_matches_numpy(out, k, m):
@@ -71,13 +100,18 @@ def test_kernel_argument_errors():
         cpu_kernels.q8_matmul(x, w.data, w.scale.astype(jnp.float32))
     with pytest.raises(ValueError, match="bfloat16"):
         cpu_kernels.bf16_matmul(x, w.data)
+    w4 = quantize_q4(jnp.ones((64, 8)), axis=-2)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        cpu_kernels.q4_matmul(jnp.ones((1, 40)), w4.data, w4.scale, w4.zero)
+    with pytest.raises(ValueError, match="uint8"):
+        cpu_kernels.q4_matmul(jnp.ones((1, 64)), w4.data, w4.scale, w4.zero.astype(jnp.float32))
 
 
 def _custom_calls(fn, *args) -> str:
     return jax.jit(fn).lower(*args).as_text()
 
 
-@pytest.mark.parametrize("mode", ["int8", "bf16"])
+@pytest.mark.parametrize("mode", ["int8", "bf16", "q4"])
 def test_qweight_product_routes_and_agrees(mode):
     """x @ QWeight: decode-sized float32 products run the kernel (seen in the lowered program),
     prefill-sized, bfloat16 or impl="xla" ones the dequantised matmul; all agree."""
@@ -85,20 +119,23 @@ def test_qweight_product_routes_and_agrees(mode):
     w32 = jnp.asarray(rng.normal(size=(96, 40)), jnp.float32)            # the model's (in, out)
     auto = quantize_weight(w32, -2, mode)
     xla = quantize_weight(w32, -2, mode, impl="xla")
-    target = f"marjax_{'q8' if mode == 'int8' else 'bf16'}_matmul"
+    target = f"marjax_{ {'int8': 'q8', 'bf16': 'bf16', 'q4': 'q4'}[mode]}_matmul"
+    tol = 1e-4 if mode == "q4" else 1e-6                                   # q4: int16 activations
     for shape, kernel in (((1, 1, 96), True), ((2, 3, 96), True), ((1, cpu_kernels.MAX_ROWS + 1, 96), False)):
         x = jnp.asarray(rng.normal(size=shape), jnp.float32)
         assert (target in _custom_calls(lambda x: x @ auto, x)) == kernel, shape
         assert target not in _custom_calls(lambda x: x @ xla, x)
         got, want = jax.jit(lambda x: x @ auto)(x), jax.jit(lambda x: x @ xla)(x)
         assert got.shape == want.shape == shape[:-1] + (40,)
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+        # q4's worst case (test_q4_matmul_matches_numpy) scales with sum |x| |w|
+        mag = float(jnp.max(jnp.abs(x) @ jnp.abs(xla.dequantize())))
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=tol, atol=tol * mag)
     assert target not in _custom_calls(lambda x: x @ auto, jnp.ones((1, 1, 96), jnp.bfloat16))
     # the transposed view (the tied head's embed.T) contracts over the other axis: no kernel
     table = quantize_weight(w32.T, -1, mode)                              # (40, 96) as stored
     x = jnp.ones((1, 96), jnp.float32)
     assert target in _custom_calls(lambda x: x @ table.T, x)
-    np.testing.assert_allclose(np.asarray(x @ table.T), np.asarray(x @ table.T.dequantize()), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(x @ table.T), np.asarray(x @ table.T.dequantize()), rtol=tol, atol=tol)
     assert target not in _custom_calls(lambda x: x @ table, jnp.ones((1, 40), jnp.float32))
 
 

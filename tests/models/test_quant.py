@@ -1,5 +1,5 @@
-"""Weight-only bf16 / int8 decode weights (marjax.models.quant) against float32 and against an
-independent numpy quantiser."""
+"""Weight-only bf16 / int8 / q4 decode weights (marjax.models.quant) against float32 and against
+an independent numpy quantiser."""
 import warnings
 
 import jax
@@ -10,13 +10,17 @@ import pytest
 import marjax
 from marjax.api import load
 from marjax.models import lm
-from marjax.models.quant import QWeight, forward_cached_q, quantize_int8, quantize_params, weight_bytes
+from marjax.models.quant import QWeight, forward_cached_q, quantize_int8, quantize_params, quantize_q4, weight_bytes
 from marjax.sampling import decode
 
 # max |logit error| / std(float32 logits) on 2 x 32 random tokens. Measured (random weights, seed
-# 0): tiny 0.013 (bf16), 0.038 (int8); tiny-ssm 0.055, 0.22 -- a random SSM amplifies weight
-# error (y = C (sum B x) is cubic in its input), so its bounds are looser.
-TOL = {("tiny", "bf16"): 0.03, ("tiny", "int8"): 0.1, ("tiny-ssm", "bf16"): 0.15, ("tiny-ssm", "int8"): 0.4}
+# 0): tiny 0.013 (bf16), 0.038 (int8), 0.30 (q4); tiny-ssm 0.055, 0.22, 2.15 -- a random SSM
+# amplifies weight error (y = C (sum B x) is cubic in its input), so its bounds are looser; q4's
+# 16 levels are 16x int8's step. (What q4 computes is pinned by the numpy oracle below; these
+# bounds only catch a quantiser gone wrong.)
+Q4TOL_TINY, Q4TOL_SSM = 0.6, 4.0
+TOL = {("tiny", "bf16"): 0.03, ("tiny", "int8"): 0.1, ("tiny-ssm", "bf16"): 0.15, ("tiny-ssm", "int8"): 0.4,
+       ("tiny", "q4"): Q4TOL_TINY, ("tiny-ssm", "q4"): Q4TOL_SSM}
 
 _step = jax.jit(forward_cached_q, static_argnames="cfg")
 
@@ -31,7 +35,14 @@ def _np_dequantize(x: QWeight) -> np.ndarray:
     """Independent numpy dequantiser: data (..., out, in) times its group's scale, transposed
     back to the model's (..., in, out) when `transposed`."""
     w = np.asarray(x.data, np.float32)
-    if x.scale is not None:
+    if x.zero is not None:                                  # q4: byte j of a group = q_j | q_(j+16) << 4
+        b = np.asarray(x.data).astype(np.int32)
+        *lead, o, half = b.shape
+        g = b.reshape(*lead, o, half // 16, 16)
+        q = np.concatenate([g % 16, g // 16], axis=-1).reshape(*lead, o, 2 * half).astype(np.float32)
+        rep = lambda a: np.repeat(np.asarray(a, np.float32)[..., 0], 32, axis=-1)   # noqa: E731
+        w = q * rep(x.scale) + rep(x.zero)
+    elif x.scale is not None:
         sc = np.asarray(x.scale, np.float32)                 # (..., out, n_groups, 1)
         w = w * np.repeat(sc[..., 0], w.shape[-1] // sc.shape[-2], axis=-1)
     return np.swapaxes(w, -1, -2) if x.transposed else w
@@ -58,15 +69,51 @@ def test_int8_group_scales_and_error_bound():
     assert not e.transposed and e.data.shape == (64, 5) and e.scale.shape == (64, 1, 1)
 
 
+def test_q4_layout_and_error_bound():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(3, 64, 5)).astype(np.float32)     # (L, in, out): 2 groups of 32 per column
+    w[1, :32, 2] = 0.25                                    # a constant group
+    qw = quantize_q4(jnp.asarray(w), axis=-2)
+    assert qw.data.dtype == jnp.uint8 and qw.data.shape == (3, 5, 32)
+    assert qw.scale.shape == qw.zero.shape == (3, 5, 2, 1) and qw.transposed
+    deq = _np_dequantize(qw)
+    blocks = np.swapaxes(w, -1, -2).reshape(3, 5, 2, 32)
+    lo, hi = blocks.min(-1), blocks.max(-1)
+    np.testing.assert_allclose(np.asarray(qw.zero, np.float32)[..., 0], lo, rtol=1e-3, atol=1e-4)
+    step = np.swapaxes(np.repeat(np.asarray(qw.scale, np.float32)[..., 0], 32, -1), -1, -2)
+    assert np.all(np.abs(deq - w) <= step / 2 + 2e-3 * np.abs(w).max())    # + float16 scale/zero rounding
+    b = np.asarray(qw.data).reshape(3, 5, 2, 16)
+    q = np.concatenate([b % 16, b // 16], -1)                                # (L, out, group, 32)
+    assert (q.min(-1) == 0).all() and (q.max(-1)[~np.isclose(hi, lo)] == 15).all()   # min and max on the grid
+    assert float(qw.scale[1, 2, 0, 0]) == 1.0 and (q[1, 2, 0] == 0).all() and deq[1, 0, 2] == 0.25
+    np.testing.assert_allclose(np.asarray(qw.dequantize()), deq, rtol=1e-6)
+    assert quantize_q4(jnp.ones((40, 3))).data.dtype == jnp.int8          # 40 % 32: stays int8
+
+
+def test_q4_reproduces_q4_1_weights_exactly():
+    """Weights that are already Q4_1 (a GGUF's blocks: w = d q + m with float16 d and m, each
+    group using 0 and 15) come back with the same q, d and m, so dequantising is lossless."""
+    rng = np.random.default_rng(1)
+    q = rng.integers(0, 16, size=(8, 4, 32))              # (out, groups, 32)
+    q[..., 0], q[..., 1] = 0, 15
+    d = rng.uniform(0.001, 0.1, size=(8, 4, 1)).astype(np.float16).astype(np.float32)
+    m = rng.uniform(-1, 0, size=(8, 4, 1)).astype(np.float16).astype(np.float32)
+    w = (d * q + m).reshape(8, 128).astype(np.float32)     # output-major (out, in)
+    qw = quantize_q4(jnp.asarray(w.T), axis=-2)
+    np.testing.assert_array_equal(np.asarray(qw.scale, np.float32), d)
+    np.testing.assert_array_equal(np.asarray(qw.zero, np.float32), m)
+    np.testing.assert_array_equal(_np_dequantize(qw), w.T)
+
+
 @pytest.mark.parametrize("name", ["tiny", "tiny-ssm"])
-@pytest.mark.parametrize("mode", ["bf16", "int8"])
+@pytest.mark.parametrize("mode", ["bf16", "int8", "q4"])
 def test_quantised_logits_within_tolerance(name, mode):
     m = _model(name)
     cfg, p = m.config, m.params
     ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 32)), jnp.int32)
     ref, _ = lm.forward(p, ids, cfg)
     q = quantize_params(p, mode)
-    assert weight_bytes(q) < weight_bytes(p) * (0.6 if mode == "bf16" else 0.35)
+    assert weight_bytes(q) < weight_bytes(p) * {"bf16": 0.6, "int8": 0.35, "q4": 0.3}[mode]
     # the decode path (dequantised inside the jitted step), stacked and unrolled, against weights
     # dequantised here in numpy
     np_deq = jax.tree.map(lambda x: _np_dequantize(x) if isinstance(x, QWeight) else np.asarray(x, np.float32), q,
@@ -101,7 +148,7 @@ def _greedy_q(q, cfg, prompt, n, forced=None):
 PROMPTS = ([1, 2, 3], [10, 20, 30, 40], [65, 66])
 
 
-@pytest.mark.parametrize("mode", ["bf16", "int8"])
+@pytest.mark.parametrize("mode", ["bf16", "int8", "q4"])
 def test_greedy_text_equal_tiny_attention(mode):
     m = _model("tiny")
     q = quantize_params(m.params, mode)
@@ -128,7 +175,7 @@ def test_greedy_tiny_ssm_agrees_along_the_float32_path(mode):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["bf16", "int8"])
+@pytest.mark.parametrize("mode", ["bf16", "int8", "q4"])
 def test_greedy_text_equal_smollm2(mode):
     """SmolLM2 greedy text on quantised weights, in the decode layout through `decode` itself,
     equals float32's for 24 new tokens on two golden prompts. (Per-output-channel int8, the

@@ -5,18 +5,27 @@
 //
 //   marjax_q8_matmul    W int8, one float16 scale per `group` consecutive weights along `in`
 //                       (scale (out, in / group, 1)); y = sum_g scale[o, g] * sum_k q[o, k] x[k]
+//   marjax_q4_matmul    W 4-bit, groups of 32 along `in` (as llama.cpp's Q4_1): w = scale * q + zero,
+//                       q in [0, 15]; byte j of a group's 16 holds q_j (low nibble) and q_{j+16}
+//                       (high); scale and zero (out, in / 32, 1) float16. The activations are
+//                       rounded to int16 per group of 32 (relative error <= 2^-16 of the group's
+//                       max |x|) for VNNI's int16 dot product
 //   marjax_bf16_matmul  W bfloat16
 //
 // Why: in a one-token decode step every weight is read once; XLA:CPU's fused dequantising
 // matrix-vector loop runs single-threaded at about 6 GB/s of int8 (measured), these run at
-// memory speed. AVX-512 (F, BW) and F16C; activations stay float32, so the result equals the
-// float32 product with the dequantised matrix up to summation order. Output rows are split over
-// XLA's intra-op thread pool.
+// memory speed. AVX-512 (F, BW, VNNI) and F16C; int8 and bf16 keep float32 activations, so the
+// result equals the float32 product with the dequantised matrix up to summation order. Output
+// rows are split over XLA's intra-op thread pool.
+
 #include <immintrin.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -85,6 +94,99 @@ static void rows_m(const W* w, const uint16_t* sc, const float* x, float* y, int
   for (; o < o1; ++o) tile<W, 1, M>(w, sc, x, y, in, out, group, o);
 }
 
+// 4-bit weights: R output rows against M activation rows, one group of 32 per iteration. The
+// activations come as int16 per group (xq, with scale xsc (M, ng)), so a group's 32 products are
+// one VNNI vpdpwssd on the unpacked nibbles (a float32 product would cost a conversion per
+// weight: the q4 loop was compute-bound at 10.6 G weights/s a core, measured). The zero term is
+// sum_g zero[o, g] * (float32 sum of x over group g), from `xs` (M, ng).
+template <int R, int M>
+static inline void q4_tile(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, const int16_t* xq,
+                           const float* xsc, const float* xs, float* y, int64_t in, int64_t out, int64_t o) {
+  const int64_t ng = in / 32, half = in / 2;
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  __m512 acc[R][M], accz[R][M];
+  for (int i = 0; i < R; ++i)
+    for (int r = 0; r < M; ++r) acc[i][r] = _mm512_setzero_ps(), accz[i][r] = _mm512_setzero_ps();
+  // 16 groups at a time: their scales (weight scale x activation scale) and zero terms as vectors,
+  // one lane per group, broadcast to the group's products by a lane permute
+  for (int64_t g0 = 0; g0 < ng; g0 += 16) {
+    const int64_t n = ng - g0 < 16 ? ng - g0 : 16;
+    const __mmask16 msk = (__mmask16)((1u << n) - 1u);
+    __m512 comb[R][M];
+    for (int i = 0; i < R; ++i) {
+      const __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(msk, sc + (o + i) * ng + g0));
+      const __m512 zv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(msk, zr + (o + i) * ng + g0));
+      for (int r = 0; r < M; ++r) {
+        comb[i][r] = _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(msk, xsc + r * ng + g0));
+        accz[i][r] = _mm512_fmadd_ps(zv, _mm512_maskz_loadu_ps(msk, xs + r * ng + g0), accz[i][r]);
+      }
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t g = g0 + j;
+      const __m512i lane = _mm512_set1_epi32(static_cast<int>(j));
+      __m512i xv[M];
+      for (int r = 0; r < M; ++r) xv[r] = _mm512_loadu_si512(xq + r * in + g * 32);
+      for (int i = 0; i < R; ++i) {
+        const uint8_t* wg = w + (o + i) * half + g * 16;
+        if ((g & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(wg) + kPrefetch, _MM_HINT_T0);
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wg));
+        const __m256i nib = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), low4), _mm_and_si128(b, low4));
+        const __m512i w16 = _mm512_cvtepu8_epi16(nib);          // q_0 .. q_31 in order
+        for (int r = 0; r < M; ++r) {
+          const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(_mm512_setzero_si512(), w16, xv[r]));
+          acc[i][r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(lane, comb[i][r]), dot, acc[i][r]);
+        }
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int r = 0; r < M; ++r)
+      y[r * out + o + i] = _mm512_reduce_add_ps(acc[i][r]) + _mm512_reduce_add_ps(accz[i][r]);
+}
+
+template <int M>
+static void q4_rows_m(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, const int16_t* xq, const float* xsc,
+                      const float* xs, float* y, int64_t in, int64_t out, int64_t o0, int64_t o1) {
+  constexpr int R = M <= 2 ? 4 : 2;
+  int64_t o = o0;
+  for (; o + R <= o1; o += R) q4_tile<R, M>(w, sc, zr, xq, xsc, xs, y, in, out, o);
+  for (; o < o1; ++o) q4_tile<1, M>(w, sc, zr, xq, xsc, xs, y, in, out, o);
+}
+
+static void q4_rows(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, const int16_t* xq, const float* xsc,
+                    const float* xs, float* y, int64_t m, int64_t in, int64_t out, int64_t o0, int64_t o1) {
+  const int64_t ng = in / 32;
+  for (int64_t r0 = 0; r0 < m; r0 += kRowTile) {
+    const int16_t* xr = xq + r0 * in;
+    const float* xscr = xsc + r0 * ng;
+    const float* xsr = xs + r0 * ng;
+    float* yr = y + r0 * out;
+    switch (m - r0 >= kRowTile ? kRowTile : m - r0) {
+      case 1: q4_rows_m<1>(w, sc, zr, xr, xscr, xsr, yr, in, out, o0, o1); break;
+      case 2: q4_rows_m<2>(w, sc, zr, xr, xscr, xsr, yr, in, out, o0, o1); break;
+      case 3: q4_rows_m<3>(w, sc, zr, xr, xscr, xsr, yr, in, out, o0, o1); break;
+      default: q4_rows_m<4>(w, sc, zr, xr, xscr, xsr, yr, in, out, o0, o1); break;
+    }
+  }
+}
+
+// x (m, in) float32 -> int16 per group of 32 (scale = max |x| / 32767, so each value is off by at
+// most 2^-16 of its group's max), the scales and the float32 group sums
+static void quantize_x16(const float* x, int64_t m, int64_t in, std::vector<int16_t>& xq, std::vector<float>& xsc,
+                         std::vector<float>& xs) {
+  const int64_t ng = in / 32;
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t g = 0; g < ng; ++g) {
+      const float* v = x + r * in + g * 32;
+      float amax = 0.f, sum = 0.f;
+      for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(v[k])), sum += v[k];
+      const float scale = amax > 0.f ? amax / 32767.f : 1.f;
+      for (int k = 0; k < 32; ++k) xq[r * in + g * 32 + k] = static_cast<int16_t>(std::nearbyint(v[k] / scale));
+      xsc[r * ng + g] = scale;
+      xs[r * ng + g] = sum;
+    }
+}
+
 // output rows [o0, o1) for all m activation rows, kRowTile at a time
 template <typename W>
 static void rows(const W* w, const uint16_t* sc, const float* x, float* y, int64_t m, int64_t in, int64_t out,
@@ -107,9 +209,10 @@ struct Progress {
 };
 
 // fn(o0, o1) over [0, out) in chunks claimed from a shared counter by this thread and up to
-// num_threads pool tasks. The caller waits only for chunks already claimed, so a pool that never
-// runs the tasks (or runs them late) cannot deadlock it; the state is shared, so a late task
-// finds no chunk left and returns.
+// num_threads tasks on XLA's intra-op pool. The caller waits only for chunks already claimed, so
+// a pool that runs the tasks late (or never) cannot deadlock it; the state is shared, so a late
+// task finds no chunk left and returns without touching a finished call's memory. (Helper
+// threads that spin between calls instead, as llama.cpp's, measured no faster here.)
 template <typename Fn>
 static void parallel_rows(ffi::ThreadPool& pool, int64_t out, Fn fn) {
   const int64_t threads = pool.num_threads() + 1;
@@ -154,6 +257,28 @@ ffi::Error Q8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
+ffi::Error Q4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::F16> scale,
+                    ffi::Buffer<ffi::F16> zero, ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || xd[1] != 2 * wd[1] || yd[0] != xd[0] || yd[1] != wd[0])
+    return ffi::Error::InvalidArgument("marjax_q4_matmul: expected x (m, in), w (out, in / 2) uint8, y (m, out)");
+  const int64_t m = xd[0], in = xd[1], out = wd[0], ng = in / 32;
+  if (in % 32 != 0 || static_cast<int64_t>(scale.element_count()) != out * ng ||
+      static_cast<int64_t>(zero.element_count()) != out * ng)
+    return ffi::Error::InvalidArgument("marjax_q4_matmul: in must be a multiple of 32, scale and zero (out, in / 32, 1)");
+  std::vector<int16_t> xq(m * in);
+  std::vector<float> xsc(m * ng), xs(m * ng);
+  quantize_x16(x.typed_data(), m, in, xq, xsc, xs);
+  const uint8_t* wp = w.typed_data();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.typed_data());
+  const uint16_t* zp = reinterpret_cast<const uint16_t*>(zero.typed_data());
+  const int16_t* xqp = xq.data();
+  const float *xscp = xsc.data(), *xsp = xs.data();
+  float* yp = y->typed_data();
+  parallel_rows(pool, out, [=](int64_t o0, int64_t o1) { q4_rows(wp, sp, zp, xqp, xscp, xsp, yp, m, in, out, o0, o1); });
+  return ffi::Error::Success();
+}
+
 ffi::Error Bf16Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
                       ffi::ResultBuffer<ffi::F32> y) {
   if (ffi::Error e = check(x.dimensions(), w.dimensions(), y->dimensions()); e.failure()) return e;
@@ -172,6 +297,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MarjaxQ8Matmul, Q8Matmul,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MarjaxQ4Matmul, Q4Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
