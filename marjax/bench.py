@@ -268,7 +268,7 @@ def decode_main(argv=None) -> int:
     if modes != ["f32"]:
         out["weights"] = {}
         print(f"\n# cpu kernel: {cpu_kernels.status().reason}")
-        print(f"# cached greedy decode, {a.weights_tokens} new tokens; bf16/int8 products run the native CPU kernel "
+        print(f"# cached greedy decode, {a.weights_tokens} new tokens; bf16/int8/q4 products run the native CPU kernel "
               "where it is built, rows marked xla XLA's dequantising matmul; "
               f"median (min) of {a.repeats} interleaved rounds")
         print("| model | weights | tok/s over f32 | same, CPU time | weight MiB | same tokens as f32 |")

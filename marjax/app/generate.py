@@ -20,8 +20,9 @@ def main(argv=None) -> int:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--weights", default="f32", choices=MODES,
-                    help="matmul weights to decode with: f32 (default), bf16, or int8 (per-32 groups; the fastest "
-                         "on CPU, same greedy text as f32 on the golden prompts)")
+                    help="matmul weights to decode with: f32 (default), bf16, int8 (per-32 groups) or q4 (4-bit "
+                         "as llama.cpp's Q4_1; the fastest on a CPU with marjax's kernel); int8 and q4 give the "
+                         "same greedy text as f32 on the golden prompts")
     a = ap.parse_args(argv)
     m = load(a.model)
     if a.weights != "f32":

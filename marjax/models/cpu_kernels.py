@@ -11,7 +11,7 @@ Why a native kernel: one decode token reads every weight once, so decoding is bo
 the matrix-vector products stream their weights. XLA:CPU fuses a dequantising producer into the
 product but runs it single-threaded at about 6 GB/s of int8 (measured on the 2-core dev VM);
 the kernel uses both cores and AVX-512 and streams int8 at memory speed (`marjax bench decode`).
-JAX cannot express such a loop on the CPU any other way (Pallas runs only interpreted there).
+Pallas cannot express such a loop here (it runs only interpreted on the CPU); an FFI custom call can.
 
 The kernel is compiled on first use with the machine's C++ compiler (`$CXX`, else g++, c++ or
 clang++; -O3 -march=native) against the FFI headers jaxlib ships, into
