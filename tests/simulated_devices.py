@@ -9,7 +9,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def device_env(devices: int = 8) -> dict:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+    # the parent's flags (conftest's optimisation level) plus the device count
+    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
+    env = dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip(),
+               JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
     env.pop("MARJAX_NUM_PROCESSES", None)
     return env

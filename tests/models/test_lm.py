@@ -96,8 +96,9 @@ def test_unrolled_forward_and_taps_equal_stacked(name):
     ids = _ids(cfg)
     u = unroll_layers(p)
     (lg, aux), (lg_u, aux_u) = forward(p, ids, cfg, taps=("prenorm",)), forward(u, ids, cfg, taps=("prenorm",))
-    np.testing.assert_allclose(lg_u, lg, atol=2e-5)
-    np.testing.assert_allclose(aux_u["prenorm"], aux["prenorm"], atol=2e-5)
+    # two programs, so float32 sums in another order: a few ulps of logits up to ~20
+    np.testing.assert_allclose(lg_u, lg, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(aux_u["prenorm"], aux["prenorm"], atol=2e-5, rtol=1e-5)
     assert aux_u["prenorm"].shape == (cfg.n_layers, 2, 2, 12, cfg.d_model)
     with pytest.raises(MarjaxError, match="layout"):
         forward_cached(u, ids[:, :3], init_cache(cfg, 2, 16), cfg)
