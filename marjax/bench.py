@@ -8,7 +8,8 @@ the same run (marjax.app.benchkit).
 
 decode: cached greedy decoding against the full forward re-run per token over the growing
 prefix (bucketed to multiples of FULL_BUCKET tokens so each bucket compiles once); the SSM-vs-KV
-per-step curve; `--weights f32,bf16,int8` (weight-only quantised decode, marjax.models.quant);
+per-step curve; `--weights f32,bf16,int8,q4` (weight-only quantised decode, marjax.models.quant, through the native CPU
+kernels where built and, rows `xla`, without);
 `--llama-cpp`: llama.cpp on the same GGUF when llama-cpp-python happens to be installed."""
 from __future__ import annotations
 
@@ -311,7 +312,7 @@ ALL_DEFAULTS = {
     "ssd": ["--lengths", "512", "--impls", "auto,reference", "--repeats", "3"],
     "atmn": ["--tokens", "512", "--T", "1,2,4", "--repeats", "5"],
     "step": ["--model", "tiny", "--repeats", "3"],
-    "decode": ["--model", "tiny", "--new-tokens", "64", "--weights", "f32,bf16,int8", "--weights-ssm"],
+    "decode": ["--model", "tiny", "--new-tokens", "64", "--weights", "f32,bf16,int8,q4", "--weights-ssm"],
     "eval": ["--model", "tiny", "--max-tokens", "1024"],
 }
 SUBS = {"ssd": ("marjax.ssm.bench", "main"), "atmn": ("marjax.spiking.bench", "main"),
