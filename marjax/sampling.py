@@ -124,7 +124,7 @@ def _greedy_tokens(params, cfg: ModelConfig, first: int, cache, max_new_tokens: 
         nxt = None
         if len(out) + 1 < max_new_tokens:    # the token after `pending` will be wanted: start it now
             nxt, cache = _greedy_step(params, pending, cache, cfg=cfg)
-        tok = int(pending[0, 0])             # waits for the step before, not the one just started
+        tok = int(np.asarray(pending)[0, 0])  # waits for the step before, not the one just started
         out.append(tok)
         if on_token is not None:
             on_token(tok)

@@ -51,6 +51,7 @@ FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 # products with more activation rows than this (prefill) are matmul-bound, not weight-bound:
 # XLA's dequantise-then-matmul is the right tool there
 MAX_ROWS = 16
+_VMAP = "sequential"   # under jax.vmap: one call per batch element (the kernels take 2-D operands)
 _TARGETS = {"q8": ("marjax_q8_matmul", "MarjaxQ8Matmul"), "q4": ("marjax_q4_matmul", "MarjaxQ4Matmul"),
             "bf16": ("marjax_bf16_matmul", "MarjaxBf16Matmul")}
 
@@ -157,7 +158,7 @@ def q8_matmul(x: Float[Array, "m k"], q: Int[Array, "n k"], scale: Float[Array, 
         raise ValueError(f"expected int8 q (n, k) and float16 scale (n, g, 1) with g dividing k, got "
                          f"{q.dtype} {q.shape} and {scale.dtype} {scale.shape}")
     out = jax.ShapeDtypeStruct((x.shape[0], q.shape[0]), jnp.float32)
-    return jax.ffi.ffi_call(_TARGETS["q8"][0], out)(x, q, scale)
+    return jax.ffi.ffi_call(_TARGETS["q8"][0], out, vmap_method=_VMAP)(x, q, scale)
 
 
 def q4_matmul(x: Float[Array, "m k"], q: Int[Array, "n k2"], scale: Float[Array, "n g 1"],
@@ -175,7 +176,7 @@ def q4_matmul(x: Float[Array, "m k"], q: Int[Array, "n k2"], scale: Float[Array,
         raise ValueError(f"expected uint8 q and float16 scale and zero {want}, got {q.dtype}, "
                          f"{scale.dtype} {scale.shape}, {zero.dtype} {zero.shape}")
     out = jax.ShapeDtypeStruct((x.shape[0], q.shape[0]), jnp.float32)
-    return jax.ffi.ffi_call(_TARGETS["q4"][0], out)(x, q, scale, zero)
+    return jax.ffi.ffi_call(_TARGETS["q4"][0], out, vmap_method=_VMAP)(x, q, scale, zero)
 
 
 def bf16_matmul(x: Float[Array, "m k"], w: Float[Array, "n k"]) -> Float[Array, "m n"]:
@@ -184,4 +185,4 @@ def bf16_matmul(x: Float[Array, "m k"], w: Float[Array, "n k"]) -> Float[Array, 
     if w.dtype != jnp.bfloat16:
         raise ValueError(f"w must be bfloat16, got {w.dtype}")
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32)
-    return jax.ffi.ffi_call(_TARGETS["bf16"][0], out)(x, w)
+    return jax.ffi.ffi_call(_TARGETS["bf16"][0], out, vmap_method=_VMAP)(x, w)

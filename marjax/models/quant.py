@@ -30,7 +30,7 @@ byte (byte j of a group holds q_j low and q_(j+16) high), so |dequantised - w| <
 (plus float16 rounding). The block matrices are q4 and the embedding table (and an untied head)
 int8, as in the SmolLM2 GGUF (Q4_1 blocks, a Q8_0 token table); a GGUF's Q4_1 matrices come back
 unchanged (their min and max are on the grid). A matrix whose contraction length is not a
-multiple of 32 stays int8.
+multiple of 32 stays int8. (Scales and zeros are float16: weights must lie within +-65504.)
 
 Activations stay in the model's dtype. The layers multiply by a QWeight as by an array (`x @ w`
 calls `matmul`), so they run unchanged on quantised params: on the CPU a decode-sized float32

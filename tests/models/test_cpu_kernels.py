@@ -139,6 +139,13 @@ def test_qweight_product_routes_and_agrees(mode):
     assert target not in _custom_calls(lambda x: x @ table, jnp.ones((1, 40), jnp.float32))
 
 
+def test_vmap_over_a_kernel_product():
+    w = quantize_weight(jnp.asarray(np.random.default_rng(2).normal(size=(64, 8)), jnp.float32), -2, "int8")
+    xs = jnp.asarray(np.random.default_rng(3).normal(size=(3, 1, 64)), jnp.float32)
+    got = jax.vmap(lambda x: x @ w)(xs)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(xs @ w.dequantize()), rtol=1e-5, atol=1e-5)
+
+
 def test_other_platforms_lower_without_the_kernel():
     """A program exported for TPU from this CPU holds no CPU custom call (platform_dependent)."""
     w = quantize_weight(jnp.ones((64, 32), jnp.float32), -2, "int8")
