@@ -276,7 +276,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, unrolled: bool = Fals
     if cfg.is_ssm:
         one = mamba2.init_mixer_cache(batch, cfg.ssm, dtype)
     else:
-        shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)   # head-major (nn.layers.attention)
+        shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
         one = (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
     if unrolled:   # separate buffers per layer: a donated cache is then updated in place
         layers = tuple(jax.tree.map(jnp.copy, one) for _ in range(L))

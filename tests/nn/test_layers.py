@@ -69,7 +69,7 @@ def test_attention_cache_chunks_equal_full_pass(n_heads, n_kv, head_dim, chunks)
     x = jax.random.normal(jax.random.key(1), (2, l, cfg.d_model))
     pos = jnp.broadcast_to(jnp.arange(l)[None], (2, l))
     full, _ = attention(p, x, cfg, pos)
-    shape = (2, n_kv, 16, head_dim)                           # head-major (b, hkv, S, hd)
+    shape = (2, 16, n_kv, head_dim)
     cache, outs, start = (jnp.zeros(shape), jnp.zeros(shape)), [], 0
     for n in chunks:
         y, cache = attention(p, x[:, start:start + n], cfg, pos[:, start:start + n], cache)
