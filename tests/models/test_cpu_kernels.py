@@ -12,6 +12,7 @@ import pytest
 from marjax.api import load
 from marjax.models import cpu_kernels, lm, quant
 from marjax.models.quant import QWeight, quantize_int8, quantize_q4, quantize_weight
+from quant_oracle import np_dequantize   # tests/quant_oracle.py
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -23,11 +24,9 @@ def kernels():
         pytest.skip(f"marjax CPU kernels unavailable here: {st.reason}")
 
 
-def _np_q8(w: QWeight) -> np.ndarray:
-    """(out, in) float64 dequantised, from the stored int8 and float16 scales."""
-    q = np.asarray(w.data, np.float64)
-    s = np.asarray(w.scale, np.float64)[..., 0]                   # (out, groups)
-    return (q.reshape(q.shape[0], s.shape[1], -1) * s[..., None]).reshape(q.shape)
+def _np_q(w: QWeight) -> np.ndarray:
+    """The kernels' (out, in) matrix in float64, from the stored int8 or 4-bit values."""
+    return np_dequantize(w, np.float64).T
 
 
 # (out, in, group): partial tiles of 4 output rows, contractions not a multiple of 16 (masked
@@ -41,20 +40,11 @@ def test_q8_matmul_matches_numpy(out, k, group, m):
     rng = np.random.default_rng(out * 1000 + k + m)
     w = quantize_int8(jnp.asarray(rng.normal(size=(k, out)), jnp.float32), axis=-2, group=group)
     x = rng.normal(size=(m, k)).astype(np.float32)
-    want = x.astype(np.float64) @ _np_q8(w).T
+    want = x.astype(np.float64) @ _np_q(w).T
     got = np.asarray(jax.jit(cpu_kernels.q8_matmul)(jnp.asarray(x), w.data, w.scale))
-    scale = np.abs(x).astype(np.float64) @ np.abs(_np_q8(w)).T     # float32 summation error bound
+    scale = np.abs(x).astype(np.float64) @ np.abs(_np_q(w)).T     # float32 summation error bound
     assert got.shape == (m, out)
     assert np.all(np.abs(got - want) <= 1e-5 * scale + 1e-6), np.max(np.abs(got - want) / scale)
-
-
-def _np_q4(w: QWeight) -> np.ndarray:
-    """(out, in) float64 dequantised from the packed nibbles (byte j of a group: q_j | q_(j+16) << 4)."""
-    b = np.asarray(w.data).astype(np.int64)
-    g = b.reshape(b.shape[0], -1, 16)
-    q = np.concatenate([g % 16, g // 16], axis=-1)                    # (out, groups, 32)
-    sc, zr = (np.asarray(a, np.float64) for a in (w.scale, w.zero))   # (out, groups, 1)
-    return (q * sc + zr).reshape(b.shape[0], -1)
 
 
 @pytest.mark.parametrize("out,k", [(5, 32), (67, 96), (130, 576)])
@@ -66,7 +56,7 @@ def test_q4_matmul_matches_numpy(out, k, m):
     w = quantize_q4(jnp.asarray(rng.normal(size=(k, out)), jnp.float32), axis=-2)
     x = rng.normal(size=(m, k)).astype(np.float32)
     x[0, :32] *= 1e3                                                   # one loud group
-    deq = _np_q4(w)
+    deq = _np_q(w)
     want = x.astype(np.float64) @ deq.T
     got = np.asarray(jax.jit(cpu_kernels.q4_matmul)(jnp.asarray(x), w.data, w.scale, w.zero))
     step = np.repeat(np.abs(x).reshape(m, -1, 32).max(-1) / 32767, 32, axis=-1)       # (m, k)

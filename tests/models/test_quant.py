@@ -12,6 +12,7 @@ from marjax.api import load
 from marjax.models import lm
 from marjax.models.quant import QWeight, forward_cached_q, quantize_int8, quantize_params, quantize_q4, weight_bytes
 from marjax.sampling import decode
+from quant_oracle import np_dequantize   # tests/quant_oracle.py
 
 # max |logit error| / std(float32 logits) on 2 x 32 random tokens. Measured (random weights, seed
 # 0): tiny 0.013 (bf16), 0.038 (int8), 0.30 (q4); tiny-ssm 0.055, 0.22, 2.15 -- a random SSM
@@ -31,23 +32,6 @@ def _model(name):
         return load(name)
 
 
-def _np_dequantize(x: QWeight) -> np.ndarray:
-    """Independent numpy dequantiser: data (..., out, in) times its group's scale, transposed
-    back to the model's (..., in, out) when `transposed`."""
-    w = np.asarray(x.data, np.float32)
-    if x.zero is not None:                                  # q4: byte j of a group = q_j | q_(j+16) << 4
-        b = np.asarray(x.data).astype(np.int32)
-        *lead, o, half = b.shape
-        g = b.reshape(*lead, o, half // 16, 16)
-        q = np.concatenate([g % 16, g // 16], axis=-1).reshape(*lead, o, 2 * half).astype(np.float32)
-        rep = lambda a: np.repeat(np.asarray(a, np.float32)[..., 0], 32, axis=-1)   # noqa: E731
-        w = q * rep(x.scale) + rep(x.zero)
-    elif x.scale is not None:
-        sc = np.asarray(x.scale, np.float32)                 # (..., out, n_groups, 1)
-        w = w * np.repeat(sc[..., 0], w.shape[-1] // sc.shape[-2], axis=-1)
-    return np.swapaxes(w, -1, -2) if x.transposed else w
-
-
 def test_int8_group_scales_and_error_bound():
     w = np.random.default_rng(0).normal(size=(3, 64, 5)).astype(np.float32)   # (L, in, out)
     w[1, :32, 2] = 0.0                                      # an all-zero group
@@ -56,7 +40,7 @@ def test_int8_group_scales_and_error_bound():
     blocks = np.swapaxes(w, -1, -2).reshape(3, 5, 2, 32)
     amax = np.abs(blocks).max(-1, keepdims=True)
     np.testing.assert_allclose(np.asarray(qw.scale, np.float32), np.where(amax > 0, amax / 127, 1.0), rtol=1e-3)
-    deq = _np_dequantize(qw)
+    deq = np_dequantize(qw)
     assert deq.shape == w.shape
     scale_in = np.swapaxes(np.repeat(np.asarray(qw.scale, np.float32)[..., 0], 32, -1), -1, -2)
     assert np.all(np.abs(deq - w) <= scale_in / 2 + 1e-3 * np.abs(w).max())   # + float16 scale rounding
@@ -76,7 +60,7 @@ def test_q4_layout_and_error_bound():
     qw = quantize_q4(jnp.asarray(w), axis=-2)
     assert qw.data.dtype == jnp.uint8 and qw.data.shape == (3, 5, 32)
     assert qw.scale.shape == qw.zero.shape == (3, 5, 2, 1) and qw.transposed
-    deq = _np_dequantize(qw)
+    deq = np_dequantize(qw)
     blocks = np.swapaxes(w, -1, -2).reshape(3, 5, 2, 32)
     lo, hi = blocks.min(-1), blocks.max(-1)
     np.testing.assert_allclose(np.asarray(qw.zero, np.float32)[..., 0], lo, rtol=1e-3, atol=1e-4)
@@ -102,7 +86,7 @@ def test_q4_reproduces_q4_1_weights_exactly():
     qw = quantize_q4(jnp.asarray(w.T), axis=-2)
     np.testing.assert_array_equal(np.asarray(qw.scale, np.float32), d)
     np.testing.assert_array_equal(np.asarray(qw.zero, np.float32), m)
-    np.testing.assert_array_equal(_np_dequantize(qw), w.T)
+    np.testing.assert_array_equal(np_dequantize(qw), w.T)
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-ssm"])
@@ -116,7 +100,7 @@ def test_quantised_logits_within_tolerance(name, mode):
     assert weight_bytes(q) < weight_bytes(p) * {"bf16": 0.6, "int8": 0.35, "q4": 0.3}[mode]
     # the decode path (dequantised inside the jitted step), stacked and unrolled, against weights
     # dequantised here in numpy
-    np_deq = jax.tree.map(lambda x: _np_dequantize(x) if isinstance(x, QWeight) else np.asarray(x, np.float32), q,
+    np_deq = jax.tree.map(lambda x: np_dequantize(x) if isinstance(x, QWeight) else np.asarray(x, np.float32), q,
                           is_leaf=lambda x: isinstance(x, QWeight))
     lg_np, _ = lm.forward(jax.tree.map(jnp.asarray, np_deq), ids, cfg)
     lg_q, _ = _step(q, ids, lm.init_cache(cfg, 2, 32), cfg=cfg)
