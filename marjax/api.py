@@ -50,7 +50,7 @@ def quantize(m: Model, weights: str = "int8") -> Model:
     """The model with weight-only quantised matmul weights ("bf16", "int8": per-32 groups, "q4":
     4-bit blocks as llama.cpp's Q4_1; "f32": float32) in the decode layout (unrolled layers,
     marjax.models.quant): what `generate` runs fastest on a CPU (native kernels,
-    marjax.models.cpu_kernels). `logits` dequantises them inside its jitted forward; training wants the
+    marjax.kernels.cpu_kernels). `logits` dequantises them inside its jitted forward; training wants the
     float, stacked params of `load`."""
     params = quant.quantize_params(lm.unroll_layers(m.params), weights)
     return Model(config=m.config, params=params, tokenizer=m.tokenizer, source=m.source)

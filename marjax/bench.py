@@ -30,7 +30,8 @@ from marjax.app.benchkit import device_name, header_line, interleaved, machine_i
 from marjax.distill.init import init_from_attention
 from marjax.errors import ConfigError
 from marjax.io.resolve import smollm2_gguf_path
-from marjax.models import cpu_kernels, lm, quant
+from marjax.kernels import cpu_kernels
+from marjax.models import lm, quant
 from marjax.sampling import decode
 
 __all__ = ["main", "decode_main", "all_main", "timeit", "device_name", "FULL_BUCKET"]

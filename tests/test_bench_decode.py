@@ -7,7 +7,7 @@ import warnings
 from marjax.api import load
 from marjax.bench import FULL_BUCKET, STACKED, _decode_weights
 from marjax.cli import main
-from marjax.models import cpu_kernels
+from marjax.kernels import cpu_kernels
 
 
 def test_bench_decode_tiny(tmp_path, capsys):

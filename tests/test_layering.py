@@ -1,7 +1,7 @@
 """The floors of ../shared/docs/DESIGN.md, read from the source with `ast` (nothing is imported):
 
   0  marjax/config.py errors.py typing.py       frozen configs, user-facing errors, shape legend
-  1  marjax/ssm/ marjax/spiking/ pallas_kernels/ the ops
+  1  marjax/ssm/ spiking/ kernels/ pallas_kernels/  the ops
   2  marjax/nn/ marjax/models/ marjax/sampling.py layers, LMs, the token sampler
   3  marjax/io/                                  everything that reads a file
   4  marjax/train/ distill/ eval/, marjax/api.py training, losses, scoring; the public bundle
@@ -31,7 +31,7 @@ ROOTS = ("marjax", "pallas_kernels", "experiments")
 # module prefix (dotted) -> floor; the longest matching prefix wins
 FLOORS = {
     "marjax.config": 0, "marjax.errors": 0, "marjax.typing": 0,
-    "marjax.ssm": 1, "marjax.spiking": 1, "pallas_kernels": 1,
+    "marjax.ssm": 1, "marjax.spiking": 1, "marjax.kernels": 1, "pallas_kernels": 1,
     "marjax.nn": 2, "marjax.models": 2, "marjax.sampling": 2,
     "marjax.io": 3,
     "marjax.train": 4, "marjax.distill": 4, "marjax.eval": 4, "marjax.api": 4,

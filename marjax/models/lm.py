@@ -150,8 +150,10 @@ def _spike_fn(sites: Optional[SpikeSites], cfg: ModelConfig, stats: dict, inputs
     return spike
 
 
-def block(p: BlockParams, x: Float[Array, "b l d"], cfg: ModelConfig, positions, cache=None, taps=(), mask=None):
-    """One pre-norm residual block. Returns (x_out, new_cache, aux)."""
+def block(p: BlockParams, x: Float[Array, "b l d"], cfg: ModelConfig, positions, cache=None, taps=(), mask=None,
+          attn_impl: str = "auto"):
+    """One pre-norm residual block. Returns (x_out, new_cache, aux). `attn_impl`: how attention
+    runs (marjax.nn.layers.ATTN_IMPLS)."""
     aux, stats = {}, {}
     site_inputs = {} if "site_inputs" in taps else None
     spike = _spike_fn(p.spikes, cfg, stats, site_inputs, mask)
@@ -159,7 +161,7 @@ def block(p: BlockParams, x: Float[Array, "b l d"], cfg: ModelConfig, positions,
     if cfg.is_ssm:
         m, cache = mamba2.mixer(p.mixer, h, cfg.ssm, cache, spike)
     else:
-        m, cache = attention(p.mixer, h, cfg, positions, cache)
+        m, cache = attention(p.mixer, h, cfg, positions, cache, impl=attn_impl)
         if "attn" in taps:
             aux["attn"] = attention_matrix(p.mixer, h, cfg, positions)
     x_mid = x + m
@@ -208,12 +210,13 @@ def unroll_cache(cache: dict) -> dict:
     return cache if _per_layer(cache["layers"]) else dict(cache, layers=_unstack(cache["layers"]))
 
 
-def _run_blocks(params: LMParams, x, cfg: ModelConfig, positions, cache, taps, mask=None, token_grad_clip=0.0):
+def _run_blocks(params: LMParams, x, cfg: ModelConfig, positions, cache, taps, mask=None, token_grad_clip=0.0,
+                attn_impl: str = "auto"):
     def body(carry, layer):
         p, c = layer
         if token_grad_clip > 0:
             carry = clip_token_grad(carry, float(token_grad_clip))
-        y, c, aux = block(p, carry, cfg, positions, c, taps, mask)
+        y, c, aux = block(p, carry, cfg, positions, c, taps, mask, attn_impl)
         return y, (c, aux)
 
     if cache is not None and _per_layer(cache) != is_unrolled(params):
@@ -285,11 +288,14 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, unrolled: bool = Fals
     return {"layers": layers, "pos": jnp.zeros((), jnp.int32)}
 
 
-def forward_cached(params: LMParams, ids: Int[Array, "b n"], cache, cfg: ModelConfig):
+def forward_cached(params: LMParams, ids: Int[Array, "b n"], cache, cfg: ModelConfig, attn_impl: str = "auto"):
     """Consume `ids` after the cached context (prefill when n > 1, a decode step when n == 1).
-    Returns (logits (b, n, v) float32, new cache)."""
+    Returns (logits (b, n, v) float32, new cache). `attn_impl` (marjax.nn.layers.ATTN_IMPLS, static
+    under jit): "auto" runs a float32 decode step's attention with the native CPU kernel where it
+    is built, "xla" with XLA's einsums."""
     b, n = ids.shape
     positions = cache["pos"] + jnp.broadcast_to(jnp.arange(n)[None], (b, n))
-    x, layers, _ = _run_blocks(params, embed(params, ids), cfg, positions, cache["layers"], ())
+    x, layers, _ = _run_blocks(params, embed(params, ids), cfg, positions, cache["layers"], (),
+                               attn_impl=attn_impl)
     h = rms_norm(params.final_norm, x, cfg.rms_eps)
     return lm_head(params, h), {"layers": layers, "pos": cache["pos"] + n}

@@ -35,7 +35,7 @@ multiple of 32 stays int8. (Scales and zeros are float16: weights must lie withi
 Activations stay in the model's dtype. The layers multiply by a QWeight as by an array (`x @ w`
 calls `matmul`), so they run unchanged on quantised params: on the CPU a decode-sized float32
 product (at most cpu_kernels.MAX_ROWS activation rows) of a 2-D output-major QWeight runs the
-native kernel of marjax.models.cpu_kernels, which streams the int8/q4/bf16 weights on all cores;
+native kernel of marjax.kernels.cpu_kernels, which streams the int8/q4/bf16 weights on all cores;
 everything else (prefill, other platforms, impl="xla", no kernel built) multiplies by the
 dequantised matrix, which XLA fuses as above. `dequantize_params` turns every QWeight back into
 an array for code that needs plain arrays.
@@ -55,7 +55,7 @@ from jaxtyping import Array, Float, Int
 
 from marjax.config import ModelConfig
 from marjax.errors import ConfigError
-from marjax.models import cpu_kernels
+from marjax.kernels import cpu_kernels
 from marjax.models.lm import LMParams, forward_cached, is_unrolled
 
 __all__ = ["MODES", "IMPLS", "GROUP", "Q4_GROUP", "QWeight", "matmul", "quantize_int8", "quantize_q4",

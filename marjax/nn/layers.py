@@ -12,10 +12,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from marjax.kernels import cpu_kernels
 from marjax.typing import array, depth_scaled_normal, fan_in_normal, param_dataclass
 
 __all__ = ["MLPParams", "AttnParams", "attention_dims", "rms_norm", "clip_token_grad", "rope_inv_freq", "rope_tables",
-           "apply_rope", "mlp", "attention", "attention_matrix", "repeat_kv"]
+           "apply_rope", "mlp", "attention", "attention_matrix", "repeat_kv", "ATTN_IMPLS"]
 
 
 @param_dataclass
@@ -167,30 +168,58 @@ def attention_matrix(p: AttnParams, x: Float[Array, "b l d"], cfg,
     return _scores_softmax(q, k, positions, positions)
 
 
+ATTN_IMPLS = ("auto", "xla")
+
+
+def _decode_kernel_applies(q, ck, impl: str) -> bool:
+    """Whether one decode token's attention runs the native CPU kernel (decided at trace time):
+    impl "auto", a single float32 query position over a float32 cache, the kernel built."""
+    return (impl == "auto" and q.shape[1] == 1 and q.dtype == jnp.float32 and ck.dtype == jnp.float32
+            and cpu_kernels.available())
+
+
+def _attend(q, k_all, v_all, q_pos, k_pos, k_valid, n_kv_heads: int):
+    """Causal GQA attention core in float32: q (b,l,h,hd), k/v (b,s,g,hd) -> (b,l,h,hd)."""
+    # grouped: query head h reads KV head h // n_rep (repeat_kv's order) without materialising
+    # the repeated K/V, which decoding would otherwise copy out of the whole cache every token
+    b, l, h, hd = q.shape
+    n_rep = h // n_kv_heads
+    qg = q.reshape(b, l, n_kv_heads, n_rep, hd).astype(jnp.float32)
+    s = jnp.einsum("blgrd,bsgd->bgrls", qg, k_all.astype(jnp.float32)).reshape(b, h, l, -1)
+    probs = _masked_softmax(s / jnp.sqrt(jnp.float32(hd)), q_pos, k_pos, k_valid)
+    pg = probs.reshape(b, n_kv_heads, n_rep, l, -1)
+    return jnp.einsum("bgrls,bsgd->blgrd", pg, v_all.astype(jnp.float32)).reshape(b, l, h, hd)
+
+
 def attention(p: AttnParams, x: Float[Array, "b l d"], cfg, positions: Int[Array, "b l"],
-              cache=None):
-    """Causal GQA attention. With `cache` = (k (b,S,hkv,hd), v, length (b,)), the new k/v are
-    written at positions and attention runs over the cache; returns (out, new_cache)."""
+              cache=None, impl: str = "auto"):
+    """Causal GQA attention. With `cache` = (k (b,S,hkv,hd), v), the new k/v are written at
+    positions and attention runs over the cache; returns (out, new_cache). `impl` (ATTN_IMPLS):
+    "auto" runs a float32 one-token decode step with the native CPU kernel
+    (marjax.kernels.cpu_kernels.attn_decode: reads the valid prefix of the cache in place) where it
+    is built, under lax.platform_dependent so other platforms keep XLA's einsums; "xla" always the
+    einsums."""
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f"attention impl must be one of {ATTN_IMPLS}, got {impl!r}")
     q, k, v = qkv(p, x, cfg, positions)
-    n_rep = cfg.n_heads // cfg.n_kv_heads
     if cache is None:
-        k_all, v_all, k_pos, k_valid = k, v, positions, None
+        o = _attend(q, k, v, positions, positions, None, cfg.n_kv_heads)
     else:
         ck, cv = cache
         start = positions[0, 0]  # all rows decode in lockstep (same prompt length per batch)
         ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), start, axis=1)
         cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), start, axis=1)
-        k_all, v_all = ck, cv
-        k_pos = jnp.broadcast_to(jnp.arange(ck.shape[1])[None], (x.shape[0], ck.shape[1]))
-        k_valid = k_pos <= positions[:, -1:]
         cache = (ck, cv)
-    # grouped: query head h reads KV head h // n_rep (repeat_kv's order) without materialising
-    # the repeated K/V, which decoding would otherwise copy out of the whole cache every token
-    b, l, h, hd = q.shape
-    qg = q.reshape(b, l, cfg.n_kv_heads, n_rep, hd).astype(jnp.float32)
-    s = jnp.einsum("blgrd,bsgd->bgrls", qg, k_all.astype(jnp.float32)).reshape(b, h, l, -1)
-    probs = _masked_softmax(s / jnp.sqrt(jnp.float32(hd)), positions, k_pos, k_valid)
-    pg = probs.reshape(b, cfg.n_kv_heads, n_rep, l, -1)
-    o = jnp.einsum("bgrls,bsgd->blgrd", pg, v_all.astype(jnp.float32)).reshape(b, l, h, hd)
+        k_pos = jnp.broadcast_to(jnp.arange(ck.shape[1])[None], (x.shape[0], ck.shape[1]))
+
+        def dense(q, ck, cv, positions):
+            return _attend(q, ck, cv, positions, k_pos, k_pos <= positions[:, -1:], cfg.n_kv_heads)
+
+        if _decode_kernel_applies(q, ck, impl):
+            def cpu(q, ck, cv, positions):
+                return cpu_kernels.attn_decode(q[:, 0], ck, cv, positions[:, 0] + 1)[:, None]
+            o = jax.lax.platform_dependent(q, ck, cv, positions, cpu=cpu, default=dense)
+        else:
+            o = dense(q, ck, cv, positions)
     out = o.reshape(*x.shape[:2], -1).astype(x.dtype) @ p.wo
     return out, cache

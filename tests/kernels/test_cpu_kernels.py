@@ -1,4 +1,4 @@
-"""The native CPU kernels (marjax.models.cpu_kernels) against float64 numpy products, the QWeight
+"""The native CPU kernels (marjax.kernels.cpu_kernels) against float64 numpy products, the QWeight
 product's routing (kernel for decode-sized float32 products, XLA otherwise, and the kernel absent
 from programs lowered for other platforms), and the build's failure paths."""
 import os
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from marjax.api import load
-from marjax.models import cpu_kernels, lm, quant
+from marjax.kernels import cpu_kernels
+from marjax.models import lm, quant
 from marjax.models.quant import QWeight, quantize_int8, quantize_q4, quantize_weight
 from quant_oracle import np_dequantize   # tests/quant_oracle.py
 

@@ -1,21 +1,27 @@
-"""Native CPU kernels for decode-sized products with weight-only quantised matrices, as XLA FFI
-custom calls (source: csrc/qgemv.cc). marjax.models.quant routes a QWeight product here on the
-CPU; everything else (other platforms, prefill, bf16 activations) keeps XLA's dequantising matmul.
+"""Native CPU kernels for decoding, as XLA FFI custom calls: decode-sized products with
+weight-only quantised matrices (source: csrc/qgemv.cc) and one-token attention over a KV cache
+(csrc/attention.cc). marjax.models.quant routes a QWeight product here on the CPU, and
+marjax.nn.layers.attention a float32 decode step; everything else (other platforms, prefill, bf16
+activations) keeps XLA's own ops.
 
     if cpu_kernels.available():
         y = cpu_kernels.q8_matmul(x, q, scale)       # x (m, in) f32, q (out, in) int8 -> (m, out) f32
         y = cpu_kernels.q4_matmul(x, q, scale, zero) # q (out, in / 2) uint8: two 4-bit weights a byte
         y = cpu_kernels.bf16_matmul(x, w)            # w (out, in) bfloat16
+        o = cpu_kernels.attn_decode(q, k, v, n)      # q (b, h, d), cache k, v (b, S, g, d), n (b,) valid keys
 
 Why a native kernel: one decode token reads every weight once, so decoding is bound by how fast
 the matrix-vector products stream their weights. XLA:CPU fuses a dequantising producer into the
 product but runs it single-threaded at about 6 GB/s of int8 (measured on the 2-core dev VM);
 the kernel uses both cores and AVX-512 and streams int8 at memory speed (`marjax bench decode`).
 Pallas cannot express such a loop here (it runs only interpreted on the CPU); an FFI custom call can.
+The attention kernel exists because XLA:CPU's batched dot copies each layer's whole K and V buffer
+into a head-major layout on every decode step, and scores every slot of the buffer; the kernel reads
+the valid prefix in place.
 
-The kernel is compiled on first use with the machine's C++ compiler (`$CXX`, else g++, c++ or
+The kernels are compiled on first use with the machine's C++ compiler (`$CXX`, else g++, c++ or
 clang++; -O3 -march=native) against the FFI headers jaxlib ships, into
-`$MARJAX_CACHE_DIR/kernels` (default ~/.cache/marjax), keyed by the source, jaxlib's version, the
+`$MARJAX_CACHE_DIR/kernels` (default ~/.cache/marjax), keyed by the sources, jaxlib's version, the
 compiler and the CPU's flags; later processes load the cached library. It needs an x86-64 CPU with
 AVX-512 F/BW/VNNI and F16C. Where that, the compiler or the build is missing, `available()` is False,
 `status()` says why (a warning says so once, when a build fails) and callers fall back to XLA.
@@ -41,9 +47,12 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-__all__ = ["MAX_ROWS", "KernelStatus", "status", "available", "q8_matmul", "q4_matmul", "bf16_matmul"]
+__all__ = ["MAX_ROWS", "KernelStatus", "status", "available", "q8_matmul", "q4_matmul", "bf16_matmul",
+           "attn_decode"]
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "qgemv.cc"
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = (CSRC / "qgemv.cc", CSRC / "attention.cc")   # one library
+HEADERS = (CSRC / "parallel.h",)
 ENV_SWITCH = "MARJAX_CPU_KERNELS"
 ENV_CACHE = "MARJAX_CACHE_DIR"
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni", "f16c")
@@ -53,7 +62,7 @@ FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 MAX_ROWS = 16
 _VMAP = "sequential"   # under jax.vmap: one call per batch element (the kernels take 2-D operands)
 _TARGETS = {"q8": ("marjax_q8_matmul", "MarjaxQ8Matmul"), "q4": ("marjax_q4_matmul", "MarjaxQ4Matmul"),
-            "bf16": ("marjax_bf16_matmul", "MarjaxBf16Matmul")}
+            "bf16": ("marjax_bf16_matmul", "MarjaxBf16Matmul"), "attn": ("marjax_attn_decode", "MarjaxAttnDecode")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,16 +98,16 @@ def _cache_dir() -> Path:
 def _build(cxx: str, flags: set) -> Path:
     """The cached library for this source/jaxlib/compiler/CPU, compiled now if missing. Raises
     RuntimeError with the compiler's message on failure."""
-    src = SOURCE.read_bytes()
+    src = b"\0".join(p.read_bytes() for p in SOURCES + HEADERS)
     key = hashlib.sha256(b"\0".join([src, importlib.metadata.version("jaxlib").encode(), cxx.encode(), " ".join(FLAGS).encode(),
                                      " ".join(sorted(flags)).encode()])).hexdigest()[:16]
-    out = _cache_dir() / f"qgemv-{key}.so"
+    out = _cache_dir() / f"marjax-cpu-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)     # then an atomic rename: safe
     os.close(fd)                                                  # against concurrent builds
-    cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+    cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", tmp]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
@@ -186,3 +195,21 @@ def bf16_matmul(x: Float[Array, "m k"], w: Float[Array, "n k"]) -> Float[Array, 
         raise ValueError(f"w must be bfloat16, got {w.dtype}")
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32)
     return jax.ffi.ffi_call(_TARGETS["bf16"][0], out, vmap_method=_VMAP)(x, w)
+
+
+def attn_decode(q: Float[Array, "b h d"], k: Float[Array, "b s g d"], v: Float[Array, "b s g d"],
+                n: Int[Array, "b"]) -> Float[Array, "b h d"]:
+    """softmax(q k^T / sqrt(d)) v over the first n[i] keys of batch row i (0 <= n[i] <= s; no valid
+    key gives zeros), query head j reading KV head j // (h // g): one decode token's causal GQA
+    attention over its cache, in float32."""
+    if not available():
+        raise RuntimeError(f"marjax CPU kernels are unavailable: {status().reason}")
+    if q.ndim != 3 or k.ndim != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[2] \
+            or q.shape[1] % k.shape[2]:
+        raise ValueError(f"expected q (b, h, d) and k, v (b, s, g, d) with g dividing h, got {q.shape}, "
+                         f"{k.shape}, {v.shape}")
+    if any(a.dtype != jnp.float32 for a in (q, k, v)) or n.shape != q.shape[:1] or not jnp.issubdtype(n.dtype, jnp.integer):
+        raise ValueError(f"expected float32 q, k, v and integer n (b,), got {q.dtype}, {k.dtype}, {v.dtype} and "
+                         f"{n.dtype} {n.shape}")
+    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    return jax.ffi.ffi_call(_TARGETS["attn"][0], out, vmap_method=_VMAP)(q, k, v, n.astype(jnp.int32))

@@ -21,21 +21,24 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <memory>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "parallel.h"
 
 namespace ffi = xla::ffi;
+using marjax::parallel_rows;
 
 namespace {
 
 constexpr int kRowTile = 4;   // activation rows per pass over the weights (registers: R*M*2 <= 32)
 constexpr int kPrefetch = 4096;
-constexpr int64_t kMinParallelWork = int64_t{1} << 18;   // weights x rows below which one thread runs a product
+// weights x rows below which one thread runs a product: small products (a GQA layer's k and v:
+// 110 K weights, ~7 us) cost more to hand off than to compute (SmolLM2 q4 decode 73 -> 81 tok/s
+// in alternating runs with them kept on the calling thread)
+constexpr int64_t kMinParallelWork = int64_t{1} << 18;
 
 // 16 weights from `w` (masked) as float32
 static inline __m512 load_w(const int8_t* w, __mmask16 msk) {
@@ -204,40 +207,6 @@ static void rows(const W* w, const uint16_t* sc, const float* x, float* y, int64
   }
 }
 
-struct Progress {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-};
-
-// fn(o0, o1) over [0, out) in chunks claimed from a shared counter by this thread and up to
-// num_threads tasks on XLA's intra-op pool. The caller waits only for chunks already claimed, so
-// a pool that runs the tasks late (or never) cannot deadlock it; the state is shared, so a late
-// task finds no chunk left and returns without touching a finished call's memory. (Helper
-// threads that spin between calls instead, as llama.cpp's, measured no faster here.)
-template <typename Fn>
-static void parallel_rows(ffi::ThreadPool& pool, int64_t out, int64_t work, Fn fn) {
-  // small products (a GQA layer's k and v: 110 K weights, ~7 us) cost more to hand off than to
-  // compute: SmolLM2 q4 decode 73 -> 81 tok/s in alternating runs with them kept on this thread
-  const int64_t threads = work < kMinParallelWork ? 1 : pool.num_threads() + 1;
-  int64_t chunk = (out + 4 * threads - 1) / (4 * threads);   // ~4 chunks per thread: balance
-  chunk = chunk < 16 ? 16 : (chunk + 3) / 4 * 4;
-  const int64_t nchunks = (out + chunk - 1) / chunk;
-  auto state = std::make_shared<Progress>();
-  auto run = [state, nchunks, chunk, out, fn]() {
-    for (;;) {
-      const int64_t c = state->next.fetch_add(1, std::memory_order_relaxed);
-      if (c >= nchunks) return;
-      const int64_t o0 = c * chunk, o1 = o0 + chunk < out ? o0 + chunk : out;
-      fn(o0, o1);
-      state->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = threads - 1 < nchunks - 1 ? threads - 1 : nchunks - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([run]() { run(); });
-  run();
-  while (state->done.load(std::memory_order_acquire) < nchunks) _mm_pause();
-}
-
 static ffi::Error check(ffi::AnyBuffer::Dimensions xd, ffi::AnyBuffer::Dimensions wd, ffi::AnyBuffer::Dimensions yd) {
   if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || xd[1] != wd[1] || yd[0] != xd[0] || yd[1] != wd[0])
     return ffi::Error::InvalidArgument("marjax qgemv: expected x (m, in), w (out, in), y (m, out)");
@@ -256,7 +225,7 @@ ffi::Error Q8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   const float* xp = x.typed_data();
   float* yp = y->typed_data();
   const int64_t group = in / ng;
-  parallel_rows(pool, out, m * in * out, [=](int64_t o0, int64_t o1) { rows(wp, sp, xp, yp, m, in, out, group, o0, o1); });
+  parallel_rows(pool, out, m * in * out < kMinParallelWork, [=](int64_t o0, int64_t o1) { rows(wp, sp, xp, yp, m, in, out, group, o0, o1); });
   return ffi::Error::Success();
 }
 
@@ -278,7 +247,7 @@ ffi::Error Q4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   const int16_t* xqp = xq.data();
   const float *xscp = xsc.data(), *xsp = xs.data();
   float* yp = y->typed_data();
-  parallel_rows(pool, out, m * in * out, [=](int64_t o0, int64_t o1) { q4_rows(wp, sp, zp, xqp, xscp, xsp, yp, m, in, out, o0, o1); });
+  parallel_rows(pool, out, m * in * out < kMinParallelWork, [=](int64_t o0, int64_t o1) { q4_rows(wp, sp, zp, xqp, xscp, xsp, yp, m, in, out, o0, o1); });
   return ffi::Error::Success();
 }
 
@@ -289,7 +258,7 @@ ffi::Error Bf16Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
   const float* xp = x.typed_data();
   float* yp = y->typed_data();
-  parallel_rows(pool, out, m * in * out, [=](int64_t o0, int64_t o1) { rows(wp, nullptr, xp, yp, m, in, out, in, o0, o1); });
+  parallel_rows(pool, out, m * in * out < kMinParallelWork, [=](int64_t o0, int64_t o1) { rows(wp, nullptr, xp, yp, m, in, out, in, o0, o1); });
   return ffi::Error::Success();
 }
 
