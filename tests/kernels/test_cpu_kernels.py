@@ -1,6 +1,7 @@
-"""The native CPU kernels (marjax.kernels.cpu_kernels) against float64 numpy products, the QWeight
-product's routing (kernel for decode-sized float32 products, XLA otherwise, and the kernel absent
-from programs lowered for other platforms), and the build's failure paths."""
+"""The native CPU kernels (marjax.kernels.cpu_kernels) against float64 numpy loops, their routing
+(the QWeight product: kernel for decode-sized float32 products, XLA otherwise; attention: kernel
+for a float32 one-token step over a cache; neither in programs lowered for other platforms), and
+the build's failure paths."""
 import os
 import warnings
 
@@ -12,6 +13,7 @@ import pytest
 from marjax.api import load
 from marjax.kernels import cpu_kernels
 from marjax.models import lm, quant
+from marjax.nn import layers
 from marjax.models.quant import QWeight, quantize_int8, quantize_q4, quantize_weight
 from quant_oracle import np_dequantize   # tests/quant_oracle.py
 
@@ -146,7 +148,7 @@ def test_other_platforms_lower_without_the_kernel():
 
 def test_decode_step_uses_the_kernel():
     """A quantised decode step of the tiny preset calls the kernel for every block product and
-    the head; its prefill (more rows than MAX_ROWS) does not."""
+    the head, and the attention kernel in every layer; its prefill (more rows than MAX_ROWS) neither."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # the preset's weights are random
         m = load("tiny")
@@ -156,8 +158,100 @@ def test_decode_step_uses_the_kernel():
     step = jax.jit(quant.forward_cached_q, static_argnames="cfg")
     hlo = step.lower(q, jnp.zeros((1, 1), jnp.int32), cache, cfg=cfg).as_text()
     assert hlo.count("marjax_q8_matmul") >= 7 * cfg.n_layers + 1, hlo.count("marjax_q8_matmul")
+    assert hlo.count("marjax_attn_decode") >= cfg.n_layers
     prefill = step.lower(q, jnp.zeros((1, cpu_kernels.MAX_ROWS + 1), jnp.int32), cache, cfg=cfg).as_text()
-    assert "marjax_q8_matmul" not in prefill
+    assert "marjax_q8_matmul" not in prefill and "marjax_attn_decode" not in prefill
+
+
+def _np_attention(q, k, v, n):
+    """float64 loop: per batch row and query head, softmax over the first n keys of its KV head."""
+    b, h, d = q.shape
+    r = h // k.shape[2]
+    out = np.zeros((b, h, d))
+    for i in range(b):
+        for j in range(h):
+            if n[i] == 0:
+                continue
+            kk, vv = k[i, :n[i], j // r].astype(np.float64), v[i, :n[i], j // r].astype(np.float64)
+            s = kk @ q[i, j].astype(np.float64) / np.sqrt(d)
+            p = np.exp(s - s.max())
+            out[i, j] = (p / p.sum()) @ vv
+    return out
+
+
+# (b, h, g, d, S, n per row): GQA groups of 1-4 heads, d not a multiple of 16 (masked tails),
+# several 256-key chunks (merged), rows with different lengths, none or all keys valid
+ATTN_CASES = [(1, 9, 3, 64, 300, [257]), (2, 4, 4, 20, 600, [1, 600]), (3, 8, 2, 33, 1000, [0, 513, 999]),
+              (1, 2, 1, 16, 3000, [2999]), (1, 9, 3, 64, 40, [40])]
+
+
+@pytest.mark.parametrize("b,h,g,d,S,n", ATTN_CASES)
+def test_attn_decode_matches_numpy(b, h, g, d, S, n):
+    rng = np.random.default_rng(S + d)
+    q = (3 * rng.normal(size=(b, h, d))).astype(np.float32)      # peaked softmaxes too
+    k, v = (rng.normal(size=(2, b, S, g, d))).astype(np.float32)
+    n = np.array(n, np.int32)
+    got = np.asarray(jax.jit(cpu_kernels.attn_decode)(q, k, v, n))
+    np.testing.assert_allclose(got, _np_attention(q, k, v, n), rtol=1e-5, atol=1e-5)
+    if n.min() == 0:
+        assert np.all(got[n == 0] == 0)
+
+
+def test_attn_decode_argument_errors():
+    q, k, n = jnp.ones((1, 9, 64)), jnp.ones((1, 8, 3, 64)), jnp.ones((1,), jnp.int32)
+    with pytest.raises(ValueError, match="g dividing h"):
+        cpu_kernels.attn_decode(jnp.ones((1, 8, 64)), k, k, n)
+    with pytest.raises(ValueError, match="g dividing h"):
+        cpu_kernels.attn_decode(q, k, jnp.ones((1, 9, 3, 64)), n)
+    with pytest.raises(ValueError, match="float32"):
+        cpu_kernels.attn_decode(q, k.astype(jnp.bfloat16), k, n)
+    with pytest.raises(ValueError, match=r"integer n \(b,\)"):
+        cpu_kernels.attn_decode(q, k, k, jnp.ones((2,), jnp.int32))
+
+
+def _attn_case(dtype=jnp.float32, l=1, S=40, pos=17):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the preset's weights are random
+        m = load("tiny")
+    cfg, rng = m.config, np.random.default_rng(pos)
+    p = jax.tree.map(lambda a: a[0].astype(dtype), m.params.blocks.mixer)
+    x = jnp.asarray(rng.normal(size=(2, l, cfg.d_model)), dtype)
+    shape = (2, S, cfg.n_kv_heads, cfg.head_dim)
+    cache = tuple(jnp.asarray(rng.normal(size=shape), dtype) for _ in range(2))
+    positions = jnp.broadcast_to(pos + jnp.arange(l)[None], (2, l))
+    return p, x, cfg, positions, cache
+
+
+@pytest.mark.parametrize("pos", [0, 17, 39])
+def test_attention_decode_step_routes_and_agrees(pos):
+    """layers.attention's one-token float32 step over a cache runs the kernel (seen in the lowered
+    program) and agrees with XLA's einsums, cache update included; impl="xla" does not call it."""
+    p, x, cfg, positions, cache = _attn_case(pos=pos)
+    run = lambda impl: jax.jit(lambda x, pos, c: layers.attention(p, x, cfg, pos, c, impl=impl))
+    assert "marjax_attn_decode" in run("auto").lower(x, positions, cache).as_text()
+    assert "marjax_attn_decode" not in run("xla").lower(x, positions, cache).as_text()
+    (got, gc), (want, wc) = run("auto")(x, positions, cache), run("xla")(x, positions, cache)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    for a, b in zip(gc, wc):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("dtype,l,cached", [(jnp.bfloat16, 1, True), (jnp.float32, 3, True), (jnp.float32, 1, False)])
+def test_attention_kernel_only_for_float32_decode(dtype, l, cached):
+    """bfloat16 caches, prefill (l > 1) and cache-free attention keep XLA's einsums."""
+    p, x, cfg, positions, cache = _attn_case(dtype, l)
+    fn = jax.jit(lambda x, pos, c: layers.attention(p, x, cfg, pos, c if cached else None))
+    assert "marjax_attn_decode" not in fn.lower(x, positions, cache).as_text()
+    with pytest.raises(ValueError, match="impl"):
+        layers.attention(p, x, cfg, positions, cache, impl="flash")
+
+
+def test_attention_exported_for_tpu_has_no_kernel():
+    p, x, cfg, positions, cache = _attn_case()
+    spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
+    exp = jax.export.export(jax.jit(lambda x, pos, c: layers.attention(p, x, cfg, pos, c)), platforms=["tpu"])(
+        spec(x), spec(positions), jax.tree.map(spec, cache))
+    assert "marjax_attn_decode" not in exp.mlir_module()
 
 
 def test_status_off_switch_and_failed_build(monkeypatch, tmp_path):
