@@ -8,6 +8,7 @@ activations) keeps XLA's own ops.
         y = cpu_kernels.q8_matmul(x, q, scale)       # x (m, in) f32, q (out, in) int8 -> (m, out) f32
         y = cpu_kernels.q4_matmul(x, q, scale, zero) # q (out, in / 2) uint8: two 4-bit weights a byte
         y = cpu_kernels.bf16_matmul(x, w)            # w (out, in) bfloat16
+        q, k, v = cpu_kernels.matmuls("q4", x, [(wq, sq, zq), (wk, sk, zk), (wv, sv, zv)])   # one call
         o = cpu_kernels.attn_decode(q, k, v, n)      # q (b, h, d), cache k, v (b, S, g, d), n (b,) valid keys
 
 Why a native kernel: one decode token reads every weight once, so decoding is bound by how fast
@@ -47,7 +48,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-__all__ = ["MAX_ROWS", "KernelStatus", "status", "available", "q8_matmul", "q4_matmul", "bf16_matmul",
+__all__ = ["MAX_ROWS", "KernelStatus", "status", "available", "matmuls", "q8_matmul", "q4_matmul", "bf16_matmul",
            "attn_decode"]
 
 CSRC = Path(__file__).resolve().parent / "csrc"
@@ -150,32 +151,27 @@ def available() -> bool:
     return status().available
 
 
-def _check(x, w) -> None:
+def _require_available() -> None:
     if not available():
         raise RuntimeError(f"marjax CPU kernels are unavailable: {status().reason}")
+
+
+def _check(x, w) -> None:
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"expected x (m, in) and w (out, in), got {x.shape} and {w.shape}")
     if x.dtype != jnp.float32:
         raise ValueError(f"x must be float32, got {x.dtype}")
 
 
-def q8_matmul(x: Float[Array, "m k"], q: Int[Array, "n k"], scale: Float[Array, "n g 1"]) -> Float[Array, "m n"]:
-    """x @ dequantised(q).T for int8 q with one float16 scale per k // g consecutive weights."""
+def _check_q8(x, q, scale) -> None:
     _check(x, q)
     if q.dtype != jnp.int8 or scale.dtype != jnp.float16 or scale.shape[0] != q.shape[0] or \
             q.shape[1] % scale.shape[1] != 0:
         raise ValueError(f"expected int8 q (n, k) and float16 scale (n, g, 1) with g dividing k, got "
                          f"{q.dtype} {q.shape} and {scale.dtype} {scale.shape}")
-    out = jax.ShapeDtypeStruct((x.shape[0], q.shape[0]), jnp.float32)
-    return jax.ffi.ffi_call(_TARGETS["q8"][0], out, vmap_method=_VMAP)(x, q, scale)
 
 
-def q4_matmul(x: Float[Array, "m k"], q: Int[Array, "n k2"], scale: Float[Array, "n g 1"],
-              zero: Float[Array, "n g 1"]) -> Float[Array, "m n"]:
-    """x @ W.T for the 4-bit W of quant.quantize_q4: groups of 32 along k, w = scale * q + zero,
-    byte j of a group's 16 holding q_j (low nibble) and q_(j+16) (high)."""
-    if not available():
-        raise RuntimeError(f"marjax CPU kernels are unavailable: {status().reason}")
+def _check_q4(x, q, scale, zero) -> None:
     k = x.shape[-1] if x.ndim == 2 else -1
     if x.ndim != 2 or q.ndim != 2 or k != 2 * q.shape[1] or k % 32 or x.dtype != jnp.float32:
         raise ValueError(f"expected float32 x (m, k) with k a multiple of 32 and q (n, k / 2), got {x.dtype} "
@@ -184,17 +180,45 @@ def q4_matmul(x: Float[Array, "m k"], q: Int[Array, "n k2"], scale: Float[Array,
     if q.dtype != jnp.uint8 or any(a.dtype != jnp.float16 or a.shape != want for a in (scale, zero)):
         raise ValueError(f"expected uint8 q and float16 scale and zero {want}, got {q.dtype}, "
                          f"{scale.dtype} {scale.shape}, {zero.dtype} {zero.shape}")
-    out = jax.ShapeDtypeStruct((x.shape[0], q.shape[0]), jnp.float32)
-    return jax.ffi.ffi_call(_TARGETS["q4"][0], out, vmap_method=_VMAP)(x, q, scale, zero)
+
+
+def _check_bf16(x, w) -> None:
+    _check(x, w)
+    if w.dtype != jnp.bfloat16:
+        raise ValueError(f"w must be bfloat16, got {w.dtype}")
+
+
+_CHECKS = {"q8": _check_q8, "q4": _check_q4, "bf16": _check_bf16}
+
+
+def matmuls(kind: str, x: Float[Array, "m k"], mats) -> tuple:
+    """(x @ W_1.T, x @ W_2.T, ...) in one call: `kind` "q8", "q4" or "bf16", `mats` a sequence of
+    one operand tuple per matrix, as q8_matmul, q4_matmul and bf16_matmul take them after x. The
+    products share the hand-off to the thread pool (a layer's q, k and v, or gate and up)."""
+    _require_available()
+    if kind not in _CHECKS or not mats:
+        raise ValueError(f"expected kind in {tuple(_CHECKS)} and at least one matrix, got {kind!r}, {len(mats)}")
+    for ops in mats:
+        _CHECKS[kind](x, *ops)
+    out = [jax.ShapeDtypeStruct((x.shape[0], ops[0].shape[0]), jnp.float32) for ops in mats]
+    return tuple(jax.ffi.ffi_call(_TARGETS[kind][0], out, vmap_method=_VMAP)(x, *[a for ops in mats for a in ops]))
+
+
+def q8_matmul(x: Float[Array, "m k"], q: Int[Array, "n k"], scale: Float[Array, "n g 1"]) -> Float[Array, "m n"]:
+    """x @ dequantised(q).T for int8 q with one float16 scale per k // g consecutive weights."""
+    return matmuls("q8", x, [(q, scale)])[0]
+
+
+def q4_matmul(x: Float[Array, "m k"], q: Int[Array, "n k2"], scale: Float[Array, "n g 1"],
+              zero: Float[Array, "n g 1"]) -> Float[Array, "m n"]:
+    """x @ W.T for the 4-bit W of quant.quantize_q4: groups of 32 along k, w = scale * q + zero,
+    byte j of a group's 16 holding q_j (low nibble) and q_(j+16) (high)."""
+    return matmuls("q4", x, [(q, scale, zero)])[0]
 
 
 def bf16_matmul(x: Float[Array, "m k"], w: Float[Array, "n k"]) -> Float[Array, "m n"]:
     """x @ w.T (float32 accumulation) for a bfloat16 w."""
-    _check(x, w)
-    if w.dtype != jnp.bfloat16:
-        raise ValueError(f"w must be bfloat16, got {w.dtype}")
-    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32)
-    return jax.ffi.ffi_call(_TARGETS["bf16"][0], out, vmap_method=_VMAP)(x, w)
+    return matmuls("bf16", x, [(w,)])[0]
 
 
 def attn_decode(q: Float[Array, "b h d"], k: Float[Array, "b s g d"], v: Float[Array, "b s g d"],
@@ -202,8 +226,7 @@ def attn_decode(q: Float[Array, "b h d"], k: Float[Array, "b s g d"], v: Float[A
     """softmax(q k^T / sqrt(d)) v over the first n[i] keys of batch row i (0 <= n[i] <= s; no valid
     key gives zeros), query head j reading KV head j // (h // g): one decode token's causal GQA
     attention over its cache, in float32."""
-    if not available():
-        raise RuntimeError(f"marjax CPU kernels are unavailable: {status().reason}")
+    _require_available()
     if q.ndim != 3 or k.ndim != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[2] \
             or q.shape[1] % k.shape[2]:
         raise ValueError(f"expected q (b, h, d) and k, v (b, s, g, d) with g dividing h, got {q.shape}, "

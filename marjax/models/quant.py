@@ -59,7 +59,7 @@ from marjax.kernels import cpu_kernels
 from marjax.models.lm import LMParams, forward_cached, is_unrolled
 
 __all__ = ["MODES", "IMPLS", "GROUP", "Q4_GROUP", "QWeight", "matmul", "quantize_int8", "quantize_q4",
-           "quantize_weight", "quantize_params", "dequantize_params", "forward_cached_q", "weight_bytes"]
+           "matmul_many", "quantize_weight", "quantize_params", "dequantize_params", "forward_cached_q", "weight_bytes"]
 
 MODES = ("f32", "bf16", "int8", "q4")
 # how a QWeight product runs: "auto" the native CPU kernel where it applies (module doc), else
@@ -86,6 +86,11 @@ class QWeight:
 
     def __rmatmul__(self, x):
         return matmul(x, self)
+
+    @staticmethod
+    def rmatmul_many(x, ws) -> tuple:
+        """(x @ w for w in ws) (marjax.nn.layers.project's protocol): `matmul_many`."""
+        return matmul_many(x, ws)
 
     @property
     def T(self) -> "QWeight":
@@ -164,29 +169,48 @@ def _uses_kernel(x, w: QWeight) -> bool:
             and 0 < rows <= cpu_kernels.MAX_ROWS and cpu_kernels.available())
 
 
+def _kind(w: QWeight) -> str:
+    return "q4" if w.zero is not None else ("bf16" if w.scale is None else "q8")
+
+
+def _operands(w: QWeight) -> tuple:
+    return {"q4": (w.data, w.scale, w.zero), "bf16": (w.data,), "q8": (w.data, w.scale)}[_kind(w)]
+
+
 def matmul(x: Float[Array, "... k"], w: QWeight) -> Float[Array, "... n"]:
     """x @ (the matrix w stands for), in x's dtype: the kernel on the CPU where `_uses_kernel`,
     else against the dequantised matrix (which XLA fuses)."""
-    def dense(x):
-        return x @ w.dequantize(x.dtype)
+    return matmul_many(x, (w,))[0]
 
-    if not _uses_kernel(x, w):
+
+def matmul_many(x: Float[Array, "... k"], ws) -> tuple:
+    """(x @ w for w in ws), in x's dtype. Where every product can run the native kernel
+    (`_uses_kernel`) and the matrices are of one kind (int8, q4 or bf16), they run as one kernel
+    call (one hand-off to the thread pool: a layer's q, k and v, or gate and up); else each as
+    `matmul` would alone."""
+    ws = tuple(ws)
+    kinds = {_kind(w) for w in ws}
+    if len(kinds) > 1:
+        return tuple(matmul(x, w) for w in ws)
+
+    def dense(x):
+        return tuple(x @ w.dequantize(x.dtype) for w in ws)
+
+    if not ws or not all(_uses_kernel(x, w) for w in ws):
         return dense(x)
-    k = w.data.shape[-1] * (2 if w.zero is not None else 1)
-    if x.shape[-1] != k:
-        raise ConfigError(f"matmul: x's last axis is {x.shape[-1]} but the weight contracts over {k}")
+    kind = kinds.pop()
+    for w in ws:
+        k = w.data.shape[-1] * (2 if w.zero is not None else 1)
+        if x.shape[-1] != k:
+            raise ConfigError(f"matmul: x's last axis is {x.shape[-1]} but the weight contracts over {k}")
     x2 = x.reshape(-1, x.shape[-1])
 
     def cpu(x2):
-        if w.zero is not None:
-            return cpu_kernels.q4_matmul(x2, w.data, w.scale, w.zero)
-        if w.scale is None:
-            return cpu_kernels.bf16_matmul(x2, w.data)
-        return cpu_kernels.q8_matmul(x2, w.data, w.scale)
+        return cpu_kernels.matmuls(kind, x2, [_operands(w) for w in ws])
 
     # other platforms (an exported or accelerator program) lower the dense branch only
-    y = jax.lax.platform_dependent(x2, cpu=cpu, default=dense)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    ys = jax.lax.platform_dependent(x2, cpu=cpu, default=dense)
+    return tuple(y.reshape(*x.shape[:-1], y.shape[-1]) for y in ys)
 
 
 def quantize_weight(w, axis: int, mode: str, group: int = GROUP, impl: str = "auto"):

@@ -132,6 +132,27 @@ def test_qweight_product_routes_and_agrees(mode):
     assert target not in _custom_calls(lambda x: x @ table, jnp.ones((1, 40), jnp.float32))
 
 
+@pytest.mark.parametrize("mode", ["int8", "bf16", "q4"])
+def test_products_sharing_x_run_as_one_call(mode):
+    """quant.matmul_many (layers.project's route for QWeights): one kernel call with a result per
+    matrix, each equal to its own product; matrices of different kinds fall back to one call each."""
+    rng = np.random.default_rng(5)
+    ws = [quantize_weight(jnp.asarray(rng.normal(size=(64, o)), jnp.float32), -2, mode) for o in (40, 8, 130)]
+    x = jnp.asarray(rng.normal(size=(1, 2, 64)), jnp.float32)
+    target = f"marjax_{ {'int8': 'q8', 'bf16': 'bf16', 'q4': 'q4'}[mode]}_matmul"
+    fn = lambda x: layers.project(x, ws)
+    assert _custom_calls(fn, x).count(target) == 1
+    got, want = jax.jit(fn)(x), [jax.jit(lambda x, w=w: x @ w)(x) for w in ws]
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))    # same kernel, same row order
+    mixed = [ws[0], quantize_weight(jnp.asarray(rng.normal(size=(64, 8)), jnp.float32), -2,
+                                    "bf16" if mode != "bf16" else "int8")]
+    hlo = _custom_calls(lambda x: layers.project(x, mixed), x)
+    assert hlo.count("@marjax_") == 2, hlo.count("@marjax_")
+    plain = [jnp.ones((64, 3)), jnp.ones((64, 5))]
+    assert [y.shape for y in layers.project(x, plain)] == [(1, 2, 3), (1, 2, 5)]
+
+
 def test_vmap_over_a_kernel_product():
     w = quantize_weight(jnp.asarray(np.random.default_rng(2).normal(size=(64, 8)), jnp.float32), -2, "int8")
     xs = jnp.asarray(np.random.default_rng(3).normal(size=(3, 1, 64)), jnp.float32)
@@ -148,7 +169,8 @@ def test_other_platforms_lower_without_the_kernel():
 
 def test_decode_step_uses_the_kernel():
     """A quantised decode step of the tiny preset calls the kernel for every block product and
-    the head, and the attention kernel in every layer; its prefill (more rows than MAX_ROWS) neither."""
+    the head, four calls a layer (q/k/v together, o, gate/up together, down), and the attention
+    kernel in every layer; its prefill (more rows than MAX_ROWS) neither."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # the preset's weights are random
         m = load("tiny")
@@ -157,7 +179,7 @@ def test_decode_step_uses_the_kernel():
     cache = lm.init_cache(cfg, 1, 32, unrolled=True)
     step = jax.jit(quant.forward_cached_q, static_argnames="cfg")
     hlo = step.lower(q, jnp.zeros((1, 1), jnp.int32), cache, cfg=cfg).as_text()
-    assert hlo.count("marjax_q8_matmul") >= 7 * cfg.n_layers + 1, hlo.count("marjax_q8_matmul")
+    assert hlo.count("marjax_q8_matmul") == 4 * cfg.n_layers + 1, hlo.count("marjax_q8_matmul")
     assert hlo.count("marjax_attn_decode") >= cfg.n_layers
     prefill = step.lower(q, jnp.zeros((1, cpu_kernels.MAX_ROWS + 1), jnp.int32), cache, cfg=cfg).as_text()
     assert "marjax_q8_matmul" not in prefill and "marjax_attn_decode" not in prefill

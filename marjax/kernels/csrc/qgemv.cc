@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -207,83 +208,113 @@ static void rows(const W* w, const uint16_t* sc, const float* x, float* y, int64
   }
 }
 
-static ffi::Error check(ffi::AnyBuffer::Dimensions xd, ffi::AnyBuffer::Dimensions wd, ffi::AnyBuffer::Dimensions yd) {
-  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || xd[1] != wd[1] || yd[0] != xd[0] || yd[1] != wd[0])
-    return ffi::Error::InvalidArgument("marjax qgemv: expected x (m, in), w (out, in), y (m, out)");
+// One product of a call: its weights (and scales, zeros), its output (m, out) and group count.
+struct Mat {
+  const void* w;
+  const uint16_t* sc;
+  const uint16_t* zr;
+  float* y;
+  int64_t out;
+  int64_t ng;
+};
+
+// fn(mat, o0, o1) over the output rows of every product of a call, split over the pool as one
+// row range (the products share x: q, k and v, or gate and up, are one hand-off, not three)
+template <typename Fn>
+static void parallel_mats(ffi::ThreadPool& pool, const std::vector<Mat>& mats, int64_t m, int64_t in, Fn fn) {
+  std::vector<int64_t> start(mats.size() + 1, 0);
+  for (size_t j = 0; j < mats.size(); ++j) start[j + 1] = start[j] + mats[j].out;
+  const int64_t total = start.back(), nm = static_cast<int64_t>(mats.size());
+  const Mat* mp = mats.data();
+  const int64_t* sp = start.data();   // both live until every claimed chunk is done (parallel_rows)
+  parallel_rows(pool, total, m * in * total < kMinParallelWork, [=](int64_t i0, int64_t i1) {
+    for (int64_t j = 0; j < nm; ++j) {
+      const int64_t lo = std::max(i0, sp[j]), hi = std::min(i1, sp[j + 1]);
+      if (lo < hi) fn(mp[j], lo - sp[j], hi - sp[j]);
+    }
+  });
+}
+
+// The products of a call: x (m, in) and, per product, `per` operands (weights first) and one
+// result. `packed`: weights hold two values a byte (q4). Checks every shape against x.
+template <ffi::DataType T>
+static ffi::Error unpack(ffi::Buffer<ffi::F32>& x, ffi::RemainingArgs& args, ffi::RemainingRets& rets, size_t per,
+                         bool packed, const char* name, std::vector<Mat>& mats) {
+  auto xd = x.dimensions();
+  if (xd.size() != 2 || rets.size() == 0 || args.size() != per * rets.size())
+    return ffi::Error::InvalidArgument(std::string(name) + ": expected x (m, in) and, per product, its operands and one result");
+  const int64_t m = xd[0], in = xd[1];
+  for (size_t j = 0; j < rets.size(); ++j) {
+    auto w = args.get<ffi::Buffer<T>>(per * j);
+    auto y = rets.get<ffi::Buffer<ffi::F32>>(j);
+    if (w.has_error()) return w.error();
+    if (y.has_error()) return y.error();
+    auto wd = w->dimensions(), yd = (*y)->dimensions();
+    if (wd.size() != 2 || wd[1] * (packed ? 2 : 1) != in || yd.size() != 2 || yd[0] != m || yd[1] != wd[0])
+      return ffi::Error::InvalidArgument(std::string(name) + ": expected x (m, in), w (out, in" + (packed ? " / 2" : "") +
+                                         "), y (m, out)");
+    Mat mat{w->untyped_data(), nullptr, nullptr, (*y)->typed_data(), wd[0], 1};
+    for (size_t a = 1; a < per; ++a) {
+      auto t = args.get<ffi::Buffer<ffi::F16>>(per * j + a);
+      if (t.has_error()) return t.error();
+      const int64_t n = static_cast<int64_t>(t->element_count());
+      if (mat.out > 0 && (n % mat.out != 0 || n == 0 || in % (n / mat.out) != 0))
+        return ffi::Error::InvalidArgument(std::string(name) + ": scales must be (out, in / group, 1)");
+      if (a == 1) mat.sc = reinterpret_cast<const uint16_t*>(t->untyped_data()), mat.ng = mat.out > 0 ? n / mat.out : 1;
+      else if (n != mat.out * mat.ng) return ffi::Error::InvalidArgument(std::string(name) + ": zero must be shaped as scale");
+      else mat.zr = reinterpret_cast<const uint16_t*>(t->untyped_data());
+    }
+    mats.push_back(mat);
+  }
   return ffi::Error::Success();
 }
 
-ffi::Error Q8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
-                    ffi::Buffer<ffi::F16> scale, ffi::ResultBuffer<ffi::F32> y) {
-  if (ffi::Error e = check(x.dimensions(), w.dimensions(), y->dimensions()); e.failure()) return e;
-  const int64_t m = x.dimensions()[0], in = w.dimensions()[1], out = w.dimensions()[0];
-  const int64_t ng = out > 0 ? static_cast<int64_t>(scale.element_count()) / out : 1;
-  if (ng < 1 || in % ng != 0 || ng * out != static_cast<int64_t>(scale.element_count()))
-    return ffi::Error::InvalidArgument("marjax_q8_matmul: scale must be (out, in / group, 1)");
-  const int8_t* wp = w.typed_data();
-  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.typed_data());
+ffi::Error Q8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args, ffi::RemainingRets rets) {
+  std::vector<Mat> mats;
+  if (ffi::Error e = unpack<ffi::S8>(x, args, rets, 2, false, "marjax_q8_matmul", mats); e.failure()) return e;
+  const int64_t m = x.dimensions()[0], in = x.dimensions()[1];
   const float* xp = x.typed_data();
-  float* yp = y->typed_data();
-  const int64_t group = in / ng;
-  parallel_rows(pool, out, m * in * out < kMinParallelWork, [=](int64_t o0, int64_t o1) { rows(wp, sp, xp, yp, m, in, out, group, o0, o1); });
+  parallel_mats(pool, mats, m, in, [=](const Mat& a, int64_t o0, int64_t o1) {
+    rows(static_cast<const int8_t*>(a.w), a.sc, xp, a.y, m, in, a.out, in / a.ng, o0, o1);
+  });
   return ffi::Error::Success();
 }
 
-ffi::Error Q4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::F16> scale,
-                    ffi::Buffer<ffi::F16> zero, ffi::ResultBuffer<ffi::F32> y) {
-  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || xd[1] != 2 * wd[1] || yd[0] != xd[0] || yd[1] != wd[0])
-    return ffi::Error::InvalidArgument("marjax_q4_matmul: expected x (m, in), w (out, in / 2) uint8, y (m, out)");
-  const int64_t m = xd[0], in = xd[1], out = wd[0], ng = in / 32;
-  if (in % 32 != 0 || static_cast<int64_t>(scale.element_count()) != out * ng ||
-      static_cast<int64_t>(zero.element_count()) != out * ng)
-    return ffi::Error::InvalidArgument("marjax_q4_matmul: in must be a multiple of 32, scale and zero (out, in / 32, 1)");
+ffi::Error Q4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args, ffi::RemainingRets rets) {
+  std::vector<Mat> mats;
+  if (ffi::Error e = unpack<ffi::U8>(x, args, rets, 3, true, "marjax_q4_matmul", mats); e.failure()) return e;
+  const int64_t m = x.dimensions()[0], in = x.dimensions()[1], ng = in / 32;
+  for (const Mat& a : mats)
+    if (in % 32 != 0 || a.ng != ng)
+      return ffi::Error::InvalidArgument("marjax_q4_matmul: in must be a multiple of 32, scale and zero (out, in / 32, 1)");
   std::vector<int16_t> xq(m * in);
   std::vector<float> xsc(m * ng), xs(m * ng);
   quantize_x16(x.typed_data(), m, in, xq, xsc, xs);
-  const uint8_t* wp = w.typed_data();
-  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.typed_data());
-  const uint16_t* zp = reinterpret_cast<const uint16_t*>(zero.typed_data());
   const int16_t* xqp = xq.data();
   const float *xscp = xsc.data(), *xsp = xs.data();
-  float* yp = y->typed_data();
-  parallel_rows(pool, out, m * in * out < kMinParallelWork, [=](int64_t o0, int64_t o1) { q4_rows(wp, sp, zp, xqp, xscp, xsp, yp, m, in, out, o0, o1); });
+  parallel_mats(pool, mats, m, in, [=](const Mat& a, int64_t o0, int64_t o1) {
+    q4_rows(static_cast<const uint8_t*>(a.w), a.sc, a.zr, xqp, xscp, xsp, a.y, m, in, a.out, o0, o1);
+  });
   return ffi::Error::Success();
 }
 
-ffi::Error Bf16Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
-                      ffi::ResultBuffer<ffi::F32> y) {
-  if (ffi::Error e = check(x.dimensions(), w.dimensions(), y->dimensions()); e.failure()) return e;
-  const int64_t m = x.dimensions()[0], in = w.dimensions()[1], out = w.dimensions()[0];
-  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
+ffi::Error Bf16Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args, ffi::RemainingRets rets) {
+  std::vector<Mat> mats;
+  if (ffi::Error e = unpack<ffi::BF16>(x, args, rets, 1, false, "marjax_bf16_matmul", mats); e.failure()) return e;
+  const int64_t m = x.dimensions()[0], in = x.dimensions()[1];
   const float* xp = x.typed_data();
-  float* yp = y->typed_data();
-  parallel_rows(pool, out, m * in * out < kMinParallelWork, [=](int64_t o0, int64_t o1) { rows(wp, nullptr, xp, yp, m, in, out, in, o0, o1); });
+  parallel_mats(pool, mats, m, in, [=](const Mat& a, int64_t o0, int64_t o1) {
+    rows(static_cast<const uint16_t*>(a.w), nullptr, xp, a.y, m, in, a.out, in, o0, o1);
+  });
   return ffi::Error::Success();
 }
 
 }  // namespace
 
+// each: x, then per product its operands (int8: w, scale; q4: w, scale, zero; bf16: w), one result a product
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MarjaxQ8Matmul, Q8Matmul,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::F16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().RemainingArgs().RemainingRets());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MarjaxQ4Matmul, Q4Matmul,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::F16>>()
-                                  .Arg<ffi::Buffer<ffi::F16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().RemainingArgs().RemainingRets());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MarjaxBf16Matmul, Bf16Matmul,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().RemainingArgs().RemainingRets());
