@@ -23,6 +23,8 @@ def test_bench_decode_tiny(tmp_path, capsys):
     kv, ssm = res["curve"]["kv"], res["curve"]["ssm"]
     assert kv[1]["cache_bytes"] > kv[0]["cache_bytes"]          # KV cache grows with context
     assert ssm[1]["cache_bytes"] == ssm[0]["cache_bytes"]        # SSM state does not
+    kx = res["curve"]["kv_xla_attention"]                        # the teacher again, XLA's attention
+    assert [r["context"] for r in kx] == [16, 64] and all(r["step_s"] > 0 for r in kx)
     assert "llama.cpp peer skipped" in capsys.readouterr().out   # tiny is no GGUF
 
 
