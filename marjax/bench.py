@@ -197,20 +197,28 @@ def _llama_cpp_peer(m, gguf: str, prompt_len: int, n_new: int, threads: int = 2,
     return out
 
 
-def _ssm_decode_curve(m, contexts, attn_impl: str = "auto") -> list:
+def _ssm_decode_curve(m, contexts, attn_impl: str = "auto", repeats: int = 5, weights: str = "f32") -> list:
     """Per-step decode time and cache bytes after `ctx` tokens, in the decode layout (unrolled
-    layers, as `marjax.sampling.decode` runs): flat for the SSM, linear for KV. `attn_impl`: how
-    an attention model's step attends (marjax.nn.layers.ATTN_IMPLS)."""
-    cfg, params = m.config, lm.unroll_layers(m.params)
-    step = jax.jit(functools.partial(lm.forward_cached, attn_impl=attn_impl), static_argnames="cfg")
+    layers) with the cache donated, as `marjax.sampling.decode` runs: flat for the SSM, linear for
+    KV. `attn_impl`: how an attention model's step attends (marjax.nn.layers.ATTN_IMPLS);
+    `weights`: the matmul weights (quant.MODES)."""
+    cfg, params = m.config, quant.quantize_params(lm.unroll_layers(m.params), weights)
+    step = jax.jit(functools.partial(lm.forward_cached, attn_impl=attn_impl), static_argnames="cfg",
+                   donate_argnums=2)   # in place: without it every step copies the whole KV cache
     tok = jnp.zeros((1, 1), jnp.int32)
     rows = []
     for ctx in contexts:
         cache = lm.init_cache(cfg, 1, ctx + 1, unrolled=True)
-        cache = dict(cache, pos=jnp.asarray(ctx, jnp.int32))   # timing does not depend on contents
-        t = timeit(lambda c: step(params, tok, c, cfg=cfg)[0], cache, repeats=5)
         nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache["layers"]))
-        rows.append({"context": ctx, "step_s": t, "cache_bytes": int(nbytes)})
+        ts = []
+        for i in range(repeats + 1):                            # the first call compiles
+            t0 = time.perf_counter()
+            # pos reset to ctx every call (donated too); timing does not depend on the contents
+            lg, cache = step(params, tok, dict(cache, pos=jnp.asarray(ctx, jnp.int32)), cfg=cfg)
+            jax.block_until_ready(lg)
+            ts.append(time.perf_counter() - t0)
+        rows.append({"context": ctx, "step_s": statistics.median(ts[1:]), "cache_bytes": int(nbytes)})
+        del cache
     return rows
 
 
@@ -222,6 +230,8 @@ def decode_main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", default="64,512")
     ap.add_argument("--curve", default="", help="contexts for the SSM-vs-KV step curve, e.g. 128,1024,8192")
+    ap.add_argument("--curve-weights", default="f32", choices=quant.MODES,
+                    help="matmul weights of both models in the --curve (the caches stay float32)")
     ap.add_argument("--ssm-model", default="", help="SSM model for the curve (default: the converted --model)")
     ap.add_argument("--weights", default="f32",
                     help=f"comma-separated subset of {quant.MODES}: cached decode tokens/s of each over f32, "
@@ -261,11 +271,12 @@ def decode_main(argv=None) -> int:
             sm = Model(student_cfg, sp, m.tokenizer, "converted")
     if a.curve:
         ctxs = [int(x) for x in a.curve.split(",")]
-        kv, ss = _ssm_decode_curve(m, ctxs), _ssm_decode_curve(sm, ctxs)
+        wq = a.curve_weights
+        kv, ss = _ssm_decode_curve(m, ctxs, weights=wq), _ssm_decode_curve(sm, ctxs, weights=wq)
         # the KV teacher once more with XLA's einsum attention (the step before the native kernel)
-        kx = _ssm_decode_curve(m, ctxs, "xla") if cpu_kernels.available() else kv
+        kx = _ssm_decode_curve(m, ctxs, "xla", weights=wq) if cpu_kernels.available() else kv
         base_kv, base_ss = kv[0]["step_s"], ss[0]["step_s"]
-        print(f"\n# one decode step after `context` tokens, median of 5; KV attention: "
+        print(f"\n# one decode step after `context` tokens, {wq} weights, median of 5; KV attention: "
               f"{'native CPU kernel' if cpu_kernels.available() else 'XLA einsums (no CPU kernel)'}")
         print("| context | KV step / KV step@first | SSM step / SSM step@first | SSM step / KV step | "
               "SSM step / KV step with XLA attention | KV cache MiB | SSM state MiB |")
@@ -274,7 +285,7 @@ def decode_main(argv=None) -> int:
             print(f"| {k['context']} | {k['step_s'] / base_kv:.2f} | {s['step_s'] / base_ss:.2f} | "
                   f"{s['step_s'] / k['step_s']:.2f} | {s['step_s'] / x['step_s']:.2f} | "
                   f"{k['cache_bytes'] / 2**20:.1f} | {s['cache_bytes'] / 2**20:.2f} |")
-        out["curve"] = {"kv": kv, "ssm": ss, "kv_xla_attention": kx}
+        out["curve"] = {"weights": wq, "kv": kv, "ssm": ss, "kv_xla_attention": kx}
     if modes != ["f32"]:
         out["weights"] = {}
         print(f"\n# cpu kernel: {cpu_kernels.status().reason}")
