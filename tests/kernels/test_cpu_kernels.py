@@ -50,11 +50,11 @@ def test_q8_matmul_matches_numpy(out, k, group, m):
     assert np.all(np.abs(got - want) <= 1e-5 * scale + 1e-6), np.max(np.abs(got - want) / scale)
 
 
-@pytest.mark.parametrize("out,k", [(5, 32), (67, 96), (130, 576)])
+@pytest.mark.parametrize("out,k", [(5, 32), (67, 96), (130, 576), (9, 160)])
 @pytest.mark.parametrize("m", [1, 3, 4, 6])
 def test_q4_matmul_matches_numpy(out, k, m):
-    """Within float32 summation error plus the activations' int16 rounding (per group of 32,
-    at most half a step of max |x| / 32767 per value)."""
+    """Within float32 summation error plus the activations' int16 rounding (per group of 32, at
+    most half a step of max |x| / 32767 per value); an odd number of groups (k 96, 160) included."""
     rng = np.random.default_rng(out * 1000 + k + m)
     w = quantize_q4(jnp.asarray(rng.normal(size=(k, out)), jnp.float32), axis=-2)
     x = rng.normal(size=(m, k)).astype(np.float32)
@@ -63,11 +63,17 @@ def test_q4_matmul_matches_numpy(out, k, m):
     want = x.astype(np.float64) @ deq.T
     got = np.asarray(jax.jit(cpu_kernels.q4_matmul)(jnp.asarray(x), w.data, w.scale, w.zero))
     step = np.repeat(np.abs(x).reshape(m, -1, 32).max(-1) / 32767, 32, axis=-1)       # (m, k)
-    bound = 1e-5 * (np.abs(x) @ np.abs(deq).T) + (step / 2) @ np.abs(deq).T + 1e-6
+    zero = np.repeat(np.asarray(w.zero, np.float64)[..., 0], 32, axis=1)              # (out, k)
+    # the rounding multiplies the scale * q part of each weight (the zero term is exact)
+    bound = 1e-5 * (np.abs(x) @ np.abs(deq).T) + (step / 2) @ np.abs(deq - zero).T + 1e-6
     assert got.shape == (m, out)
     assert np.all(np.abs(got - want) <= bound), np.max(np.abs(got - want) / bound)
-    # the int16 rounding is real, not an accident of the tolerance: it is below 1e-4 relative
-    assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(x) @ np.abs(deq).T)
+    # the oracle with the same int16 rounding of x in the scale * q term (the zero term takes the
+    # exact group sums of x) agrees to float32 summation error: the kernel computes that rounding,
+    # not merely something within the bound
+    xq = np.where(step > 0, np.round(x / np.where(step > 0, step, 1)) * step, 0).astype(np.float64)
+    np.testing.assert_allclose(got, xq @ (deq - zero).T + x.astype(np.float64) @ zero.T, rtol=1e-5,
+                               atol=1e-5 * np.max(np.abs(x) @ np.abs(deq).T))
 
 
 @pytest.mark.parametrize("out,k", [(5, 40), (67, 96), (9, 17)])

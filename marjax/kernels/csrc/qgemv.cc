@@ -1,5 +1,6 @@
 // Decode-sized matrix products against weight-only quantised matrices, as XLA FFI handlers for
-// the CPU (marjax/models/cpu_kernels.py builds and registers them):
+// the CPU (marjax/kernels/cpu_kernels.py builds and registers them). One call computes one or more
+// products that share x (a layer's q, k and v), each with its own weights and result:
 //
 //   y (m, out) float32 = x (m, in) float32 . W^T,  W (out, in) output-major, as QWeight stores it
 //
@@ -13,10 +14,11 @@
 //   marjax_bf16_matmul  W bfloat16
 //
 // Why: in a one-token decode step every weight is read once; XLA:CPU's fused dequantising
-// matrix-vector loop runs single-threaded at about 6 GB/s of int8 (measured), these run at
-// memory speed. AVX-512 (F, BW, VNNI) and F16C; int8 and bf16 keep float32 activations, so the
+// matrix-vector loop runs single-threaded at about 6 GB/s of int8 (measured). (On the dev VM a
+// q4 SmolLM2, 92 MB, stays in its 300 MB L3 between tokens, so these loops are bound by their
+// instructions as much as by memory.) AVX-512 (F, BW, VNNI) and F16C; int8 and bf16 keep float32 activations, so the
 // result equals the float32 product with the dequantised matrix up to summation order. Output
-// rows are split over XLA's intra-op thread pool.
+// rows are split over XLA's intra-op thread pool (parallel.h).
 
 #include <immintrin.h>
 
@@ -99,21 +101,24 @@ static void rows_m(const W* w, const uint16_t* sc, const float* x, float* y, int
   for (; o < o1; ++o) tile<W, 1, M>(w, sc, x, y, in, out, group, o);
 }
 
-// 4-bit weights: R output rows against M activation rows, one group of 32 per iteration. The
-// activations come as int16 per group (xq, with scale xsc (M, ng)), so a group's 32 products are
-// one VNNI vpdpwssd on the unpacked nibbles (a float32 product would cost a conversion per
-// weight: the q4 loop was compute-bound at 10.6 G weights/s a core, measured). The zero term is
-// sum_g zero[o, g] * (float32 sum of x over group g), from `xs` (M, ng).
+// 4-bit weights: R output rows against M activation rows, two groups of 32 (32 bytes) per
+// iteration. The activations come as int16 per group, stored per pair of groups in the order the
+// unpacked nibbles come out (xq: 64 values a pair, A0-15 B0-15 | A16-31 B16-31), so a pair's 64
+// products are two VNNI vpdpwssd into one vector whose int32 lanes 0-7 hold group A's sums and
+// 8-15 group B's; the lanes are scaled (weight scale x activation scale) by a lane permute of the
+// 16-group scale vector. (One group an iteration, the previous loop, was bound by its shuffles
+// at about 16 G weights/s a core; SmolLM2 q4 decode went from 89-97 to 101-107 tok/s in
+// alternating runs.) The zero term is sum_g zero[o, g] * (float32 sum of x over group g), from
+// `xs` (M, ng).
 template <int R, int M>
 static inline void q4_tile(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, const int16_t* xq,
                            const float* xsc, const float* xs, float* y, int64_t in, int64_t out, int64_t o) {
-  const int64_t ng = in / 32, half = in / 2;
-  const __m128i low4 = _mm_set1_epi8(0x0F);
+  const int64_t ng = in / 32, half = in / 2, xstride = (ng + 1) / 2 * 64;   // int16 values
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m512i pairlanes = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
   __m512 acc[R][M], accz[R][M];
   for (int i = 0; i < R; ++i)
     for (int r = 0; r < M; ++r) acc[i][r] = _mm512_setzero_ps(), accz[i][r] = _mm512_setzero_ps();
-  // 16 groups at a time: their scales (weight scale x activation scale) and zero terms as vectors,
-  // one lane per group, broadcast to the group's products by a lane permute
   for (int64_t g0 = 0; g0 < ng; g0 += 16) {
     const int64_t n = ng - g0 < 16 ? ng - g0 : 16;
     const __mmask16 msk = (__mmask16)((1u << n) - 1u);
@@ -126,20 +131,26 @@ static inline void q4_tile(const uint8_t* w, const uint16_t* sc, const uint16_t*
         accz[i][r] = _mm512_fmadd_ps(zv, _mm512_maskz_loadu_ps(msk, xs + r * ng + g0), accz[i][r]);
       }
     }
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t g = g0 + j;
-      const __m512i lane = _mm512_set1_epi32(static_cast<int>(j));
-      __m512i xv[M];
-      for (int r = 0; r < M; ++r) xv[r] = _mm512_loadu_si512(xq + r * in + g * 32);
+    for (int64_t j = 0; j < n; j += 2) {
+      const int64_t g = g0 + j;   // even: a pair starts at an even group (g0 is a multiple of 16)
+      const bool pair = j + 1 < n;
+      // lanes 0-3 and 8-11 take group j's scale, lanes 4-7 and 12-15 group j + 1's (none past the last)
+      const __m512i lane = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(j)), pairlanes);
+      const __mmask16 lmask = pair ? (__mmask16)0xFFFF : (__mmask16)0x00FF;
+      __m512i xv[M], xw[M];
+      for (int r = 0; r < M; ++r)
+        xv[r] = _mm512_loadu_si512(xq + r * xstride + g / 2 * 64), xw[r] = _mm512_loadu_si512(xq + r * xstride + g / 2 * 64 + 32);
       for (int i = 0; i < R; ++i) {
         const uint8_t* wg = w + (o + i) * half + g * 16;
         if ((g & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(wg) + kPrefetch, _MM_HINT_T0);
-        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wg));
-        const __m256i nib = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), low4), _mm_and_si128(b, low4));
-        const __m512i w16 = _mm512_cvtepu8_epi16(nib);          // q_0 .. q_31 in order
+        const __m256i b = pair ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg))
+                               : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg)));
+        const __m256i lo = _mm256_and_si256(b, low4), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);
+        const __m512i wl = _mm512_cvtepu8_epi16(lo), wh = _mm512_cvtepu8_epi16(hi);   // A0-15 B0-15, A16-31 B16-31
         for (int r = 0; r < M; ++r) {
-          const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpwssd_epi32(_mm512_setzero_si512(), w16, xv[r]));
-          acc[i][r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(lane, comb[i][r]), dot, acc[i][r]);
+          const __m512i d = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(_mm512_setzero_si512(), wl, xv[r]), wh, xw[r]);
+          const __m512 dot = _mm512_cvtepi32_ps(d);
+          acc[i][r] = _mm512_fmadd_ps(_mm512_maskz_permutexvar_ps(lmask, lane, comb[i][r]), dot, acc[i][r]);
         }
       }
     }
@@ -160,9 +171,9 @@ static void q4_rows_m(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, 
 
 static void q4_rows(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, const int16_t* xq, const float* xsc,
                     const float* xs, float* y, int64_t m, int64_t in, int64_t out, int64_t o0, int64_t o1) {
-  const int64_t ng = in / 32;
+  const int64_t ng = in / 32, xstride = (ng + 1) / 2 * 64;
   for (int64_t r0 = 0; r0 < m; r0 += kRowTile) {
-    const int16_t* xr = xq + r0 * in;
+    const int16_t* xr = xq + r0 * xstride;
     const float* xscr = xsc + r0 * ng;
     const float* xsr = xs + r0 * ng;
     float* yr = y + r0 * out;
@@ -175,18 +186,21 @@ static void q4_rows(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, co
   }
 }
 
-// x (m, in) float32 -> int16 per group of 32 (scale = max |x| / 32767, so each value is off by at
-// most 2^-16 of its group's max), the scales and the float32 group sums
+// x (m, in) float32 -> int16 per group of 32 (scale = max |x| / 32767: each value off by at most
+// 2^-16 of its group's max |x|) in q4_tile's pair order (64 values a pair of groups, zeros after
+// an odd last group), the scales and the float32 group sums
 static void quantize_x16(const float* x, int64_t m, int64_t in, std::vector<int16_t>& xq, std::vector<float>& xsc,
-                         std::vector<float>& xs) {
-  const int64_t ng = in / 32;
+                        std::vector<float>& xs) {
+  const int64_t ng = in / 32, xstride = (ng + 1) / 2 * 64;
+  xq.assign(m * xstride, 0);
   for (int64_t r = 0; r < m; ++r)
     for (int64_t g = 0; g < ng; ++g) {
       const float* v = x + r * in + g * 32;
       float amax = 0.f, sum = 0.f;
       for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(v[k])), sum += v[k];
       const float scale = amax > 0.f ? amax / 32767.f : 1.f;
-      for (int k = 0; k < 32; ++k) xq[r * in + g * 32 + k] = static_cast<int16_t>(std::nearbyint(v[k] / scale));
+      int16_t* dst = xq.data() + r * xstride + g / 2 * 64 + (g % 2) * 16;
+      for (int k = 0; k < 32; ++k) dst[k < 16 ? k : 16 + k] = static_cast<int16_t>(std::nearbyint(v[k] / scale));
       xsc[r * ng + g] = scale;
       xs[r * ng + g] = sum;
     }
@@ -287,7 +301,7 @@ ffi::Error Q4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remainin
   for (const Mat& a : mats)
     if (in % 32 != 0 || a.ng != ng)
       return ffi::Error::InvalidArgument("marjax_q4_matmul: in must be a multiple of 32, scale and zero (out, in / 32, 1)");
-  std::vector<int16_t> xq(m * in);
+  std::vector<int16_t> xq;
   std::vector<float> xsc(m * ng), xs(m * ng);
   quantize_x16(x.typed_data(), m, in, xq, xsc, xs);
   const int16_t* xqp = xq.data();
