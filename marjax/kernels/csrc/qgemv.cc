@@ -283,15 +283,26 @@ static ffi::Error unpack(ffi::Buffer<ffi::F32>& x, ffi::RemainingArgs& args, ffi
   return ffi::Error::Success();
 }
 
-ffi::Error Q8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args, ffi::RemainingRets rets) {
+// int8 (operands w, scale) or bfloat16 (w): float32 activations through the same row loop
+template <ffi::DataType T, typename W>
+static ffi::Error FloatActMatmul(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::RemainingArgs& args,
+                                 ffi::RemainingRets& rets, const char* name) {
   std::vector<Mat> mats;
-  if (ffi::Error e = unpack<ffi::S8>(x, args, rets, 2, false, "marjax_q8_matmul", mats); e.failure()) return e;
+  if (ffi::Error e = unpack<T>(x, args, rets, T == ffi::S8 ? 2 : 1, false, name, mats); e.failure()) return e;
   const int64_t m = x.dimensions()[0], in = x.dimensions()[1];
   const float* xp = x.typed_data();
   parallel_mats(pool, mats, m, in, [=](const Mat& a, int64_t o0, int64_t o1) {
-    rows(static_cast<const int8_t*>(a.w), a.sc, xp, a.y, m, in, a.out, in / a.ng, o0, o1);
+    rows(static_cast<const W*>(a.w), a.sc, xp, a.y, m, in, a.out, in / a.ng, o0, o1);   // bf16: no scale, ng 1
   });
   return ffi::Error::Success();
+}
+
+ffi::Error Q8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args, ffi::RemainingRets rets) {
+  return FloatActMatmul<ffi::S8, int8_t>(pool, x, args, rets, "marjax_q8_matmul");
+}
+
+ffi::Error Bf16Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args, ffi::RemainingRets rets) {
+  return FloatActMatmul<ffi::BF16, uint16_t>(pool, x, args, rets, "marjax_bf16_matmul");
 }
 
 ffi::Error Q4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args, ffi::RemainingRets rets) {
@@ -308,17 +319,6 @@ ffi::Error Q4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remainin
   const float *xscp = xsc.data(), *xsp = xs.data();
   parallel_mats(pool, mats, m, in, [=](const Mat& a, int64_t o0, int64_t o1) {
     q4_rows(static_cast<const uint8_t*>(a.w), a.sc, a.zr, xqp, xscp, xsp, a.y, m, in, a.out, o0, o1);
-  });
-  return ffi::Error::Success();
-}
-
-ffi::Error Bf16Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args, ffi::RemainingRets rets) {
-  std::vector<Mat> mats;
-  if (ffi::Error e = unpack<ffi::BF16>(x, args, rets, 1, false, "marjax_bf16_matmul", mats); e.failure()) return e;
-  const int64_t m = x.dimensions()[0], in = x.dimensions()[1];
-  const float* xp = x.typed_data();
-  parallel_mats(pool, mats, m, in, [=](const Mat& a, int64_t o0, int64_t o1) {
-    rows(static_cast<const uint16_t*>(a.w), nullptr, xp, a.y, m, in, a.out, in, o0, o1);
   });
   return ffi::Error::Success();
 }
