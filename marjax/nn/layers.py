@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from marjax.errors import ConfigError
 from marjax.kernels import cpu_kernels
 from marjax.typing import array, depth_scaled_normal, fan_in_normal, param_dataclass
 
@@ -212,7 +213,7 @@ def attention(p: AttnParams, x: Float[Array, "b l d"], cfg, positions: Int[Array
     is built, under lax.platform_dependent so other platforms keep XLA's einsums; "xla" always the
     einsums."""
     if impl not in ATTN_IMPLS:
-        raise ValueError(f"attention impl must be one of {ATTN_IMPLS}, got {impl!r}")
+        raise ConfigError(f"attention impl must be one of {ATTN_IMPLS}, got {impl!r}")
     q, k, v = qkv(p, x, cfg, positions)
     if cache is None:
         o = _attend(q, k, v, positions, positions, None, cfg.n_kv_heads)
