@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -101,6 +102,20 @@ static void rows_m(const W* w, const uint16_t* sc, const float* x, float* y, int
   for (; o < o1; ++o) tile<W, 1, M>(w, sc, x, y, in, out, group, o);
 }
 
+// f(std::integral_constant<int, M>, r0) for the activation rows [r0, r0 + M) of m, kRowTile at a
+// time: M is the tiles' compile-time height (they keep R * M accumulators in registers)
+template <typename F>
+static void row_blocks(int64_t m, F f) {
+  for (int64_t r0 = 0; r0 < m; r0 += kRowTile) {
+    switch (m - r0 >= kRowTile ? kRowTile : m - r0) {
+      case 1: f(std::integral_constant<int, 1>{}, r0); break;
+      case 2: f(std::integral_constant<int, 2>{}, r0); break;
+      case 3: f(std::integral_constant<int, 3>{}, r0); break;
+      default: f(std::integral_constant<int, 4>{}, r0); break;
+    }
+  }
+}
+
 // 4-bit weights: R output rows against M activation rows, two groups of 32 (32 bytes) per
 // iteration. The activations come as int16 per group, stored per pair of groups in the order the
 // unpacked nibbles come out (xq: 64 values a pair, A0-15 B0-15 | A16-31 B16-31), so a pair's 64
@@ -172,18 +187,10 @@ static void q4_rows_m(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, 
 static void q4_rows(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, const int16_t* xq, const float* xsc,
                     const float* xs, float* y, int64_t m, int64_t in, int64_t out, int64_t o0, int64_t o1) {
   const int64_t ng = in / 32, xstride = (ng + 1) / 2 * 64;
-  for (int64_t r0 = 0; r0 < m; r0 += kRowTile) {
-    const int16_t* xr = xq + r0 * xstride;
-    const float* xscr = xsc + r0 * ng;
-    const float* xsr = xs + r0 * ng;
-    float* yr = y + r0 * out;
-    switch (m - r0 >= kRowTile ? kRowTile : m - r0) {
-      case 1: q4_rows_m<1>(w, sc, zr, xr, xscr, xsr, yr, in, out, o0, o1); break;
-      case 2: q4_rows_m<2>(w, sc, zr, xr, xscr, xsr, yr, in, out, o0, o1); break;
-      case 3: q4_rows_m<3>(w, sc, zr, xr, xscr, xsr, yr, in, out, o0, o1); break;
-      default: q4_rows_m<4>(w, sc, zr, xr, xscr, xsr, yr, in, out, o0, o1); break;
-    }
-  }
+  row_blocks(m, [&](auto mc, int64_t r0) {
+    q4_rows_m<decltype(mc)::value>(w, sc, zr, xq + r0 * xstride, xsc + r0 * ng, xs + r0 * ng, y + r0 * out, in, out,
+                                   o0, o1);
+  });
 }
 
 // x (m, in) float32 -> int16 per group of 32 (scale = max |x| / 32767: each value off by at most
@@ -210,16 +217,9 @@ static void quantize_x16(const float* x, int64_t m, int64_t in, std::vector<int1
 template <typename W>
 static void rows(const W* w, const uint16_t* sc, const float* x, float* y, int64_t m, int64_t in, int64_t out,
                  int64_t group, int64_t o0, int64_t o1) {
-  for (int64_t r0 = 0; r0 < m; r0 += kRowTile) {
-    const float* xr = x + r0 * in;
-    float* yr = y + r0 * out;
-    switch (m - r0 >= kRowTile ? kRowTile : m - r0) {
-      case 1: rows_m<W, 1>(w, sc, xr, yr, in, out, group, o0, o1); break;
-      case 2: rows_m<W, 2>(w, sc, xr, yr, in, out, group, o0, o1); break;
-      case 3: rows_m<W, 3>(w, sc, xr, yr, in, out, group, o0, o1); break;
-      default: rows_m<W, 4>(w, sc, xr, yr, in, out, group, o0, o1); break;
-    }
-  }
+  row_blocks(m, [&](auto mc, int64_t r0) {
+    rows_m<W, decltype(mc)::value>(w, sc, x + r0 * in, y + r0 * out, in, out, group, o0, o1);
+  });
 }
 
 // One product of a call: its weights (and scales, zeros), its output (m, out) and group count.
