@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from marjax.errors import MarjaxError
+from marjax.nn.layers import dense
 
 __all__ = ["chunked_kd_loss", "dense_kd_loss", "kd_from_topk", "feature_loss",
            "matrix_orientation_loss", "hidden_alignment_loss"]
@@ -146,8 +147,8 @@ def chunked_kd_loss(h_teacher: Float[Array, "b l d"], h_student: Float[Array, "b
     xs = (_to_chunks(h_teacher, n, c), _to_chunks(h_student, n, c), _to_chunks(m, n, c), _to_chunks(tg, n, c))
 
     def body(ht, hs, mc, tc):
-        zt = jnp.einsum("bcd,dv->bcv", ht, head_teacher, preferred_element_type=jnp.float32)
-        zs = jnp.einsum("bcd,dv->bcv", hs, head_student, preferred_element_type=jnp.float32)
+        zt = dense(ht, head_teacher, jnp.float32)
+        zs = dense(hs, head_student, jnp.float32)
         fkl, rkl = _kl_terms(zt, zs, temperature)
         out = (jnp.sum(mc * fkl), jnp.sum(mc * rkl))
         return out + ((jnp.sum(mc * _ce(zs, tc)),) if use_ce else ())
@@ -229,7 +230,7 @@ def kd_from_topk(topk_logprobs: Float[Array, "b l k"], topk_ids: Int[Array, "b l
           _to_chunks(h_student, n, c), _to_chunks(m, n, c), _to_chunks(tg, n, c))
 
     def body(lpk, ids, hs, mc, tc):
-        zs = jnp.einsum("bcd,dv->bcv", hs, head_student, preferred_element_type=jnp.float32)
+        zs = dense(hs, head_student, jnp.float32)
         fkl, rkl = _topk_terms(lpk, ids, zs, temperature, vocab, tail)
         out = (jnp.sum(mc * fkl), jnp.sum(mc * rkl))
         return out + ((jnp.sum(mc * _ce(zs, tc)),) if use_ce else ())

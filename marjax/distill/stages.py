@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from marjax.config import DistillConfig, ModelConfig
 from marjax.distill import losses
 from marjax.errors import ConfigError
-from marjax.models.lm import LMParams, block, forward, head_matrix
+from marjax.models.lm import LMParams, block, forward, head_matrix, is_unrolled, stack_layers
 from marjax.nn import mamba2
 
 __all__ = ["make_loss", "trainable_mask", "STAGES", "rate_loss", "site_fanout"]
@@ -39,6 +39,7 @@ def _positions(ids):
 def _orient_loss(teacher_cfg, student_cfg, distill_cfg):
     def loss_fn(student: LMParams, teacher: LMParams, batch, rng):
         teacher = jax.lax.stop_gradient(teacher)
+        student = stack_layers(student)     # vmapped over layers (a traced stack in the unrolled layout)
         _, aux = forward(teacher, batch["inputs"], teacher_cfg, taps=("mixer_io", "attn"), head=False)
         u, attn = aux["mixer_io"]["input"], aux["attn"]                     # (L,b,l,d), (L,b,h,l,l)
         M = jax.vmap(lambda p, x: mamba2.materialize(p, x, student_cfg.ssm))(student.blocks.mixer, u)
@@ -49,7 +50,8 @@ def _orient_loss(teacher_cfg, student_cfg, distill_cfg):
 
 def _align_loss(teacher_cfg, student_cfg, distill_cfg):
     def loss_fn(student: LMParams, teacher: LMParams, batch, rng):
-        teacher = jax.lax.stop_gradient(teacher)
+        teacher = stack_layers(jax.lax.stop_gradient(teacher))   # vmapped over layers (in either layout)
+        student = stack_layers(student)
         ids = batch["inputs"]
         pos = _positions(ids)
         _, aux = forward(teacher, ids, teacher_cfg, taps=("prenorm",), head=False)
@@ -124,7 +126,7 @@ def _kl_loss(teacher_cfg, student_cfg, distill_cfg, alpha, beta):
 def site_fanout(params: LMParams) -> dict:
     """Output units each spiking site's spikes drive (one AC per spike per unit): the share of
     the spiking energy a site's firing rate costs. mlp_in feeds gate and up."""
-    b = params.blocks
+    b = params.blocks[0] if is_unrolled(params) else params.blocks
     return {"in_proj": b.mixer.in_proj.shape[-1], "out_proj": b.mixer.out_proj.shape[-1],
             "mlp_in": b.mlp.gate.shape[-1] + b.mlp.up.shape[-1], "mlp_down": b.mlp.down.shape[-1]}
 

@@ -10,7 +10,8 @@ The decode layout, `unroll_layers(params)`, holds `blocks` as a tuple of per-lay
 as a Python loop over layers. It is for decoding: under a scan, XLA:CPU copies each layer's
 matrices out of the stacked array on every token (1.4x slower SmolLM2 decode, measured), and only
 in the loop can a dequantising producer (marjax.models.quant) fuse into its matrix-vector product.
-Its compile time grows with depth.
+Training in it (TrainConfig.layer_layout "unrolled") spares the backward scan's stacked gradient
+buffers (zero-fills, per-layer slices and updates). Its compile time grows with depth.
 
 Taps (static) come back in `aux`:
   prenorm   (L, 2, b, l, d) residual stream entering each block's two RMSNorms
@@ -35,13 +36,13 @@ from marjax.config import ModelConfig
 from marjax.errors import MarjaxError
 from marjax.nn import mamba2
 from marjax.nn.layers import (AttnParams, MLPParams, attention, attention_dims, attention_matrix, clip_token_grad,
-                              mlp_hidden, rms_norm)
+                              dense, mlp_hidden, rms_norm)
 from marjax.spiking import atmn_with_stats, init_atmn
 from marjax.typing import array, fan_in_normal, init_dataclass, normal, ones, param_dataclass, subtree
 
 __all__ = ["SpikeSites", "BlockParams", "LMParams", "param_dims", "init_params", "init_block", "forward",
            "init_cache", "forward_cached", "lm_head", "block", "embed", "check_ids", "unroll_layers",
-           "unroll_cache", "is_unrolled"]
+           "unroll_cache", "is_unrolled", "stack_layers"]
 
 
 @param_dataclass
@@ -127,10 +128,7 @@ def head_matrix(params: LMParams) -> Any:
 
 
 def lm_head(params: LMParams, h: Float[Array, "... d"]) -> Float[Array, "... v"]:
-    w = head_matrix(params)
-    if not isinstance(w, jax.Array):   # a quantised matrix (marjax.models.quant.QWeight) multiplies by `@`
-        return (h @ w).astype(jnp.float32)
-    return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
+    return dense(h, head_matrix(params), jnp.float32)
 
 
 def _spike_fn(sites: Optional[SpikeSites], cfg: ModelConfig, stats: dict, inputs: Optional[dict] = None,
@@ -167,7 +165,7 @@ def block(p: BlockParams, x: Float[Array, "b l d"], cfg: ModelConfig, positions,
     x_mid = x + m
     h2 = rms_norm(p.mlp_norm, x_mid, cfg.rms_eps)
     hid = mlp_hidden(p.mlp, spike("mlp_in", h2))
-    out = x_mid + spike("mlp_down", hid) @ p.mlp.down
+    out = x_mid + dense(spike("mlp_down", hid), p.mlp.down)
     if "prenorm" in taps:
         aux["prenorm"] = jnp.stack([x, x_mid])
     if "postnorm" in taps:
@@ -202,6 +200,14 @@ def unroll_layers(params: LMParams) -> LMParams:
     """The same params with `blocks` as a tuple of per-layer BlockParams (module doc: the decode
     layout; a copy of the block weights). Already unrolled params come back as they are."""
     return params if is_unrolled(params) else dataclasses.replace(params, blocks=_unstack(params.blocks))
+
+
+def stack_layers(params: LMParams) -> LMParams:
+    """The inverse of `unroll_layers`: `blocks` stacked along a leading L axis (a copy). Already
+    stacked params come back as they are."""
+    if not is_unrolled(params):
+        return params
+    return dataclasses.replace(params, blocks=jax.tree.map(lambda *a: jnp.stack(a), *params.blocks))
 
 
 def unroll_cache(cache: dict) -> dict:

@@ -17,7 +17,7 @@ from marjax.kernels import cpu_kernels
 from marjax.typing import array, depth_scaled_normal, fan_in_normal, param_dataclass
 
 __all__ = ["MLPParams", "AttnParams", "attention_dims", "rms_norm", "clip_token_grad", "rope_inv_freq", "rope_tables",
-           "apply_rope", "mlp", "project", "attention", "attention_matrix", "repeat_kv", "ATTN_IMPLS"]
+           "apply_rope", "mlp", "dense", "project", "attention", "attention_matrix", "repeat_kv", "ATTN_IMPLS"]
 
 
 @param_dataclass
@@ -123,6 +123,52 @@ def mlp(p: MLPParams, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
     return mlp_down(p, mlp_hidden(p, x))
 
 
+_HALF_FLOATS = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def dense(x: Float[Array, "... d"], w, out_dtype=None) -> Float[Array, "... f"]:
+    """x @ w for a (d, f) weight; the result in `out_dtype` (None: x @ w's dtype).
+
+    A 16-bit float weight (bfloat16 or float16: what a train step with compute_dtype "bfloat16"
+    casts the params to) multiplies 16-bit inputs with float32 accumulation, forward and backward
+    (`_half_matmul`): the product MXUs and AMX units run natively. XLA:CPU runs a bf16 x bf16
+    product with a bf16 result at a fifth of that speed (`experiments/bench/bf16_matmul_probe.py`).
+    Float32 weights are a plain float32 product; quantised weights (marjax.models.quant.QWeight)
+    multiply through their `__rmatmul__`."""
+    if isinstance(w, jax.Array) and w.ndim == 2 and w.dtype in _HALF_FLOATS:
+        return _half_matmul(x, w, jnp.dtype(out_dtype or jnp.result_type(x, w)))
+    if out_dtype is None:
+        return x @ w
+    if isinstance(w, jax.Array):
+        return jnp.einsum("...d,dv->...v", x, w, preferred_element_type=out_dtype)
+    return (x @ w).astype(out_dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _half_matmul(x, w, out_dtype):
+    return _half_matmul_fwd(x, w, out_dtype)[0]
+
+
+def _half_matmul_fwd(x, w, out_dtype):
+    xh = x.astype(w.dtype)
+    y = jnp.matmul(xh, w, preferred_element_type=jnp.float32).astype(out_dtype)
+    return y, (xh, w, jnp.zeros((0,), x.dtype))
+
+
+def _half_matmul_bwd(out_dtype, res, ct):
+    """Both products from the 16-bit cotangent, accumulated in float32 (JAX's own transpose would
+    multiply the float32 cotangent by the 16-bit operand: a float32 product)."""
+    xh, w, x_like = res
+    ch = ct.astype(w.dtype)
+    dx = jnp.matmul(ch, w.T, preferred_element_type=jnp.float32).astype(x_like.dtype)
+    dw = jnp.matmul(xh.reshape(-1, xh.shape[-1]).T, ch.reshape(-1, ch.shape[-1]),
+                    preferred_element_type=jnp.float32).astype(w.dtype)
+    return dx, dw
+
+
+_half_matmul.defvjp(_half_matmul_fwd, _half_matmul_bwd)
+
+
 def project(x: Float[Array, "... d"], ws) -> tuple:
     """(x @ w for w in ws). Weights whose type offers `rmatmul_many(x, ws)` (the quantised
     marjax.models.quant.QWeight) multiply together: one native kernel call on the CPU instead of one
@@ -130,7 +176,7 @@ def project(x: Float[Array, "... d"], ws) -> tuple:
     many = getattr(type(ws[0]), "rmatmul_many", None)
     if many is not None and all(type(w) is type(ws[0]) for w in ws):
         return tuple(many(x, ws))
-    return tuple(x @ w for w in ws)
+    return tuple(dense(x, w) for w in ws)
 
 
 def mlp_hidden(p: MLPParams, x: Float[Array, "... d"]) -> Float[Array, "... f"]:
@@ -140,7 +186,7 @@ def mlp_hidden(p: MLPParams, x: Float[Array, "... d"]) -> Float[Array, "... f"]:
 
 
 def mlp_down(p: MLPParams, h: Float[Array, "... f"]) -> Float[Array, "... d"]:
-    return h @ p.down
+    return dense(h, p.down)
 
 
 def repeat_kv(x: Float[Array, "b l g p"], n_rep: int) -> Float[Array, "b l h p"]:
@@ -225,14 +271,14 @@ def attention(p: AttnParams, x: Float[Array, "b l d"], cfg, positions: Int[Array
         cache = (ck, cv)
         k_pos = jnp.broadcast_to(jnp.arange(ck.shape[1])[None], (x.shape[0], ck.shape[1]))
 
-        def dense(q, ck, cv, positions):
+        def xla(q, ck, cv, positions):
             return _attend(q, ck, cv, positions, k_pos, k_pos <= positions[:, -1:], cfg.n_kv_heads)
 
         if _decode_kernel_applies(q, ck, impl):
             def cpu(q, ck, cv, positions):
                 return cpu_kernels.attn_decode(q[:, 0], ck, cv, positions[:, 0] + 1)[:, None]
-            o = jax.lax.platform_dependent(q, ck, cv, positions, cpu=cpu, default=dense)
+            o = jax.lax.platform_dependent(q, ck, cv, positions, cpu=cpu, default=xla)
         else:
-            o = dense(q, ck, cv, positions)
-    out = o.reshape(*x.shape[:2], -1).astype(x.dtype) @ p.wo
+            o = xla(q, ck, cv, positions)
+    out = dense(o.reshape(*x.shape[:2], -1).astype(x.dtype), p.wo)
     return out, cache

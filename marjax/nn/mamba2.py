@@ -22,6 +22,7 @@ from jaxtyping import Array, Float
 
 from marjax import ssm as ssm_ops
 from marjax.config import SSMConfig
+from marjax.nn.layers import dense
 from marjax.typing import (array, constant, depth_scaled_normal, fan_in_normal, identity_tap, ones, param_dataclass,
                            zeros)
 
@@ -103,7 +104,7 @@ def mixer(p: MixerParams, u: Float[Array, "b l d"], ssm_cfg: SSMConfig, cache: O
     """Parallel (chunked) forward over a sequence; with `cache` it continues from the cached conv
     window and state and returns the new cache (prefill and decoding share this path; one-token
     steps use the recurrent form)."""
-    zxbca = spike("in_proj", u) @ p.in_proj
+    zxbca = dense(spike("in_proj", u), p.in_proj)
     xbc, z, a_log = split_in_proj(zxbca, ssm_cfg)
     xbc, conv_tail = causal_conv(p.conv_w, p.conv_b, xbc, None if cache is None else cache.conv)
     x, B, C = _heads(xbc, ssm_cfg)
@@ -118,7 +119,7 @@ def mixer(p: MixerParams, u: Float[Array, "b l d"], ssm_cfg: SSMConfig, cache: O
                                chunk_size=ssm_ops.effective_chunk(l, ssm_cfg.chunk_size))
     y = y.reshape(*u.shape[:2], ssm_cfg.d_inner)
     gated = (y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32) + p.z_bias)).astype(u.dtype)
-    out = spike("out_proj", gated) @ p.out_proj
+    out = dense(spike("out_proj", gated), p.out_proj)
     new_cache = None if cache is None else MixerCache(conv=conv_tail, state=state)
     return out, new_cache
 
@@ -126,7 +127,7 @@ def mixer(p: MixerParams, u: Float[Array, "b l d"], ssm_cfg: SSMConfig, cache: O
 def materialize(p: MixerParams, u: Float[Array, "b l d"], ssm_cfg: SSMConfig) -> Float[Array, "b h l l"]:
     """The (l x l) per-head mixing matrix of the SSD part (conv applied, no D skip): MOHAWK's
     matrix orientation compares it with the attention matrix."""
-    xbc, _, a_log = split_in_proj(u @ p.in_proj, ssm_cfg)
+    xbc, _, a_log = split_in_proj(dense(u, p.in_proj), ssm_cfg)
     xbc, _ = causal_conv(p.conv_w, p.conv_b, xbc)
     _, B, C = _heads(xbc, ssm_cfg)
     return ssm_ops.materialize_mixer(-jax.nn.softplus(a_log.astype(jnp.float32) + p.a_log_bias), B, C)

@@ -27,7 +27,7 @@ from marjax.config import MeshConfig
 from marjax.errors import ConfigError
 from marjax.typing import ArrayInfo, declarations
 
-__all__ = ["AXES", "make_mesh", "ShardingRules", "DEFAULT_RULES", "logical_axes", "partition_spec",
+__all__ = ["AXES", "make_mesh", "ShardingRules", "DEFAULT_RULES", "logical_axes", "is_axes", "partition_spec",
            "param_shardings", "batch_sharding", "batch_shardings", "replicated", "init_sharded",
            "shard_params"]
 
@@ -97,6 +97,11 @@ def _walk(node, where: str, lead: tuple, trailing: Optional[tuple], fn: Callable
                 kw[name] = v     # None, or an empty node (optax's MaskedNode for a frozen leaf)
             elif isinstance(info, ArrayInfo):
                 kw[name] = fn(_leaf_axes(v, here, lead, info.axes, None), v)
+            elif type(v) is tuple and info.lead and declarations(v[0]):
+                # a stacked subtree held as a tuple of its slices along the first lead axis
+                # (marjax.models.lm.unroll_layers): each slice has the other lead axes
+                kw[name] = tuple(_walk(c, f"{here}[{i}]", lead + info.lead[1:], info.leaf_axes, fn)
+                                 for i, c in enumerate(v))
             else:
                 kw[name] = _walk(v, here, lead + info.lead, info.leaf_axes, fn)
         return type(node)(**kw)
@@ -109,12 +114,18 @@ def _walk(node, where: str, lead: tuple, trailing: Optional[tuple], fn: Callable
         treedef, [_walk(c, where + jax.tree_util.keystr(k), lead, trailing, fn) for k, c in children])
 
 
+def is_axes(x) -> bool:
+    """True for one leaf of `logical_axes`: a tuple of axis names (str or None). Unrolled layers
+    make tuples of params too, so `type(x) is tuple` alone does not tell them apart."""
+    return type(x) is tuple and all(a is None or isinstance(a, str) for a in x)
+
+
 def logical_axes(tree, lead: tuple = ()) -> Any:
     """Same-structure pytree with a tuple of logical axis names (None: a dim never sharded) per
     array leaf, read from the param declarations. Works on params, on abstract params
     (ShapeDtypeStruct) and on optimizer states; `lead` names leading axes the tree's own
     declarations do not have (("layers",) for one stacked BlockParams). ConfigError for an array
-    no declaration covers. (To map it against the params use `is_leaf=lambda x: type(x) is tuple`.)"""
+    no declaration covers. (To map it against the params use `is_leaf=is_axes`.)"""
     return _walk(tree, "params", tuple(lead), None, lambda axes, _: axes)
 
 

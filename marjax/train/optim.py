@@ -17,7 +17,7 @@ import optax
 
 from marjax.config import TrainConfig
 from marjax.errors import ConfigError
-from marjax.train.mesh import logical_axes
+from marjax.train.mesh import is_axes, logical_axes
 
 __all__ = ["make_optimizer", "lr_schedule", "decay_mask", "accum_steps", "check_trainable",
            "trainable_leaves", "fused_adamw", "AdamWState", "OPTIMIZER_IMPLS", "FINAL_LR_FRACTION", "ADAM_B1", "ADAM_B2"]
@@ -61,7 +61,7 @@ def decay_mask(tree) -> Any:
     """True for weight matrices (>= 2 dims besides the stacked `layers` axis): embeddings,
     projections, conv taps. False for norms, biases, D, ATMN thresholds `a`."""
     axes = logical_axes(tree)
-    return jax.tree.map(lambda a: sum(n != "layers" for n in a) >= 2, axes, is_leaf=lambda x: type(x) is tuple)
+    return jax.tree.map(lambda a: sum(n != "layers" for n in a) >= 2, axes, is_leaf=is_axes)
 
 
 def check_trainable(params, trainable) -> Any:
@@ -112,6 +112,12 @@ def make_optimizer(train_cfg: TrainConfig, params, trainable=None,
     return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
 
 
+class _LeafUpdate(NamedTuple):
+    update: jax.Array
+    mu: jax.Array
+    nu: jax.Array
+
+
 class AdamWState(NamedTuple):
     count: jax.Array   # int32 (): updates made so far
     mu: Any            # first moments, like the params
@@ -150,10 +156,11 @@ def fused_adamw(learning_rate: Callable, *, b1: float, b2: float, eps: float, we
             u = (m / bc1.astype(m.dtype)) / (jnp.sqrt(v / bc2.astype(v.dtype) + 0.0) + eps)
             if decay:
                 u = u + weight_decay * p
-            return jnp.array(step_size, dtype=u.dtype) * u, m, v
+            return _LeafUpdate(jnp.array(step_size, dtype=u.dtype) * u, m, v)
 
         out = jax.tree.map(leaf, grads, state.mu, state.nu, params, decays)
-        pick = lambda i: jax.tree.map(lambda o: o[i], out, is_leaf=lambda x: type(x) is tuple)  # noqa: E731
+        # (the params may hold tuples themselves: unrolled layers)
+        pick = lambda i: jax.tree.map(lambda o: o[i], out, is_leaf=lambda x: type(x) is _LeafUpdate)  # noqa: E731
         return pick(0), AdamWState(count=count, mu=pick(1), nu=pick(2))
 
     return optax.GradientTransformation(init, update)

@@ -13,7 +13,7 @@ import pytest
 from marjax.config import ModelConfig, SSMConfig
 from marjax.models.lm import BlockParams, LMParams, init_block, init_params, param_dims
 from marjax.nn import mamba2
-from marjax.nn.layers import AttnParams, MLPParams, attention, mlp, rms_norm
+from marjax.nn.layers import AttnParams, MLPParams, attention, dense, mlp, rms_norm
 from marjax.train.mesh import ShardingRules
 from marjax.typing import ArrayInfo, declarations, resolve_shape
 
@@ -186,3 +186,53 @@ def test_clip_token_grad_caps_outlier_tokens_only():
     ordinary = n <= cap
     assert ordinary.sum() >= 8
     np.testing.assert_array_equal(np.asarray(gx)[ordinary], np.asarray(g)[ordinary])
+
+
+def _dots(fn, *args) -> list:
+    """(operand dtypes, result dtype) of every dot_general in fn's jaxpr, nested ones included."""
+    out = []
+
+    def walk(jaxpr):
+        for e in jaxpr.eqns:
+            if e.primitive.name == "dot_general":
+                out.append((tuple(str(v.aval.dtype) for v in e.invars), str(e.outvars[0].aval.dtype)))
+            for p in e.params.values():
+                for sub in (p if isinstance(p, (list, tuple)) else [p]):
+                    if hasattr(sub, "jaxpr"):
+                        walk(sub.jaxpr if hasattr(sub.jaxpr, "eqns") else sub.jaxpr.jaxpr)
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return out
+
+
+def test_dense_float32_is_the_plain_product():
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    x, w = jax.random.normal(k1, (2, 5, 16)), jax.random.normal(k2, (16, 24))
+    np.testing.assert_array_equal(np.asarray(dense(x, w)), np.asarray(x @ w))
+    assert dense(x, w, jnp.float32).dtype == jnp.float32
+
+
+@pytest.mark.parametrize("x_dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_half_weights_multiply_in_half_precision_both_ways(x_dtype):
+    """bf16 weights: every product, forward and backward, takes bf16 operands and accumulates in
+    float32; values and gradients stay within bf16 rounding of the float32 ones."""
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(1), 3)
+    x = jax.random.normal(k1, (4, 8, 64))
+    w = jax.random.normal(k2, (64, 48)) / 8
+    c = jax.random.normal(k3, (4, 8, 48))
+
+    def loss32(x, w):
+        return jnp.sum(jnp.sin(x @ w) * c)
+
+    def loss16(x, w):
+        y = dense(x.astype(x_dtype), w.astype(jnp.bfloat16))
+        assert y.dtype == jnp.result_type(x_dtype, jnp.bfloat16)
+        return jnp.sum(jnp.sin(y.astype(jnp.float32)) * c)
+
+    g32, g16 = jax.grad(loss32, (0, 1))(x, w), jax.grad(loss16, (0, 1))(x, w)
+    for a, b in zip(g32, g16):
+        assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a)) < 2e-2
+    dots = _dots(jax.grad(loss16, (0, 1)), x, w)
+    assert len(dots) == 3, dots                       # forward, d/dx, d/dw
+    assert all(ins == ("bfloat16", "bfloat16") and res == "float32" for ins, res in dots), dots
+    y = dense(x, w.astype(jnp.bfloat16), jnp.float32)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x @ w), rtol=5e-2, atol=5e-2)

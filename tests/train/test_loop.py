@@ -250,3 +250,72 @@ def test_bf16_compute_keeps_f32_master(tmp_path):
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(p16))
     np.testing.assert_allclose(h16[0]["loss"], h32[0]["loss"], rtol=3e-2)
     assert h16[0]["loss"] != h32[0]["loss"]       # it really ran in bf16
+
+
+# ---- TrainConfig.layer_layout "unrolled" (marjax.train.layout) ----------------------------------
+
+def test_unrolled_layout_trains_like_stacked(tmp_path):
+    """The same run in both layouts: the same losses and params up to float rounding (XLA fuses
+    the two programs differently), stacked params back, and the checkpoint a stacked one that
+    load_model_dir reads."""
+    p_st, h_st = train(ce_loss(CFG), _params(), None, grain_iter(4), tcfg(), tmp_path / "st", model_meta=META,
+                       progress=False)
+    p_un, h_un = train(ce_loss(CFG), _params(), None, grain_iter(4), tcfg(layer_layout="unrolled"),
+                       tmp_path / "un", model_meta=META, progress=False)
+    assert jax.tree.structure(p_un) == jax.tree.structure(p_st)
+    _assert_trees_close(p_un, p_st, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose([h["loss"] for h in h_un], [h["loss"] for h in h_st], rtol=1e-5)
+    assert h_un[-1]["loss"] < 0.5 * h_un[0]["loss"]
+    cfg, params, _ = load_model_dir(tmp_path / "un")
+    _assert_trees_close(params, p_un, rtol=0, atol=0)
+
+
+def test_unrolled_layout_resume_and_switch(tmp_path):
+    """Resume is exact in the unrolled layout, and a stacked run resumes from its checkpoints."""
+    loss, tc = ce_loss(CFG), tcfg(layer_layout="unrolled")
+    p_full, _ = train(loss, _params(), None, grain_iter(4), tc, tmp_path / "full", model_meta=META, progress=False)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(loss, _params(), None, Crashing(grain_iter(4), 3), tc, tmp_path / "cut", model_meta=META,
+              progress=False)
+    p_res, _ = train(loss, _params(), None, grain_iter(4), tc, tmp_path / "cut", model_meta=META, resume=True,
+                     progress=False)
+    _assert_trees_close(p_res, p_full, rtol=0, atol=0)
+    # the checkpoint at step 3 continued by a stacked run: the same result up to rounding
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(loss, _params(), None, Crashing(grain_iter(4), 3), tc, tmp_path / "switch", model_meta=META,
+              progress=False)
+    p_sw, _ = train(loss, _params(), None, grain_iter(4), tcfg(), tmp_path / "switch", model_meta=META,
+                    resume=True, progress=False)
+    _assert_trees_close(p_sw, p_full, rtol=1e-4, atol=1e-5)
+
+
+def test_unrolled_layout_with_mask_and_teacher(tmp_path):
+    """A frozen part stays frozen, and an LMParams teacher is unrolled with the student."""
+    p0 = _params()
+    mask = jax.tree.map(lambda _: False, p0)
+    mask = dataclasses.replace(mask, blocks=dataclasses.replace(mask.blocks, mlp=jax.tree.map(lambda _: True,
+                                                                                             p0.blocks.mlp)))
+    seen = []
+
+    def loss_fn(student, teacher, batch, rng):
+        seen.append((type(student.blocks), type(teacher.blocks)))
+        t = jax.nn.softmax(forward(teacher, batch["inputs"], CFG)[0], -1)
+        logp = jax.nn.log_softmax(forward(student, batch["inputs"], CFG)[0], -1)
+        s = -jnp.sum(t * logp, -1)
+        return jnp.sum(s * batch["mask"]), jnp.sum(batch["mask"]), {}
+    teacher = init_params(jax.random.PRNGKey(1), CFG)
+    p, _ = train(loss_fn, p0, teacher, grain_iter(4), tcfg(steps=2, save_every=2, layer_layout="unrolled"),
+                 tmp_path, trainable=mask, model_meta=META, progress=False)
+    assert seen and all(s is tuple and t is tuple for s, t in seen)
+    np.testing.assert_array_equal(np.asarray(p.embed), np.asarray(p0.embed))
+    np.testing.assert_array_equal(np.asarray(p.blocks.mixer.wq), np.asarray(p0.blocks.mixer.wq))
+    assert not np.allclose(np.asarray(p.blocks.mlp.up), np.asarray(p0.blocks.mlp.up))
+
+
+def test_unrolled_layout_refusals(tmp_path):
+    with pytest.raises(ConfigError, match="layer_layout"):
+        train(ce_loss(CFG), _params(), None, grain_iter(4), tcfg(layer_layout="columns"), tmp_path,
+              model_meta=META, progress=False)
+    with pytest.raises(ConfigError, match="trains LMParams"):
+        train(lambda s, t, b, r: (jnp.sum(s["w"]), 1.0, {}), {"w": jnp.ones(3)}, None, grain_iter(4),
+              tcfg(layer_layout="unrolled"), tmp_path, model_meta=META, progress=False)

@@ -1,0 +1,81 @@
+"""The layer layout a run trains in (TrainConfig.layer_layout).
+
+"stacked" (the default): LMParams.blocks carry a leading L axis and the layers run under
+`lax.scan`. "unrolled": the student (and an LMParams teacher) train as a tuple of per-layer
+BlockParams (marjax.models.lm.unroll_layers), so the step has no layer scan. On XLA:CPU the
+scan's backward costs a zero-filled stacked buffer per gradient, a slice and an update per layer
+per residual; at the SmolLM2 pipeline's shapes the student's forward+backward takes 0.77x (kd)
+and 0.89x (sbds) the stacked time, for 2-5x the compile time
+(`python experiments/bench/step_layout_probe.py`).
+
+Only the step sees the unrolled layout. Checkpoints hold the stacked one (the same files as a
+stacked run: `load_model_dir`, resume across layouts and older checkpoints keep working), and
+`train` returns stacked params.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+
+from marjax.errors import ConfigError
+from marjax.models.lm import LMParams, is_unrolled, stack_layers, unroll_layers
+from marjax.train.mesh import ShardingRules
+from marjax.train.state import TrainState, state_shardings
+
+__all__ = ["LAYER_LAYOUTS", "check_layout", "map_lm", "unroll_inputs", "stacked_state", "unrolled_state",
+           "stacked_target"]
+
+LAYER_LAYOUTS = ("stacked", "unrolled")
+
+
+def check_layout(layout: str) -> str:
+    if layout not in LAYER_LAYOUTS:
+        raise ConfigError(f"TrainConfig.layer_layout must be one of {LAYER_LAYOUTS}, got {layout!r}")
+    return layout
+
+
+def _is_lm(x) -> bool:
+    return isinstance(x, LMParams)
+
+
+def map_lm(fn: Callable, tree):
+    """fn on every LMParams inside `tree` (params, an optimizer state's moments, a TrainState)."""
+    return jax.tree.map(lambda x: fn(x) if _is_lm(x) else x, tree, is_leaf=_is_lm)
+
+
+def unroll_inputs(student_params, trainable, teacher_params):
+    """(student, trainable mask, teacher) in the unrolled layout. The student must be LMParams;
+    a teacher that is not (None, a cache of teacher outputs) passes as it is."""
+    if not _is_lm(student_params):
+        raise ConfigError("TrainConfig.layer_layout='unrolled' trains LMParams (marjax.models.lm); got student "
+                          f"params of type {type(student_params).__name__}")
+    student = unroll_layers(student_params)
+    if trainable is not None and not is_unrolled(trainable):   # one bool per stacked leaf: the same for each layer
+        trainable = dataclasses.replace(trainable, blocks=(trainable.blocks,) * len(student.blocks))
+    teacher = unroll_layers(teacher_params) if _is_lm(teacher_params) else teacher_params
+    return student, trainable, teacher
+
+
+def _jit_to(fn: Callable, state: TrainState, mesh, rules: Optional[ShardingRules]) -> Callable:
+    """jit(fn) with the result sharded by the rules (its layout's shardings)."""
+    return jax.jit(fn, out_shardings=state_shardings(jax.eval_shape(fn, state), mesh, rules))
+
+
+def stacked_state(state: TrainState, mesh, rules: Optional[ShardingRules] = None) -> TrainState:
+    """A copy of an unrolled state (params and optimizer moments) with the layers stacked."""
+    return _jit_to(lambda s: map_lm(stack_layers, s), state, mesh, rules)(state)
+
+
+def unrolled_state(state: TrainState, mesh, rules: Optional[ShardingRules] = None) -> TrainState:
+    """A copy of a stacked state with the layers unrolled."""
+    return _jit_to(lambda s: map_lm(unroll_layers, s), state, mesh, rules)(state)
+
+
+def stacked_target(state: TrainState, mesh, rules: Optional[ShardingRules] = None) -> Any:
+    """The stacked layout of `state` as ShapeDtypeStructs with their shardings (a restore target)."""
+    fn = lambda s: map_lm(stack_layers, s)  # noqa: E731
+    shapes = jax.eval_shape(fn, state)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                        state_shardings(shapes, mesh, rules))
