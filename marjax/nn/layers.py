@@ -129,19 +129,27 @@ _HALF_FLOATS = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 def dense(x: Float[Array, "... d"], w, out_dtype=None) -> Float[Array, "... f"]:
     """x @ w for a (d, f) weight; the result in `out_dtype` (None: x @ w's dtype).
 
+    The leading dims of x are flattened first, so the product is one (n, d) x (d, f) matmul.
+    JAX's transpose of the batched form contracts the weight gradient over several dims, and
+    XLA:CPU then copies both operands into a transposed layout; the flat form has the same
+    values (bit for bit here) and a 0.86-0.87x student forward+backward at the SmolLM2 pipeline's
+    shapes (`python experiments/bench/dense_layout_probe.py`).
+
     A 16-bit float weight (bfloat16 or float16: what a train step with compute_dtype "bfloat16"
     casts the params to) multiplies 16-bit inputs with float32 accumulation, forward and backward
     (`_half_matmul`): the product MXUs and AMX units run natively. XLA:CPU runs a bf16 x bf16
-    product with a bf16 result at a fifth of that speed (`experiments/bench/bf16_matmul_probe.py`).
-    Float32 weights are a plain float32 product; quantised weights (marjax.models.quant.QWeight)
-    multiply through their `__rmatmul__`."""
-    if isinstance(w, jax.Array) and w.ndim == 2 and w.dtype in _HALF_FLOATS:
-        return _half_matmul(x, w, jnp.dtype(out_dtype or jnp.result_type(x, w)))
-    if out_dtype is None:
-        return x @ w
-    if isinstance(w, jax.Array):
-        return jnp.einsum("...d,dv->...v", x, w, preferred_element_type=out_dtype)
-    return (x @ w).astype(out_dtype)
+    product with a bf16 result at about a fifth of that speed
+    (`python experiments/bench/bf16_matmul_probe.py`). Quantised weights
+    (marjax.models.quant.QWeight) multiply through their `__rmatmul__`."""
+    if not isinstance(w, jax.Array) or w.ndim != 2:
+        y = x @ w
+        return y if out_dtype is None else y.astype(out_dtype)
+    flat = x.reshape(-1, x.shape[-1])
+    if w.dtype in _HALF_FLOATS:
+        y = _half_matmul(flat, w, jnp.dtype(out_dtype or jnp.result_type(x, w)))
+    else:
+        y = jnp.matmul(flat, w, preferred_element_type=out_dtype)
+    return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -161,8 +169,7 @@ def _half_matmul_bwd(out_dtype, res, ct):
     xh, w, x_like = res
     ch = ct.astype(w.dtype)
     dx = jnp.matmul(ch, w.T, preferred_element_type=jnp.float32).astype(x_like.dtype)
-    dw = jnp.matmul(xh.reshape(-1, xh.shape[-1]).T, ch.reshape(-1, ch.shape[-1]),
-                    preferred_element_type=jnp.float32).astype(w.dtype)
+    dw = jnp.matmul(xh.T, ch, preferred_element_type=jnp.float32).astype(w.dtype)   # (n, d), (n, f): flat
     return dx, dw
 
 
