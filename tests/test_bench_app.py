@@ -35,6 +35,7 @@ def test_bench_step_tiny_kd(tmp_path):
     (r,) = res["records"]
     assert r["stage"] == "kd" and r["tokens"] == 32 and np.isfinite(r["last_loss"]) and r["last_loss"] > 0
     assert r["step_over_parts_median"] > 0 and all(v > 0 for v in r["compile_s"].values())
+    assert r["layer_layout"] == "stacked"
     f = r["analytic_flops_per_token"]
     # the step's KL recomputes both heads: more work than its two parts
     assert f["step"] > f["teacher_fwd"] + f["student_fwd_bwd"]

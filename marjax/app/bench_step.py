@@ -15,6 +15,8 @@ parts; above 1 is the price of the stage loss (the KL over both heads' logits, t
 taps, the firing-rate term) and the optimizer. Achieved GFLOP/s are the analytic FLOP counts of
 marjax.app.plan (XLA's cost analysis counts a lax.scan body once, so it under-counts the layer
 scan) over the median time, as a fraction of the float32 matmul peak measured in the same run.
+`--layer-layout` trains in the other layer layout (marjax.train.layout): all three programs then
+run on unrolled layers.
 Compile time (lower + compile) is reported apart. A last table times the optimizer alone: one
 update of the kd student with the trainer's fused AdamW against the optax chain it replaces
 (marjax.train.optim.make_optimizer impl "fused" / "optax"), interleaved. The student's starting
