@@ -11,6 +11,9 @@ SmolLM2 pipeline's shapes, interleaved in one process:
 
 Prints compile seconds, median (min) seconds and each layout over stacked, and checks that the
 gradients agree (relative L2 distance). The stage's student and batch are `marjax bench step`'s.
+A second table times the whole train step of the stage (its distillation loss against the
+teacher, the fused AdamW, the finite gate; marjax.train.step) with the state in each layout, as
+`marjax.train.loop.train` runs it for TrainConfig.layer_layout.
 """
 from __future__ import annotations
 
@@ -22,6 +25,12 @@ import jax.numpy as jnp
 
 from marjax.api import load
 from marjax.app.bench_step import _batch, stage_models
+from marjax.distill.stages import make_loss, trainable_mask
+from marjax.train.layout import unroll_inputs
+from marjax.train.mesh import make_mesh, shard_params
+from marjax.train.optim import make_optimizer
+from marjax.train.state import init_state
+from marjax.train.step import make_step_shardings, make_train_step
 from marjax.app.benchkit import compile_timed, header_line, interleaved, machine_info
 from marjax.app.pipeline import PIPELINES
 from marjax.app.runner import pretrain_loss
@@ -50,7 +59,7 @@ def main(stage: str = "kd", repeats: int = 5) -> None:
     pc = PIPELINES["smollm2"]
     base = load(pc.teacher)
     batch = _batch(pc.train, base.config.vocab_size)
-    _, _, s_cfg, s_params = stage_models(stage, base.config, base.params, pc.atmn, batch["inputs"][0])
+    t_cfg, t_params, s_cfg, s_params = stage_models(stage, base.config, base.params, pc.atmn, batch["inputs"][0])
     flat = {k: jnp.asarray(v.reshape((-1,) + v.shape[2:])) for k, v in batch.items()}
     ce = pretrain_loss(s_cfg)
     grad = jax.grad(lambda p, b: ce(p, None, b, None)[0])
@@ -74,6 +83,35 @@ def main(stage: str = "kd", repeats: int = 5) -> None:
         print(f"| {name} | {t[name]['median_s']:.3f} ({t[name]['min_s']:.3f}) | "
               f"{t[name]['median_s'] / t['stacked']['median_s']:.2f} ({t[name]['min_s'] / t['stacked']['min_s']:.2f}) | "
               f"{d:.1e} |")
+
+
+    steps = {}
+    mesh = make_mesh(pc.train.mesh)
+    for layout in ("stacked", "unrolled"):
+        mask = trainable_mask(s_params, pc.distill.trainable)
+        student, teacher = s_params, t_params
+        if layout == "unrolled":
+            student, mask, teacher = unroll_inputs(student, mask, teacher)
+        tx = make_optimizer(pc.train, student, mask)
+        state = init_state(shard_params(student, mesh, copy=True), tx, pc.train.seed, mesh)
+        teacher = shard_params(teacher, mesh)
+        sh = make_step_shardings(state, teacher, batch, mesh)
+        step = make_train_step(make_loss(stage, t_cfg, s_cfg, pc.distill), tx, mesh, sh, 1, trainable=mask)
+        dev_batch = jax.device_put(batch, sh.batch)
+        compiled, secs = compile_timed(step, state, teacher, dev_batch)
+        print(f"# {layout} step: compile {secs:.1f} s", flush=True)
+        holder = {"state": state}
+
+        def run(c=compiled, h=holder, teacher=teacher, b=dev_batch):
+            h["state"], out = c(h["state"], teacher, b)   # donated, as the trainer runs it
+            return out["loss"]
+        steps[layout] = run
+    t = interleaved(steps, repeats)
+    print(f"# the {stage} train step, median (min) of {repeats} interleaved rounds")
+    print("| layout | seconds | over stacked |\n|---|---|---|")
+    for name in steps:
+        print(f"| {name} | {t[name]['median_s']:.3f} ({t[name]['min_s']:.3f}) | "
+              f"{t[name]['median_s'] / t['stacked']['median_s']:.2f} ({t[name]['min_s'] / t['stacked']['min_s']:.2f}) |")
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ from marjax.models.lm import LMParams, is_unrolled, stack_layers, unroll_layers
 from marjax.train.mesh import ShardingRules
 from marjax.train.state import TrainState, state_shardings
 
-__all__ = ["LAYER_LAYOUTS", "check_layout", "map_lm", "unroll_inputs", "stacked_state", "unrolled_state",
-           "stacked_target"]
+__all__ = ["LAYER_LAYOUTS", "check_layout", "map_lm", "unroll_inputs", "stacked_params", "stacked_state",
+           "unrolled_state", "stacked_target"]
 
 LAYER_LAYOUTS = ("stacked", "unrolled")
 
@@ -58,6 +58,11 @@ def unroll_inputs(student_params, trainable, teacher_params):
     return student, trainable, teacher
 
 
+def stacked_params(tree):
+    """`tree` (params, or anything holding LMParams) with every LMParams' layers stacked."""
+    return map_lm(stack_layers, tree)
+
+
 def _jit_to(fn: Callable, state: TrainState, mesh, rules: Optional[ShardingRules]) -> Callable:
     """jit(fn) with the result sharded by the rules (its layout's shardings)."""
     return jax.jit(fn, out_shardings=state_shardings(jax.eval_shape(fn, state), mesh, rules))
@@ -65,7 +70,7 @@ def _jit_to(fn: Callable, state: TrainState, mesh, rules: Optional[ShardingRules
 
 def stacked_state(state: TrainState, mesh, rules: Optional[ShardingRules] = None) -> TrainState:
     """A copy of an unrolled state (params and optimizer moments) with the layers stacked."""
-    return _jit_to(lambda s: map_lm(stack_layers, s), state, mesh, rules)(state)
+    return _jit_to(stacked_params, state, mesh, rules)(state)
 
 
 def unrolled_state(state: TrainState, mesh, rules: Optional[ShardingRules] = None) -> TrainState:
@@ -75,7 +80,6 @@ def unrolled_state(state: TrainState, mesh, rules: Optional[ShardingRules] = Non
 
 def stacked_target(state: TrainState, mesh, rules: Optional[ShardingRules] = None) -> Any:
     """The stacked layout of `state` as ShapeDtypeStructs with their shardings (a restore target)."""
-    fn = lambda s: map_lm(stack_layers, s)  # noqa: E731
-    shapes = jax.eval_shape(fn, state)
+    shapes = jax.eval_shape(stacked_params, state)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
                         state_shardings(shapes, mesh, rules))

@@ -28,6 +28,8 @@ divergence stop and exact resume.
 - Test hook (tests/reliability only): env MARJAX_TEST_PAUSE="step:N" makes the loop, once update
   N is dispatched, write out_dir/.marjax_test_paused and sleep (so a test can SIGKILL it there);
   "save:N" does the same inside the async save of step N (see marjax.train.checkpoint).
+- TrainConfig.layer_layout "unrolled" trains the layers as a tuple (marjax.train.layout); the
+  checkpoints, eval_fn and the returned params see them stacked, as in a "stacked" run.
 - resume=True restores params, optimizer state, step, rng and the data iterator state from the
   latest checkpoint, so 3 steps + resume 3 steps equals 6 straight steps bit for bit. Without
   resume, checkpoints already in out_dir are deleted (a fresh run owns its directory).
@@ -49,8 +51,8 @@ import numpy as np
 from marjax.config import TrainConfig
 from marjax.errors import CheckpointError, ConfigError, DataError, MarjaxError
 from marjax.train.checkpoint import PAUSE_ENV, PAUSE_MARKER, Checkpointer, check_compatible, pause_target
-from marjax.train.layout import check_layout, map_lm, stacked_state, stacked_target, unroll_inputs, unrolled_state
-from marjax.models.lm import stack_layers
+from marjax.train.layout import (check_layout, stacked_params, stacked_state, stacked_target, unroll_inputs,
+                                 unrolled_state)
 from marjax.train.mesh import ShardingRules, make_mesh, shard_params
 from marjax.train.optim import accum_steps as _accum_steps, lr_schedule, make_optimizer
 from marjax.train.state import abstract_state, init_state
@@ -206,7 +208,7 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, train_cf
     if unrolled:   # marjax.train.layout: the step trains a tuple of layers; disk and caller see them stacked
         student_params, trainable, teacher_params = unroll_inputs(student_params, trainable, teacher_params)
     to_disk = (lambda st: stacked_state(st, mesh, rules)) if unrolled else (lambda st: st)
-    stacked = (lambda p: map_lm(stack_layers, p)) if unrolled else (lambda p: p)
+    stacked = stacked_params if unrolled else (lambda p: p)
     bad = nonfinite_leaves(student_params)
     if bad:
         raise MarjaxError(f"the student params to train hold NaN/inf in {len(bad)} leaves: {bad[:5]}; refusing "

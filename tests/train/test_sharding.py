@@ -12,20 +12,16 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from marjax.config import MeshConfig, preset
 from marjax.errors import ConfigError
-from marjax.models.lm import SpikeSites, init_params
-from marjax.train.mesh import (AXES, DEFAULT_RULES, ShardingRules, batch_shardings, logical_axes, make_mesh,
-                               partition_spec)
+from marjax.models.lm import SpikeSites, init_params, unroll_layers
+from marjax.train.mesh import (AXES, DEFAULT_RULES, ShardingRules, batch_shardings, is_axes, logical_axes,
+                               make_mesh, partition_spec)
 from marjax.train.optim import decay_mask
 
 from simulated_devices import run_on_devices   # tests/simulated_devices.py
 
 
-def _is_axes(x):
-    return type(x) is tuple and all(a is None or isinstance(a, str) for a in x)
-
-
 def _flat(tree):
-    return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_axes)[0]}
+    return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_axes)[0]}
 
 
 def test_logical_axes_attention_and_ssm():
@@ -166,3 +162,77 @@ def test_sharded_step_equals_single_device(tmp_path, model):
         assert sharded["n_shards"][".blocks.mlp.gate"] == 4
         mixer = ".blocks.mixer.in_proj" if name == "tiny-ssm" else ".blocks.mixer.wq"
         assert sharded["n_shards"][mixer] == 4
+
+
+def test_unrolled_layers_take_the_axes_of_the_stacked_slices():
+    """TrainConfig.layer_layout 'unrolled': each layer of the tuple gets the stacked leaf's axes
+    without the leading 'layers' one, so it shards like that slice; decay_mask agrees too."""
+    p = jax.eval_shape(lambda: init_params(jax.random.PRNGKey(0), preset("tiny-ssm")))
+    stacked, unrolled = logical_axes(p), logical_axes(unroll_layers(init_params(jax.random.PRNGKey(0),
+                                                                                preset("tiny-ssm"))))
+    assert type(unrolled.blocks) is tuple and len(unrolled.blocks) == preset("tiny-ssm").n_layers
+    want = {k: v[1:] for k, v in _flat(stacked.blocks).items()}
+    assert all(v[0] == "layers" for v in _flat(stacked.blocks).values())
+    for layer in unrolled.blocks:
+        assert _flat(layer) == want
+    assert _flat(unrolled)[".embed"] == _flat(stacked)[".embed"]
+    un_decay = decay_mask(unroll_layers(init_params(jax.random.PRNGKey(0), preset("tiny-ssm"))))
+    st_decay = decay_mask(init_params(jax.random.PRNGKey(0), preset("tiny-ssm")))
+    for layer in un_decay.blocks:
+        assert jax.tree.leaves(layer) == jax.tree.leaves(st_decay.blocks)
+
+
+_UNROLLED_LOOP = textwrap.dedent("""
+    import dataclasses, json, sys, jax, jax.numpy as jnp, numpy as np
+    from marjax.config import MeshConfig, TrainConfig, preset
+    from marjax.models.lm import forward, init_params
+    from marjax.train.checkpoint import load_model_dir
+    from marjax.train.loop import train
+    from marjax.train.mesh import make_mesh
+    import marjax.train.loop as loop
+    assert len(jax.devices()) == 8
+    cfg = preset("tiny-ssm")
+
+    def loss_fn(student, teacher, batch, rng):
+        logp = jax.nn.log_softmax(forward(student, batch["inputs"], cfg)[0], -1)
+        nll = -jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+        return jnp.sum(nll), jnp.float32(nll.size), {}
+
+    def batches():
+        r = np.random.default_rng(0)
+        while True:
+            ids = r.integers(0, 256, (8, 17)).astype(np.int32)
+            yield {"inputs": ids[:, :-1], "targets": ids[:, 1:]}
+    specs = []
+    make_step = loop.make_train_step
+    def spy(loss, tx, mesh, sh, *a, **k):     # the shardings the unrolled step was built with
+        specs.append(str(sh.state.params.blocks[0].mlp.gate.spec))
+        return make_step(loss, tx, mesh, sh, *a, **k)
+    out = {}
+    mesh = make_mesh(MeshConfig(2, 2, 2))
+    for layout in ("stacked", "unrolled"):
+        tc = TrainConfig(steps=3, seq_len=16, micro_batch=8, batch_tokens=128, lr=1e-2, warmup=1, save_every=3,
+                         layer_layout=layout)
+        loop.make_train_step = spy if layout == "unrolled" else make_step
+        p, h = train(loss_fn, init_params(jax.random.PRNGKey(0), cfg), None, batches(), tc,
+                     sys.argv[1] + "/" + layout, model_meta={"stage": "pretrain", "model_config": dataclasses.asdict(cfg)},
+                     progress=False, mesh=mesh)
+        _, q, _ = load_model_dir(sys.argv[1] + "/" + layout)
+        out[layout] = {"loss": [r["loss"] for r in h], "gate": np.asarray(p.blocks.mlp.gate).tolist(),
+                       "saved_equal": all(bool(np.array_equal(np.asarray(a), np.asarray(b)))
+                                          for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(q)))}
+    out["specs"] = specs
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def test_unrolled_layout_trains_sharded(tmp_path):
+    """The trainer in the unrolled layout on a 2x2x2 mesh of 8 CPU devices: each layer sharded as
+    its stacked slice would be, the same losses and params as the stacked run up to rounding, and
+    a stacked checkpoint equal to the returned params."""
+    res = json.loads(_run8(_UNROLLED_LOOP, tmp_path, str(tmp_path)).split("RESULT", 1)[1])
+    assert res["specs"] and all("fsdp" in s and "tensor" in s for s in res["specs"]), res["specs"]
+    st, un = res["stacked"], res["unrolled"]
+    np.testing.assert_allclose(un["loss"], st["loss"], rtol=1e-5)
+    np.testing.assert_allclose(np.array(un["gate"]), np.array(st["gate"]), rtol=1e-4, atol=1e-5)
+    assert st["saved_equal"] and un["saved_equal"]
