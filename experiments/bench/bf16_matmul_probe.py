@@ -10,26 +10,10 @@ bf16 x bf16 -> f32 product on the tile unit; the bf16-result product does not ge
 """
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 
-from marjax.app.benchkit import device_name
-
-
-def gflops(m: int, k: int, n: int, dtype, result=None, calls: int = 10) -> float:
-    ka, kb = jax.random.split(jax.random.PRNGKey(0))
-    a = jax.random.normal(ka, (m, k)).astype(dtype)
-    b = jax.random.normal(kb, (k, n)).astype(dtype)
-    f = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=result))
-    jax.block_until_ready(f(a, b))
-    best = float("inf")
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(a, b))
-        best = min(best, time.perf_counter() - t0)
-    return 2 * m * k * n / best / 1e9
+from marjax.app.benchkit import device_name, matmul_gflops
 
 
 def main() -> None:
@@ -38,9 +22,9 @@ def main() -> None:
     print("| shape (m, k, n) | float32 | bf16 -> bf16 | bf16 -> float32 | bf16 -> float32 over float32 |")
     print("|---|---|---|---|---|")
     for m, k, n in [(2048, 2048, 2048), (256, 576, 1536), (256, 1536, 576), (256, 576, 49152)]:
-        f32 = gflops(m, k, n, jnp.float32)
-        b16 = gflops(m, k, n, jnp.bfloat16)
-        mixed = gflops(m, k, n, jnp.bfloat16, jnp.float32)
+        f32 = matmul_gflops(m, k, n, jnp.float32)
+        b16 = matmul_gflops(m, k, n, jnp.bfloat16)
+        mixed = matmul_gflops(m, k, n, jnp.bfloat16, jnp.float32)
         print(f"| {m}, {k}, {n} | {f32:.0f} | {b16:.0f} | {mixed:.0f} | {mixed / f32:.1f}x |")
 
 

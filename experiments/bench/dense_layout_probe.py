@@ -18,10 +18,8 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from marjax.api import load
-from marjax.app.bench_step import _batch, stage_models
+from marjax.app.bench_step import flat_batch, pipeline_stage
 from marjax.app.benchkit import compile_timed, header_line, interleaved, machine_info
-from marjax.app.pipeline import PIPELINES
 from marjax.app.runner import pretrain_loss
 from marjax.distill import losses
 from marjax.models import lm
@@ -40,13 +38,10 @@ def batched_dense(x, w, out_dtype=None):
 def main(stage: str = "kd", layout: str = "stacked", repeats: int = 5) -> None:
     info = machine_info()
     print(header_line(info))
-    pc = PIPELINES["smollm2"]
-    base = load(pc.teacher)
-    batch = _batch(pc.train, base.config.vocab_size)
-    _, _, s_cfg, params = stage_models(stage, base.config, base.params, pc.atmn, batch["inputs"][0])
+    _, _, _, s_cfg, params, batch = pipeline_stage(stage)
     if layout == "unrolled":
         params = lm.unroll_layers(params)
-    flat_batch = {k: jnp.asarray(v.reshape((-1,) + v.shape[2:])) for k, v in batch.items()}
+    tokens = flat_batch(batch)
     ce = pretrain_loss(s_cfg)
     flat_dense = layers.dense
     fns, grads = {}, {}
@@ -54,12 +49,12 @@ def main(stage: str = "kd", layout: str = "stacked", repeats: int = 5) -> None:
         for mod in CALLERS:
             mod.dense = fn
         try:
-            compiled, secs = compile_timed(jax.grad(lambda p, b: ce(p, None, b, None)[0]), params, flat_batch)
+            compiled, secs = compile_timed(jax.grad(lambda p, b: ce(p, None, b, None)[0]), params, tokens)
         finally:
             for mod in CALLERS:
                 mod.dense = flat_dense
         print(f"# {name}: compile {secs:.1f} s", flush=True)
-        fns[name] = lambda c=compiled: c(params, flat_batch)
+        fns[name] = lambda c=compiled: c(params, tokens)
         grads[name] = jax.tree.leaves(fns[name]())
     num = sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(grads["flat"], grads["batched"]))
     den = sum(float(jnp.sum(a ** 2)) for a in grads["batched"])

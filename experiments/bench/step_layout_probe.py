@@ -23,8 +23,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from marjax.api import load
-from marjax.app.bench_step import _batch, stage_models
+from marjax.app.bench_step import flat_batch, pipeline_stage
 from marjax.distill.stages import make_loss, trainable_mask
 from marjax.train.layout import unroll_inputs
 from marjax.train.mesh import make_mesh, shard_params
@@ -32,7 +31,6 @@ from marjax.train.optim import make_optimizer
 from marjax.train.state import init_state
 from marjax.train.step import make_step_shardings, make_train_step
 from marjax.app.benchkit import compile_timed, header_line, interleaved, machine_info
-from marjax.app.pipeline import PIPELINES
 from marjax.app.runner import pretrain_loss
 from marjax.models.lm import stack_layers, unroll_layers
 
@@ -56,11 +54,8 @@ def sliced(params):
 def main(stage: str = "kd", repeats: int = 5) -> None:
     info = machine_info()
     print(header_line(info))
-    pc = PIPELINES["smollm2"]
-    base = load(pc.teacher)
-    batch = _batch(pc.train, base.config.vocab_size)
-    t_cfg, t_params, s_cfg, s_params = stage_models(stage, base.config, base.params, pc.atmn, batch["inputs"][0])
-    flat = {k: jnp.asarray(v.reshape((-1,) + v.shape[2:])) for k, v in batch.items()}
+    pc, t_cfg, t_params, s_cfg, s_params, batch = pipeline_stage(stage)
+    flat = flat_batch(batch)
     ce = pretrain_loss(s_cfg)
     grad = jax.grad(lambda p, b: ce(p, None, b, None)[0])
     unrolled = unroll_layers(s_params)

@@ -51,7 +51,7 @@ from marjax.train.optim import OPTIMIZER_IMPLS, accum_steps, make_optimizer
 from marjax.train.state import init_state
 from marjax.train.step import make_step_shardings, make_train_step
 
-__all__ = ["main", "stage_models", "step_bench", "optimizer_bench"]
+__all__ = ["main", "stage_models", "step_bench", "optimizer_bench", "pipeline_stage", "flat_batch"]
 
 STAGES = ("kd", "sbds")
 
@@ -77,6 +77,20 @@ def _batch(train_cfg: TrainConfig, vocab: int, seed: int = 0) -> dict:
             "mask": np.ones((n, train_cfg.micro_batch, train_cfg.seq_len), np.float32)}
 
 
+def flat_batch(batch: dict) -> dict:
+    """(accum, micro_batch, ...) leaves -> one (accum * micro_batch, ...) batch on the device."""
+    return {k: jnp.asarray(v.reshape((-1,) + v.shape[2:])) for k, v in batch.items()}
+
+
+def pipeline_stage(stage: str, model: str = "smollm2"):
+    """(pipeline config, teacher cfg, teacher params, student cfg, student params, batch) of a
+    stage at the pipeline's shapes, as `step_bench` builds them (for the probes beside it)."""
+    pc = PIPELINES[model]
+    base = load(pc.teacher)
+    batch = _batch(pc.train, base.config.vocab_size)
+    return (pc, *stage_models(stage, base.config, base.params, pc.atmn, batch["inputs"][0]), batch)
+
+
 def _baseline_flops(terms: dict, t_cfg: ModelConfig, s_cfg: ModelConfig) -> dict:
     """Per-token FLOPs of the two baselines from plan's terms: teacher layers + its head once;
     student layers fwd+bwd + its head fwd+bwd (6 d V, no recompute in a plain CE gradient)."""
@@ -91,7 +105,7 @@ def step_bench(stage: str, teacher_cfg: ModelConfig, teacher_params, train_cfg: 
     batch = _batch(train_cfg, teacher_cfg.vocab_size)
     t_cfg, t_params, s_cfg, s_params = stage_models(stage, teacher_cfg, teacher_params, atmn,
                                                     batch["inputs"][0])
-    flat = {k: jnp.asarray(v.reshape((-1,) + v.shape[2:])) for k, v in batch.items()}   # the step's tokens, one batch
+    flat = flat_batch(batch)   # the step's tokens, one batch
 
     mesh = make_mesh(train_cfg.mesh)
     mask = trainable_mask(s_params, distill_cfg.trainable)

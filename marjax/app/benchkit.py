@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-__all__ = ["device_name", "matmul_peak_gflops", "machine_info", "header_line", "interleaved", "compile_timed", "write_json",
+__all__ = ["device_name", "matmul_gflops", "matmul_peak_gflops", "machine_info", "header_line", "interleaved", "compile_timed", "write_json",
            "format_ratio"]
 
 PEAK_N = 1024
@@ -29,20 +29,26 @@ def device_name() -> str:
     return f"{d.platform}:{getattr(d, 'device_kind', '')}"
 
 
-def matmul_peak_gflops(n: int = PEAK_N, repeats: int = 10) -> float:
-    """GFLOP/s (2 n^3 per product) of a jitted float32 (n x n) @ (n x n), from the fastest of
-    `repeats` calls after a compile call: the best this machine's matmul reaches now."""
+def matmul_gflops(m: int, k: int, n: int, dtype=jnp.float32, result=None, repeats: int = 10) -> float:
+    """GFLOP/s (2 m k n per product) of a jitted (m x k) @ (k x n) in `dtype` (result dtype
+    `result`, None: dtype's), from the fastest of `repeats` calls after a compile call."""
     k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-    a = jax.random.normal(k1, (n, n), jnp.float32)
-    b = jax.random.normal(k2, (n, n), jnp.float32)
-    dot = jax.jit(jnp.dot)
+    a = jax.random.normal(k1, (m, k), jnp.float32).astype(dtype)
+    b = jax.random.normal(k2, (k, n), jnp.float32).astype(dtype)
+    dot = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=result))
     jax.block_until_ready(dot(a, b))
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(dot(a, b))
         best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best / 1e9
+    return 2 * m * k * n / best / 1e9
+
+
+def matmul_peak_gflops(n: int = PEAK_N, repeats: int = 10) -> float:
+    """GFLOP/s of a jitted float32 (n x n) @ (n x n), the fastest of `repeats` calls: the best
+    this machine's matmul reaches now."""
+    return matmul_gflops(n, n, n, repeats=repeats)
 
 
 def machine_info(peak_repeats: int = 10) -> dict:
