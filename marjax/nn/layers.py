@@ -131,9 +131,11 @@ def dense(x: Float[Array, "... d"], w, out_dtype=None) -> Float[Array, "... f"]:
 
     The leading dims of x are flattened first, so the product is one (n, d) x (d, f) matmul.
     JAX's transpose of the batched form contracts the weight gradient over several dims, and
-    XLA:CPU then copies both operands into a transposed layout; the flat form has the same
-    values (bit for bit here) and a 0.86-0.87x student forward+backward at the SmolLM2 pipeline's
-    shapes (`python experiments/bench/dense_layout_probe.py`).
+    XLA:CPU then copies both operands into a transposed layout; the flat form gives the same
+    cross-entropy gradients (bit for bit there) and a 0.85-0.89x student forward+backward at the
+    SmolLM2 pipeline's shapes (`python experiments/bench/dense_layout_probe.py {kd,sbds}`).
+    Other programs can round differently than with the batched form: the default pipeline's
+    results moved with it (experiments/README.md, "The default pipeline").
 
     A 16-bit float weight (bfloat16 or float16: what a train step with compute_dtype "bfloat16"
     casts the params to) multiplies 16-bit inputs with float32 accumulation, forward and backward

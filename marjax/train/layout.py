@@ -4,9 +4,9 @@
 `lax.scan`. "unrolled": the student (and an LMParams teacher) train as a tuple of per-layer
 BlockParams (marjax.models.lm.unroll_layers), so the step has no layer scan. On XLA:CPU the
 scan's backward costs a zero-filled stacked buffer per gradient, a slice and an update per layer
-per residual; at the SmolLM2 pipeline's shapes the student's forward+backward takes 0.77x (kd)
-and 0.89x (sbds) the stacked time, for 2-5x the compile time
-(`python experiments/bench/step_layout_probe.py`).
+per residual; at the SmolLM2 pipeline's shapes the train step takes 0.78x (kd) and 0.89x (sbds)
+the stacked time (the students' forward+backward 0.87x and 0.84x, the same gradients bit for
+bit), for 4-9x the compile time (`python experiments/bench/step_layout_probe.py {kd,sbds}`).
 
 Only the step sees the unrolled layout. Checkpoints hold the stacked one (the same files as a
 stacked run: `load_model_dir`, resume across layouts and older checkpoints keep working), and
