@@ -236,3 +236,13 @@ def test_dense_half_weights_multiply_in_half_precision_both_ways(x_dtype):
     assert all(ins == ("bfloat16", "bfloat16") and res == "float32" for ins, res in dots), dots
     y = dense(x, w.astype(jnp.bfloat16), jnp.float32)
     np.testing.assert_allclose(np.asarray(y), np.asarray(x @ w), rtol=5e-2, atol=5e-2)
+
+
+def test_dense_float32_keeps_forward_mode():
+    """No custom rule on the float32 path: jax.jvp works (the tangent of a linear map is itself)."""
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(2), 3)
+    x, w, t = jax.random.normal(k1, (3, 4, 8)), jax.random.normal(k2, (8, 5)), jax.random.normal(k3, (3, 4, 8))
+    y, ty = jax.jvp(lambda x: dense(x, w), (x,), (t,))
+    np.testing.assert_allclose(np.asarray(ty), np.einsum("bld,df->blf", np.asarray(t), np.asarray(w)), rtol=1e-5,
+                               atol=1e-5)
+    assert y.shape == (3, 4, 5)
