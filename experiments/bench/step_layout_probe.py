@@ -23,13 +23,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from marjax.app.bench_step import flat_batch, pipeline_stage
-from marjax.distill.stages import make_loss, trainable_mask
-from marjax.train.layout import unroll_inputs
-from marjax.train.mesh import make_mesh, shard_params
-from marjax.train.optim import make_optimizer
-from marjax.train.state import init_state
-from marjax.train.step import make_step_shardings, make_train_step
+from marjax.app.bench_step import flat_batch, pipeline_stage, train_step_runner
 from marjax.app.benchkit import compile_timed, header_line, interleaved, machine_info
 from marjax.app.runner import pretrain_loss
 from marjax.models.lm import stack_layers, unroll_layers
@@ -79,27 +73,11 @@ def main(stage: str = "kd", repeats: int = 5) -> None:
               f"{t[name]['median_s'] / t['stacked']['median_s']:.2f} ({t[name]['min_s'] / t['stacked']['min_s']:.2f}) | "
               f"{d:.1e} |")
 
-
     steps = {}
-    mesh = make_mesh(pc.train.mesh)
     for layout in ("stacked", "unrolled"):
-        mask = trainable_mask(s_params, pc.distill.trainable)
-        student, teacher = s_params, t_params
-        if layout == "unrolled":
-            student, mask, teacher = unroll_inputs(student, mask, teacher)
-        tx = make_optimizer(pc.train, student, mask)
-        state = init_state(shard_params(student, mesh, copy=True), tx, pc.train.seed, mesh)
-        teacher = shard_params(teacher, mesh)
-        sh = make_step_shardings(state, teacher, batch, mesh)
-        step = make_train_step(make_loss(stage, t_cfg, s_cfg, pc.distill), tx, mesh, sh, 1, trainable=mask)
-        dev_batch = jax.device_put(batch, sh.batch)
-        compiled, secs = compile_timed(step, state, teacher, dev_batch)
+        run, secs, _, _ = train_step_runner(stage, t_cfg, t_params, s_cfg, s_params, batch,
+                                            dataclasses.replace(pc.train, layer_layout=layout), pc.distill)
         print(f"# {layout} step: compile {secs:.1f} s", flush=True)
-        holder = {"state": state}
-
-        def run(c=compiled, h=holder, teacher=teacher, b=dev_batch):
-            h["state"], out = c(h["state"], teacher, b)   # donated, as the trainer runs it
-            return out["loss"]
         steps[layout] = run
     t = interleaved(steps, repeats)
     print(f"# the {stage} train step, median (min) of {repeats} interleaved rounds")

@@ -51,7 +51,8 @@ from marjax.train.optim import OPTIMIZER_IMPLS, accum_steps, make_optimizer
 from marjax.train.state import init_state
 from marjax.train.step import make_step_shardings, make_train_step
 
-__all__ = ["main", "stage_models", "step_bench", "optimizer_bench", "pipeline_stage", "flat_batch"]
+__all__ = ["main", "stage_models", "step_bench", "optimizer_bench", "pipeline_stage", "flat_batch",
+           "train_step_runner"]
 
 STAGES = ("kd", "sbds")
 
@@ -98,6 +99,32 @@ def _baseline_flops(terms: dict, t_cfg: ModelConfig, s_cfg: ModelConfig) -> dict
             "student_fwd_bwd": terms["student fwd+bwd (layers)"] + 6 * s_cfg.d_model * s_cfg.vocab_size}
 
 
+def train_step_runner(stage: str, t_cfg: ModelConfig, t_params, s_cfg: ModelConfig, s_params, batch: dict,
+                      train_cfg: TrainConfig, distill_cfg):
+    """The real train step of `stage` as the trainer builds it, in train_cfg.layer_layout:
+    (run, compile seconds, student params, placed teacher params). run() applies one step to the
+    donated state and returns the loss; the student and teacher come back in the step's layout (for
+    the baselines timed beside it)."""
+    mesh = make_mesh(train_cfg.mesh)
+    mask = trainable_mask(s_params, distill_cfg.trainable)
+    if check_layout(train_cfg.layer_layout) == "unrolled":
+        s_params, mask, t_params = unroll_inputs(s_params, mask, t_params)
+    tx = make_optimizer(train_cfg, s_params, mask)
+    state = init_state(shard_params(s_params, mesh, copy=True), tx, train_cfg.seed, mesh)
+    teacher = shard_params(t_params, mesh)
+    sh = make_step_shardings(state, teacher, batch, mesh)
+    step = make_train_step(make_loss(stage, t_cfg, s_cfg, distill_cfg), tx, mesh, sh, accum_steps(train_cfg),
+                           trainable=mask, compute_dtype=train_cfg.compute_dtype)
+    dev_batch = jax.device_put(batch, sh.batch)
+    compiled, secs = compile_timed(step, state, teacher, dev_batch)
+    holder = {"state": state}
+
+    def run():
+        holder["state"], out = compiled(holder["state"], teacher, dev_batch)   # the state is donated
+        return out["loss"]
+    return run, secs, s_params, teacher
+
+
 def step_bench(stage: str, teacher_cfg: ModelConfig, teacher_params, train_cfg: TrainConfig, distill_cfg, atmn,
                repeats: int = 3) -> dict:
     """Times of teacher fwd, student fwd+bwd and the real step of `stage` (module doc), their
@@ -107,31 +134,13 @@ def step_bench(stage: str, teacher_cfg: ModelConfig, teacher_params, train_cfg: 
                                                     batch["inputs"][0])
     flat = flat_batch(batch)   # the step's tokens, one batch
 
-    mesh = make_mesh(train_cfg.mesh)
-    mask = trainable_mask(s_params, distill_cfg.trainable)
-    layout = check_layout(train_cfg.layer_layout)
-    if layout == "unrolled":   # all three programs in the layout the trainer would use
-        s_params, mask, t_params = unroll_inputs(s_params, mask, t_params)
-    tx = make_optimizer(train_cfg, s_params, mask)
-    state = init_state(shard_params(s_params, mesh, copy=True), tx, train_cfg.seed, mesh)
-    teacher = shard_params(t_params, mesh)
-    sh = make_step_shardings(state, teacher, batch, mesh)
-    step = make_train_step(make_loss(stage, t_cfg, s_cfg, distill_cfg), tx, mesh, sh, accum_steps(train_cfg),
-                           trainable=mask, compute_dtype=train_cfg.compute_dtype)
-    dev_batch = jax.device_put(batch, sh.batch)
-
+    run_step, comp_step, s_params, teacher = train_step_runner(stage, t_cfg, t_params, s_cfg, s_params, batch,
+                                                               train_cfg, distill_cfg)
     ce = pretrain_loss(s_cfg)
     student_grad = jax.grad(lambda p, b: ce(p, None, b, None)[0])
     teacher_fwd = lambda p, ids: forward(p, ids, t_cfg)[0]  # noqa: E731
-    c_step, comp_step = compile_timed(step, state, teacher, dev_batch)
     c_teacher, comp_teacher = compile_timed(teacher_fwd, teacher, flat["inputs"])
     c_student, comp_student = compile_timed(student_grad, s_params, flat)
-
-    holder = {"state": state}
-
-    def run_step():
-        holder["state"], out = c_step(holder["state"], teacher, dev_batch)   # the state is donated
-        return out["loss"]
 
     t = interleaved({"teacher_fwd": lambda: c_teacher(teacher, flat["inputs"]),
                      "student_fwd_bwd": lambda: c_student(s_params, flat),
@@ -140,7 +149,7 @@ def step_bench(stage: str, teacher_cfg: ModelConfig, teacher_params, train_cfg: 
     terms = analytic_flops_per_token(t_cfg, s_cfg, stage, train_cfg.seq_len)
     per_tok = dict(_baseline_flops(terms, t_cfg, s_cfg), step=terms["total"])
     rec = {"stage": stage, "teacher": t_cfg.name, "student": s_cfg.name, "seq_len": train_cfg.seq_len,
-           "layer_layout": layout,
+           "layer_layout": train_cfg.layer_layout,
            "micro_batch": train_cfg.micro_batch, "accum_steps": accum_steps(train_cfg), "tokens": tokens,
            "repeats": repeats, "times": t, "compile_s": {"step": comp_step, "teacher_fwd": comp_teacher,
                                                          "student_fwd_bwd": comp_student},
