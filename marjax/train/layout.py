@@ -15,6 +15,7 @@ stacked run: `load_model_dir`, resume across layouts and older checkpoints keep 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import jax
@@ -22,10 +23,10 @@ import jax
 from marjax.errors import ConfigError
 from marjax.models.lm import LMParams, is_unrolled, stack_layers, unroll_layers
 from marjax.train.mesh import ShardingRules
-from marjax.train.state import TrainState, state_shardings
+from marjax.train.state import TrainState, abstract_state, state_shardings
 
 __all__ = ["LAYER_LAYOUTS", "check_layout", "map_lm", "unroll_inputs", "stacked_params", "stacked_state",
-           "unrolled_state", "stacked_target"]
+           "unrolled_state", "stacked_target", "RunLayout"]
 
 LAYER_LAYOUTS = ("stacked", "unrolled")
 
@@ -83,3 +84,36 @@ def stacked_target(state: TrainState, mesh, rules: Optional[ShardingRules] = Non
     shapes = jax.eval_shape(stacked_params, state)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
                         state_shardings(shapes, mesh, rules))
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """What `marjax.train.loop.train` converts for a run in `layout`: its inputs into the step's
+    layout, the state to and from the stacked one on disk, the params it hands back. Identities
+    for "stacked"."""
+    layout: str
+    mesh: Any
+    rules: Optional[ShardingRules] = None
+
+    def __post_init__(self):
+        check_layout(self.layout)
+
+    @property
+    def unrolled(self) -> bool:
+        return self.layout == "unrolled"
+
+    def inputs(self, student_params, trainable, teacher_params):
+        return unroll_inputs(student_params, trainable, teacher_params) if self.unrolled else \
+            (student_params, trainable, teacher_params)
+
+    def to_disk(self, state: TrainState) -> TrainState:
+        return stacked_state(state, self.mesh, self.rules) if self.unrolled else state
+
+    def disk_target(self, state: TrainState) -> Any:
+        return stacked_target(state, self.mesh, self.rules) if self.unrolled else abstract_state(state)
+
+    def from_disk(self, state: TrainState) -> TrainState:
+        return unrolled_state(state, self.mesh, self.rules) if self.unrolled else state
+
+    def to_caller(self, params):
+        return stacked_params(params) if self.unrolled else params

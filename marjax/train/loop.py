@@ -51,11 +51,10 @@ import numpy as np
 from marjax.config import TrainConfig
 from marjax.errors import CheckpointError, ConfigError, DataError, MarjaxError
 from marjax.train.checkpoint import PAUSE_ENV, PAUSE_MARKER, Checkpointer, check_compatible, pause_target
-from marjax.train.layout import (check_layout, stacked_params, stacked_state, stacked_target, unroll_inputs,
-                                 unrolled_state)
+from marjax.train.layout import RunLayout, check_layout
 from marjax.train.mesh import ShardingRules, make_mesh, shard_params
 from marjax.train.optim import accum_steps as _accum_steps, lr_schedule, make_optimizer
-from marjax.train.state import abstract_state, init_state
+from marjax.train.state import init_state
 from marjax.train.step import all_finite, make_step_shardings, make_train_step, stack_micro_batches
 from tqdm.auto import tqdm
 
@@ -204,11 +203,9 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, train_cf
         compute_dtype = getattr(train_cfg, "compute_dtype", None)
 
     mesh = mesh if mesh is not None else make_mesh(train_cfg.mesh)
-    unrolled = getattr(train_cfg, "layer_layout", "stacked") == "unrolled"
-    if unrolled:   # marjax.train.layout: the step trains a tuple of layers; disk and caller see them stacked
-        student_params, trainable, teacher_params = unroll_inputs(student_params, trainable, teacher_params)
-    to_disk = (lambda st: stacked_state(st, mesh, rules)) if unrolled else (lambda st: st)
-    stacked = stacked_params if unrolled else (lambda p: p)
+    # marjax.train.layout: in "unrolled" the step trains a tuple of layers; disk and caller see them stacked
+    lay = RunLayout(getattr(train_cfg, "layer_layout", "stacked"), mesh, rules)
+    student_params, trainable, teacher_params = lay.inputs(student_params, trainable, teacher_params)
     bad = nonfinite_leaves(student_params)
     if bad:
         raise MarjaxError(f"the student params to train hold NaN/inf in {len(bad)} leaves: {bad[:5]}; refusing "
@@ -222,16 +219,14 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, train_cf
 
     ck = Checkpointer(out, keep=train_cfg.keep, best_metric=best_metric, best_mode=best_mode, async_save=async_save)
     try:
-        state, history = _start(ck, state, data_iter, meta, resume, out,
-                                (lambda st: stacked_target(st, mesh, rules)) if unrolled else abstract_state,
-                                (lambda st: unrolled_state(st, mesh, rules)) if unrolled else (lambda st: st))
+        state, history = _start(ck, state, data_iter, meta, resume, out, lay)
     except BaseException:
         ck.close()
         raise
     start = int(jax.device_get(state.step))
     if start >= train_cfg.steps:
         ck.close()
-        return stacked(state.params), history
+        return lay.to_caller(state.params), history
 
     step_fn, metrics_path = None, out / METRICS_FILE
     bar = _progress(progress, train_cfg.steps, start, meta["stage"])
@@ -247,7 +242,7 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, train_cf
         rec = {"step": s, **iv.record(), "lr": float(schedule(i)), "grad_norm": last_grad_norm,
                "tokens": tokens_total, "time": time.perf_counter() - t_run}
         if with_eval and eval_fn is not None:
-            rec.update({f"eval_{k}": float(v) for k, v in eval_fn(stacked(state.params)).items()})
+            rec.update({f"eval_{k}": float(v) for k, v in eval_fn(lay.to_caller(state.params)).items()})
         _append(metrics_path, rec)
         return rec
 
@@ -267,7 +262,7 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, train_cf
                 if iv.count:                       # log the steps since the last record
                     history.append(log(i, i - 1))
                 if i > start and last_saved != i:
-                    _save(ck, i, state, data_iter, meta, _ckpt_metrics(history, best_metric), metrics_path, to_disk)
+                    _save(ck, i, state, data_iter, meta, _ckpt_metrics(history, best_metric), metrics_path, lay)
                 break
             batch = stack_micro_batches(micro)
             if step_fn is None:
@@ -292,7 +287,7 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, train_cf
                     _append(metrics_path, dict(event, status="diverged"))
                     ck.wait()
                     raise TrainingDiverged(s, ck.latest_step(), str(out), _f(res["loss"]), _f(res["grad_norm"]),
-                                           params=stacked(state.params), history=history,
+                                           params=lay.to_caller(state.params), history=history,
                                            skipped=skips - 1 if policy == "skip" else 0)
                 _append(metrics_path, dict(event, status="skipped"))
                 warnings.warn(f"step {s}: loss {event['loss']}, grad_norm {event['grad_norm']} not finite; update "
@@ -310,28 +305,27 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, train_cf
                 bar.set_postfix(loss=f"{_f(res['loss']):.4f}", tok_s=f"{history[-1]['tokens_per_s']:.0f}"
                                 if history else "-")
             if save_now:
-                _save(ck, s, state, data_iter, meta, _ckpt_metrics(history, best_metric), metrics_path, to_disk)
+                _save(ck, s, state, data_iter, meta, _ckpt_metrics(history, best_metric), metrics_path, lay)
                 last_saved = s
     finally:
         if bar is not None:
             bar.close()
         ck.close()     # waits for the async save in flight
-    return stacked(state.params), history
+    return lay.to_caller(state.params), history
 
 
-def _start(ck: Checkpointer, state, data_iter, meta: dict, resume: bool, out: Path,
-           disk_target: Callable = abstract_state, from_disk: Callable = lambda st: st):
+def _start(ck: Checkpointer, state, data_iter, meta: dict, resume: bool, out: Path, lay: RunLayout):
     """(state, history) to continue from: restored from the latest checkpoint when resuming,
-    else the fresh state (and stale checkpoints in out_dir are deleted). `disk_target(state)` is
-    the restore target of the layout on disk, `from_disk` turns a restored state into the run's."""
+    else the fresh state (and stale checkpoints in out_dir are deleted); `lay` converts between the
+    run's layout and the stacked one on disk."""
     history: list = []
     kept: list = []                      # the log records to keep (history plus skip events)
     latest = ck.latest_step()
     if resume and latest is not None:
         saved_meta = ck.restore_meta(latest)
         check_compatible(saved_meta, expected_stage=meta["stage"], expected_model=meta.get("model_config"))
-        state, data_state, _ = ck.restore(disk_target(state), latest)
-        state = from_disk(state)
+        state, data_state, _ = ck.restore(lay.disk_target(state), latest)
+        state = lay.from_disk(state)
         if data_state and callable(getattr(data_iter, "set_state", None)):
             data_iter.set_state(data_state)
         else:
@@ -364,14 +358,14 @@ def _ckpt_metrics(history: list, best_metric: Optional[str]) -> Optional[dict]:
 
 
 def _save(ck: Checkpointer, step: int, state, data_iter, meta: dict, metrics, metrics_path: Path,
-          to_disk: Callable = lambda st: st) -> None:
+          lay: RunLayout) -> None:
     # a safety net behind the step's own check: a NaN/inf never reaches a checkpoint
     bad = nonfinite_leaves((state.params, state.opt_state))
     if bad:
         _append(metrics_path, {"step": step, "status": "diverged", "event": "nonfinite_state", "leaves": bad[:5]})
         ck.wait()
         raise TrainingDiverged(step, ck.latest_step(), str(ck.directory), "n/a", f"n/a (state leaves {bad[:5]})")
-    ck.save(step, to_disk(state), _data_state(data_iter), meta, metrics=metrics)
+    ck.save(step, lay.to_disk(state), _data_state(data_iter), meta, metrics=metrics)
 
 
 def _append(path: Path, rec: dict) -> None:
