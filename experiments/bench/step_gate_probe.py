@@ -10,8 +10,12 @@ one after another in one process (ratios to "none" are what to read):
   select      the gate before this version: check the new params and moments, then
               jnp.where(ok, new, old) over params and moments;
   cond        loss and gradient norm only, update under lax.cond (no check of the new params);
-  committed   marjax.train.step's gate: loss, gradient norm < MAX_GRAD_NORM, the new params
-              recomputed inside one reduction, update under lax.cond.
+  recompute   the gate before the bound (and marjax.train.step's without `param_bound`): loss,
+              gradient norm < MAX_GRAD_NORM, the new params recomputed inside one reduction,
+              update under lax.cond.
+  bound       marjax.train.step's gate as the trainer builds it: loss, gradient norm, and
+              optim.param_bound(sum |p|) < 2**126 (the recomputation only under a lax.cond when
+              the bound cannot prove the new params finite), update under lax.cond.
 """
 import argparse
 import statistics
@@ -24,11 +28,11 @@ import optax
 from marjax.api import load
 from marjax.app.pipeline import PIPELINES
 from marjax.distill.init import init_from_attention
-from marjax.train.optim import make_optimizer
-from marjax.train.step import MAX_GRAD_NORM, all_finite
+from marjax.train.optim import make_optimizer, param_bound
+from marjax.train.step import MAX_GRAD_NORM, PARAM_LIMIT, all_finite
 
 
-def variant(name, tx):
+def variant(name, tx, bound):
     def update(po, grads):
         p, o = po
         u, o = tx.update(grads, o, p)
@@ -44,8 +48,12 @@ def variant(name, tx):
             keep = lambda n, old: jnp.where(ok, n, old)  # noqa: E731
             return jax.tree.map(keep, p2, p), jax.tree.map(keep, o2, o)
         ok = jnp.isfinite(loss) & (gn < MAX_GRAD_NORM)
-        if name == "committed":
+        if name == "recompute":
             ok = ok & all_finite(update((p, o), grads)[0])
+        if name == "bound":
+            s = sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(p))
+            ok = ok & jax.lax.cond(jnp.isfinite(s) & (bound(s) < PARAM_LIMIT), lambda: jnp.bool_(True),
+                                   lambda: all_finite(update((p, o), grads)[0]))
         return jax.lax.cond(ok, lambda po: update(po, grads), lambda po: po, (p, o))
     return jax.jit(f, donate_argnums=(0, 1))
 
@@ -63,8 +71,8 @@ def main():
     print(f"# {n / 1e6:.0f}M params, backend {jax.default_backend()}; median (min) of {a.repeats} updates")
     print("| variant | seconds | over none |\n|---|---|---|")
     res = {}
-    for name in ("none", "select", "cond", "committed"):
-        f = variant(name, tx)
+    for name in ("none", "select", "cond", "recompute", "bound"):
+        f = variant(name, tx, param_bound(pc.train))
         p, o = jax.tree.map(jnp.copy, params), tx.init(params)
         p, o = f(p, o, grads, 1.0)
         ts = []

@@ -47,7 +47,7 @@ from marjax.models.lm import forward
 from marjax.models.spiking import make_spiking_student
 from marjax.train.mesh import make_mesh, shard_params
 from marjax.train.layout import LAYER_LAYOUTS, check_layout, unroll_inputs
-from marjax.train.optim import OPTIMIZER_IMPLS, accum_steps, make_optimizer
+from marjax.train.optim import OPTIMIZER_IMPLS, accum_steps, make_optimizer, param_bound
 from marjax.train.state import init_state
 from marjax.train.step import make_step_shardings, make_train_step
 
@@ -114,7 +114,8 @@ def train_step_runner(stage: str, t_cfg: ModelConfig, t_params, s_cfg: ModelConf
     teacher = shard_params(t_params, mesh)
     sh = make_step_shardings(state, teacher, batch, mesh)
     step = make_train_step(make_loss(stage, t_cfg, s_cfg, distill_cfg), tx, mesh, sh, accum_steps(train_cfg),
-                           trainable=mask, compute_dtype=train_cfg.compute_dtype)
+                           trainable=mask, compute_dtype=train_cfg.compute_dtype,
+                           param_bound=param_bound(train_cfg))
     dev_batch = jax.device_put(batch, sh.batch)
     compiled, secs = compile_timed(step, state, teacher, dev_batch)
     holder = {"state": state}

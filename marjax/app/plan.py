@@ -51,7 +51,7 @@ from marjax.models.spiking import spiking_config
 from marjax.ssm.api import effective_chunk
 from marjax.train.memory import estimate_stage_bytes
 from marjax.train.mesh import batch_shardings, make_mesh, param_shardings
-from marjax.train.optim import accum_steps, make_optimizer
+from marjax.train.optim import accum_steps, make_optimizer, param_bound
 from marjax.train.state import TrainState, state_shardings
 from marjax.train.step import StepShardings, make_train_step
 
@@ -158,7 +158,9 @@ def plan(teacher: Optional[ModelConfig], student: ModelConfig, stage: str, mesh,
              "mask": jax.ShapeDtypeStruct((n_micro, train_cfg.micro_batch, train_cfg.seq_len), jnp.float32)}
     sh = StepShardings(state=state_shardings(state, mesh), teacher=None if t_shapes is None else
                        param_shardings(t_shapes, mesh), batch=batch_shardings(batch, mesh, leading=1))
-    step = make_train_step(loss_fn, tx, mesh, sh, n_micro, trainable=mask, compute_dtype=train_cfg.compute_dtype)
+    bound = param_bound(train_cfg)   # as the trainer builds its step
+    step = make_train_step(loss_fn, tx, mesh, sh, n_micro, trainable=mask, compute_dtype=train_cfg.compute_dtype,
+                           param_bound=bound)
     args = (_abstract(state, sh.state), None if t_shapes is None else _abstract(t_shapes, sh.teacher),
             _abstract(batch, sh.batch))
     lowered = step.lower(*args)
@@ -166,7 +168,7 @@ def plan(teacher: Optional[ModelConfig], student: ModelConfig, stage: str, mesh,
     looped = _flops(lowered)
     with _unrolled_scans():     # XLA counts a while loop's body once: count the unrolled program
         cost = _flops(make_train_step(loss_fn, tx, mesh, sh, n_micro, trainable=mask,
-                                      compute_dtype=train_cfg.compute_dtype).lower(*args))
+                                      compute_dtype=train_cfg.compute_dtype, param_bound=bound).lower(*args))
     n_dev = mesh.devices.size
     rows = train_cfg.micro_batch // math.prod(mesh.shape[a] for a in sh.batch["inputs"].spec[1] or ()) \
         if sh.batch["inputs"].spec[1:] else train_cfg.micro_batch

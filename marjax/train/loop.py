@@ -53,7 +53,7 @@ from marjax.errors import CheckpointError, ConfigError, DataError, MarjaxError
 from marjax.train.checkpoint import PAUSE_ENV, PAUSE_MARKER, Checkpointer, check_compatible, pause_target
 from marjax.train.layout import RunLayout, check_layout
 from marjax.train.mesh import ShardingRules, make_mesh, shard_params
-from marjax.train.optim import accum_steps as _accum_steps, lr_schedule, make_optimizer
+from marjax.train.optim import accum_steps as _accum_steps, lr_schedule, make_optimizer, param_bound
 from marjax.train.state import init_state
 from marjax.train.step import all_finite, make_step_shardings, make_train_step, stack_micro_batches
 from tqdm.auto import tqdm
@@ -271,7 +271,7 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, train_cf
                     lambda x: jax.ShapeDtypeStruct((x.shape[0], x.shape[1] * n_proc) + x.shape[2:], x.dtype), batch)
                 sh = make_step_shardings(state, teacher, glob, mesh, rules)
                 step_fn = make_train_step(loss_fn, tx, mesh, sh, n_micro, trainable=trainable,
-                                          compute_dtype=compute_dtype)
+                                          compute_dtype=compute_dtype, param_bound=param_bound(train_cfg))
             state, res = step_fn(state, teacher, _put(batch, sh.batch))
             s = i + 1
             _test_pause("step", s, out)

@@ -20,10 +20,12 @@ from marjax.errors import ConfigError
 from marjax.train.mesh import is_axes, logical_axes
 
 __all__ = ["make_optimizer", "lr_schedule", "decay_mask", "accum_steps", "check_trainable",
-           "trainable_leaves", "fused_adamw", "AdamWState", "OPTIMIZER_IMPLS", "FINAL_LR_FRACTION", "ADAM_B1", "ADAM_B2"]
+           "trainable_leaves", "fused_adamw", "AdamWState", "OPTIMIZER_IMPLS", "FINAL_LR_FRACTION", "ADAM_B1", "ADAM_B2",
+           "ADAM_EPS", "MAX_GRAD_NORM", "param_bound"]
 
 FINAL_LR_FRACTION = 0.1    # cosine decays to 10% of the peak learning rate
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.95, 1e-8
+MAX_GRAD_NORM = 2.0 ** 60   # the train step refuses larger gradient norms: Adam's g**2 could overflow
 
 
 def accum_steps(train_cfg: TrainConfig) -> int:
@@ -110,6 +112,28 @@ def make_optimizer(train_cfg: TrainConfig, params, trainable=None,
     # they do not enter the clipping norm.
     labels = jax.tree.map(lambda m: "train" if m else "freeze", mask)
     return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+
+
+def param_bound(train_cfg: TrainConfig) -> Optional[Callable[[jax.Array], jax.Array]]:
+    """bound(s) >= max |p'| over the trainable params p' after one update of
+    `make_optimizer(train_cfg)` (either impl), for any s >= max |p| before it (float32 scalars);
+    None when the learning rate is so large that no useful bound exists.
+
+    Holds for the train step's states: every update it applied had a gradient norm below
+    MAX_GRAD_NORM (marjax.train.step), so every clipped gradient element, and the bias-corrected
+    first moment (a convex combination of them), is below 2**60 (2**61 leaves room for rounding);
+    the second moment is >= 0, so |m_hat / (sqrt(v_hat) + eps)| < 2**61 / eps; the schedule never
+    exceeds train_cfg.lr (2 lr for rounding). Then |p'| <= s + 2 lr (2**61 / eps + wd s). The
+    train step compares this with 2**126 instead of recomputing the update to check it (module doc
+    of marjax.train.step); an inf/NaN s gives an inf/NaN bound, and the step then checks exactly."""
+    lr, wd = float(train_cfg.lr), float(train_cfg.weight_decay)
+    shift, scale = 2 * lr * 2.0 ** 61 / ADAM_EPS, 1 + 2 * lr * wd
+    if not (shift < 2.0 ** 125 and scale < 2.0 ** 10):
+        return None
+
+    def bound(s):
+        return scale * jnp.asarray(s, jnp.float32) + shift
+    return bound
 
 
 class _LeafUpdate(NamedTuple):

@@ -29,8 +29,14 @@ decision is made *before* the update, from
   * the loss and the gradient norm: finite, and the norm below MAX_GRAD_NORM = 2**60. Then every
     |g| <= 2**60 (also after clipping), so Adam's moments, convex combinations of such g and g**2
     with finite old moments, stay below 2**61 and 2**121: finite, no check needed;
-  * the updated trainable params, recomputed inside one reduction (XLA fuses the update into
-    it; nothing is written): the learning rate or the step itself can still overflow them.
+  * the updated trainable params, which the learning rate or the step itself can still
+    overflow. With `param_bound` (the trainer passes `marjax.train.optim.param_bound(train_cfg)`)
+    one reduction s = sum |p| over the trainable params (>= max |p|; NaN/inf when any param is)
+    decides it: bound(s) < 2**126 proves every updated param finite. Only when it cannot (an
+    inf/NaN param, or params near float32's limit) is the update recomputed inside one reduction
+    (XLA fuses the update into it; nothing is written) and checked exactly, under a lax.cond.
+    Without `param_bound` the step always recomputes. The 158M-param update: 0.65 s with the
+    recomputation, 0.40 s with the bound, 0.30 s with no check (step_gate_probe.py).
 
 and the update then runs inside `lax.cond(ok, update, keep)`, in place on the donated buffers.
 """
@@ -45,14 +51,14 @@ from jax.sharding import Mesh
 
 from marjax.errors import ConfigError
 from marjax.train.mesh import ShardingRules, batch_shardings, param_shardings, replicated
-from marjax.train.optim import trainable_leaves
+from marjax.train.optim import MAX_GRAD_NORM, trainable_leaves
 from marjax.train.state import TrainState, state_shardings
 import numpy as np
 
 __all__ = ["StepShardings", "make_step_shardings", "make_train_step", "stack_micro_batches", "cast_floating",
-           "all_finite", "MAX_GRAD_NORM"]
+           "all_finite", "MAX_GRAD_NORM", "PARAM_LIMIT"]
 
-MAX_GRAD_NORM = 2.0 ** 60   # larger gradient norms count as non-finite: Adam's g**2 could overflow
+PARAM_LIMIT = 2.0 ** 126    # a bound on the updated params below this proves them finite (float32)
 
 
 class StepShardings(NamedTuple):
@@ -89,13 +95,17 @@ def cast_floating(tree, dtype):
 
 def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, mesh: Mesh,
                     shardings: StepShardings, accum_steps: int = 1, *, trainable=None,
-                    compute_dtype: Optional[str] = None, donate: bool = True) -> Callable:
+                    compute_dtype: Optional[str] = None, donate: bool = True,
+                    param_bound: Optional[Callable] = None) -> Callable:
     """Jitted `step(state, teacher_params, batch) -> (state, out)`.
 
     trainable: pytree of bools (None: all) -- the grad norm and finite check cover trainable
       leaves only, so frozen gradients are dead code XLA removes.
     compute_dtype: e.g. "bfloat16": the student forward/backward runs on params cast to it;
       gradients, the optimizer and the master params stay float32.
+    param_bound: `bound(s) >= max |updated param|` for any s >= max |param| (e.g.
+      `marjax.train.optim.param_bound(train_cfg)` for make_optimizer's AdamW): the finite check
+      then needs one sum over the params instead of recomputing the update (module doc).
     """
     if not isinstance(accum_steps, int) or accum_steps < 1:
         raise ConfigError(f"accum_steps must be an integer >= 1, got {accum_steps!r}")
@@ -156,9 +166,17 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
             return optax.apply_updates(params, updates), opt_state
 
         # decided before the update (module doc): the moments are finite given the norm bound,
-        # the params are checked on a recomputation that XLA fuses into the reduction
-        finite = (jnp.isfinite(loss) & (grad_norm < MAX_GRAD_NORM)
-                  & all_finite(trainable_leaves(update((state.params, state.opt_state))[0], mask)))
+        # the params by a bound, else on a recomputation that XLA fuses into the reduction
+        def recomputed_finite():
+            return all_finite(trainable_leaves(update((state.params, state.opt_state))[0], mask))
+
+        if param_bound is None:
+            params_ok = recomputed_finite()
+        else:
+            s = sum(jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in trainable_leaves(state.params, mask))
+            proven = jnp.isfinite(s) & (param_bound(s) < PARAM_LIMIT)
+            params_ok = jax.lax.cond(proven, lambda: jnp.bool_(True), recomputed_finite)
+        finite = jnp.isfinite(loss) & (grad_norm < MAX_GRAD_NORM) & params_ok
         # a non-finite step keeps params and optimizer state (the loop skips or stops on `finite`)
         params, opt_state = jax.lax.cond(finite, update, lambda po: po, (state.params, state.opt_state))
         new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)

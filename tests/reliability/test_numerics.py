@@ -1,5 +1,6 @@
 """Non-finite numbers: NaN/inf injected into a batch's teacher logits (offline top-k kd), into a
-gradient (finite loss), into a parameter (at the start, and through an overflowing update).
+gradient (finite loss), into a parameter (at the start, and through an overflowing update); the
+step's finite gate by `param_bound` against its exact check.
 TrainConfig.nonfinite="skip" drops the update inside the jitted step and logs the event with its
 step; "stop" raises TrainingDiverged with the last good checkpoint kept; every checkpoint written
 is read back and checked finite."""
@@ -12,13 +13,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from marjax.config import DistillConfig, preset
+from marjax.config import DistillConfig, MeshConfig, preset
 from marjax.distill.init import init_from_attention
 from marjax.distill.stages import make_loss
 from marjax.errors import MarjaxError
 from marjax.models.lm import init_params
 from marjax.train.checkpoint import Checkpointer
 from marjax.train.loop import TrainingDiverged, nonfinite_leaves, read_metrics, train
+from marjax.train.mesh import make_mesh, shard_params
+from marjax.train.optim import make_optimizer, param_bound
+from marjax.train.state import init_state
+from marjax.train.step import make_step_shardings, make_train_step, stack_micro_batches
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 from test_loop import CFG, META, _params, ce_loss, grain_iter, tcfg  # noqa: E402  (the tiny CE trainer)
@@ -154,3 +159,71 @@ def test_overflowing_update_never_reaches_a_checkpoint(tmp_path):
     assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in recs)
     saved = _all_checkpoints_finite(tmp_path, _params())
     assert sorted(saved) == [1, 2] and all(_same(v, _params()) for v in saved.values())
+
+
+def _masked_ce():
+    """The CE loss with wq's first element zeroed: that element never reaches the forward (its
+    gradient is 0), so a huge or non-finite value there leaves the loss and gradients finite."""
+    base = ce_loss(CFG)
+    return lambda p, t, b, r: base(_set_first(p, "wq", 0.0), t, b, r)
+
+
+def _one_step(params, tc, bound):
+    """One real train step (make_optimizer's AdamW, the trainer's gate) with or without the
+    param bound: (finite, params after)."""
+    mesh = make_mesh(MeshConfig())
+    tx = make_optimizer(tc, params)
+    state = init_state(shard_params(params, mesh, copy=True), tx, 0, mesh)
+    batch = stack_micro_batches([next(grain_iter(4))])
+    step = make_train_step(_masked_ce(), tx, mesh, make_step_shardings(state, None, batch, mesh),
+                           param_bound=param_bound(tc) if bound else None)
+    state, out = step(state, None, batch)
+    assert np.isfinite(out["loss"]) and np.isfinite(out["grad_norm"])   # only the params decide
+    return bool(out["finite"]), jax.device_get(state.params)
+
+
+def _set_first(p, name: str, value: float):
+    return jax.tree_util.tree_map_with_path(
+        lambda k, x: x.at[(0,) * x.ndim].set(value) if name in jax.tree_util.keystr(k) else x, p)
+
+
+def _same_nan(a, b) -> bool:
+    return all(np.array_equal(np.asarray(x), np.asarray(y), equal_nan=True)
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("case, want_finite", [("plain", True), ("3e38", True), ("nan", False), ("-inf", False)])
+def test_param_bound_gate_decides_like_the_exact_check(case, want_finite):
+    """The step's finite decision by param_bound (one sum over the params) against the exact
+    recomputation: the same flag and the same params, bit for bit. A param of 3e38 is finite and
+    stays finite (decay shrinks it), but the bound cannot prove it (> 2**126), so the step must
+    fall back to the exact check; NaN and -inf params make the sum non-finite, so the step falls
+    back and refuses."""
+    tc = tcfg(lr=1e-2, weight_decay=0.1)
+    p = _params() if case == "plain" else _set_first(_params(), "wq", float(case))
+    got = {bound: _one_step(p, tc, bound) for bound in (True, False)}
+    assert got[True][0] == got[False][0] == want_finite
+    assert _same_nan(got[True][1], got[False][1])
+    assert _same_nan(got[True][1], p) != want_finite           # an applied update moved the params
+
+
+def test_param_bound_is_above_every_update():
+    """bound(max |p|) >= max |p'| through updates of the fused and the optax AdamW with extreme
+    gradients (a 2**59 element, elements whose squares underflow to 0); None for an overflowing lr."""
+    assert param_bound(tcfg(lr=1e39)) is None
+    tc = tcfg(lr=0.5, warmup=0, weight_decay=0.1, clip_norm=0.0)
+    bound = param_bound(tc)
+    p0 = _params()
+    leaves, tdef = jax.tree.flatten(p0)
+    for impl in ("fused", "optax"):
+        tx, p = make_optimizer(tc, p0, impl=impl), p0
+        state = tx.init(p)
+        for i, scale in enumerate((2.0 ** 59, 1e-30, 1.0, 1e-25)):
+            g = jax.tree.unflatten(tdef, [jnp.full(x.shape, scale, x.dtype).at[(0,) * x.ndim].set(2.0 ** 59 * (i % 2))
+                                          for x in leaves])
+            u, state = tx.update(g, state, p)
+            new = jax.tree.map(jnp.add, p, u)
+            before = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(p))
+            after = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(new))
+            assert np.isfinite(after) and after <= float(bound(before)), (impl, i, after, float(bound(before)))
+            p = new
