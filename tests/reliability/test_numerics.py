@@ -21,7 +21,7 @@ from marjax.models.lm import init_params
 from marjax.train.checkpoint import Checkpointer
 from marjax.train.loop import TrainingDiverged, nonfinite_leaves, read_metrics, train
 from marjax.train.mesh import make_mesh, shard_params
-from marjax.train.optim import make_optimizer, param_bound
+from marjax.train.optim import lr_schedule, make_optimizer, param_bound
 from marjax.train.state import init_state
 from marjax.train.step import make_step_shardings, make_train_step, stack_micro_batches
 
@@ -211,6 +211,9 @@ def test_param_bound_is_above_every_update():
     """bound(max |p|) >= max |p'| through updates of the fused and the optax AdamW with extreme
     gradients (a 2**59 element, elements whose squares underflow to 0); None for an overflowing lr."""
     assert param_bound(tcfg(lr=1e39)) is None
+    for tc in (tcfg(lr=3e-3, warmup=5, steps=40), tcfg(lr=1.0, warmup=0, steps=7)):   # the bound's lr <= peak
+        lrs = np.asarray(jax.vmap(lr_schedule(tc))(jnp.arange(tc.steps + 10)))
+        assert lrs.max() <= tc.lr * (1 + 1e-6) and lrs.min() > 0     # float32 rounding of lr
     tc = tcfg(lr=0.5, warmup=0, weight_decay=0.1, clip_norm=0.0)
     bound = param_bound(tc)
     p0 = _params()
