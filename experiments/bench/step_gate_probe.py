@@ -29,7 +29,7 @@ from marjax.api import load
 from marjax.app.pipeline import PIPELINES
 from marjax.distill.init import init_from_attention
 from marjax.train.optim import make_optimizer, param_bound
-from marjax.train.step import MAX_GRAD_NORM, PARAM_LIMIT, all_finite
+from marjax.train.step import MAX_GRAD_NORM, all_finite, updated_params_finite
 
 
 def variant(name, tx, bound):
@@ -48,12 +48,9 @@ def variant(name, tx, bound):
             keep = lambda n, old: jnp.where(ok, n, old)  # noqa: E731
             return jax.tree.map(keep, p2, p), jax.tree.map(keep, o2, o)
         ok = jnp.isfinite(loss) & (gn < MAX_GRAD_NORM)
-        if name == "recompute":
-            ok = ok & all_finite(update((p, o), grads)[0])
-        if name == "bound":
-            s = sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(p))
-            ok = ok & jax.lax.cond(jnp.isfinite(s) & (bound(s) < PARAM_LIMIT), lambda: jnp.bool_(True),
-                                   lambda: all_finite(update((p, o), grads)[0]))
+        if name in ("recompute", "bound"):   # marjax.train.step's check, without and with the bound
+            ok = ok & updated_params_finite(jax.tree.leaves(p), lambda: all_finite(update((p, o), grads)[0]),
+                                            bound if name == "bound" else None)
         return jax.lax.cond(ok, lambda po: update(po, grads), lambda po: po, (p, o))
     return jax.jit(f, donate_argnums=(0, 1))
 

@@ -56,7 +56,7 @@ from marjax.train.state import TrainState, state_shardings
 import numpy as np
 
 __all__ = ["StepShardings", "make_step_shardings", "make_train_step", "stack_micro_batches", "cast_floating",
-           "all_finite", "MAX_GRAD_NORM", "PARAM_LIMIT"]
+           "all_finite", "updated_params_finite", "MAX_GRAD_NORM", "PARAM_LIMIT"]
 
 PARAM_LIMIT = 2.0 ** 126    # a bound on the updated params below this proves them finite (float32)
 
@@ -87,6 +87,18 @@ def all_finite(tree) -> jax.Array:
     if not leaves:
         return jnp.bool_(True)
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def updated_params_finite(params: list, recomputed_finite: Callable[[], jax.Array],
+                          param_bound: Optional[Callable] = None) -> jax.Array:
+    """bool (): whether an update keeps `params` (a list of trainable leaves) finite (module doc).
+    `recomputed_finite()` recomputes the update and checks it exactly; with `param_bound` it runs
+    (under a lax.cond) only when bound(sum |p|) < PARAM_LIMIT cannot prove it."""
+    if param_bound is None:
+        return recomputed_finite()
+    s = sum(jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in params)
+    proven = jnp.isfinite(s) & (param_bound(s) < PARAM_LIMIT)
+    return jax.lax.cond(proven, lambda: jnp.bool_(True), recomputed_finite)
 
 
 def cast_floating(tree, dtype):
@@ -167,15 +179,9 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
 
         # decided before the update (module doc): the moments are finite given the norm bound,
         # the params by a bound, else on a recomputation that XLA fuses into the reduction
-        def recomputed_finite():
-            return all_finite(trainable_leaves(update((state.params, state.opt_state))[0], mask))
-
-        if param_bound is None:
-            params_ok = recomputed_finite()
-        else:
-            s = sum(jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in trainable_leaves(state.params, mask))
-            proven = jnp.isfinite(s) & (param_bound(s) < PARAM_LIMIT)
-            params_ok = jax.lax.cond(proven, lambda: jnp.bool_(True), recomputed_finite)
+        params_ok = updated_params_finite(
+            trainable_leaves(state.params, mask),
+            lambda: all_finite(trainable_leaves(update((state.params, state.opt_state))[0], mask)), param_bound)
         finite = jnp.isfinite(loss) & (grad_norm < MAX_GRAD_NORM) & params_ok
         # a non-finite step keeps params and optimizer state (the loop skips or stops on `finite`)
         params, opt_state = jax.lax.cond(finite, update, lambda po: po, (state.params, state.opt_state))
