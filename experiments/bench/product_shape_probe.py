@@ -39,17 +39,18 @@ def main():
     ap.add_argument("--rounds", type=int, default=8)
     a = ap.parse_args()
     key = jax.random.PRNGKey(0)
-    forms = {"x@w": (lambda x, w: x @ w, (0, 1)), "x@w.T": (lambda x, w: x @ w.T, (0, 2)),
-             "x.T@w": (lambda x, w: x.T @ w, (3, 1))}
-    shape = {0: lambda m, k, n: (m, k), 1: lambda m, k, n: (k, n), 2: lambda m, k, n: (n, k),
-             3: lambda m, k, n: (k, m)}
+    forms = {   # form: (product, x's shape, w's shape)
+        "x@w": (lambda x, w: x @ w, lambda m, k, n: (m, k), lambda m, k, n: (k, n)),
+        "x@w.T": (lambda x, w: x @ w.T, lambda m, k, n: (m, k), lambda m, k, n: (n, k)),
+        "x.T@w": (lambda x, w: x.T @ w, lambda m, k, n: (k, m), lambda m, k, n: (k, n)),
+    }
     data = {}
     for name, (m, k, n, form) in SHAPES.items():
-        fn, (sx, sw) = forms[form]
+        fn, x_shape, w_shape = forms[form]
         f = jax.jit(fn)
         kx, kw, key = jax.random.split(key, 3)
-        x = jax.random.normal(kx, shape[sx](m, k, n))
-        ws = [jax.random.normal(jax.random.fold_in(kw, i), shape[sw](m, k, n)) for i in range(LAYERS)]
+        x = jax.random.normal(kx, x_shape(m, k, n))
+        ws = [jax.random.normal(jax.random.fold_in(kw, i), w_shape(m, k, n)) for i in range(LAYERS)]
         f(x, ws[0]).block_until_ready()
         data[name] = (f, x, ws, 2 * m * k * n)
     rates = {name: [] for name in SHAPES}
