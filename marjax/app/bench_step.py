@@ -147,7 +147,7 @@ def step_bench(stage: str, teacher_cfg: ModelConfig, teacher_params, train_cfg: 
                      "student_fwd_bwd": lambda: c_student(s_params, flat),
                      "step": run_step}, repeats)
     tokens = int(np.prod(batch["inputs"].shape))
-    terms = analytic_flops_per_token(t_cfg, s_cfg, stage, train_cfg.seq_len)
+    terms = analytic_flops_per_token(t_cfg, s_cfg, stage, train_cfg.seq_len, distill_cfg.kl_chunk)
     per_tok = dict(_baseline_flops(terms, t_cfg, s_cfg), step=terms["total"])
     rec = {"stage": stage, "teacher": t_cfg.name, "student": s_cfg.name, "seq_len": train_cfg.seq_len,
            "layer_layout": train_cfg.layer_layout,

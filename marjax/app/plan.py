@@ -20,10 +20,10 @@ Analytic FLOPs per token (a matmul of an (m, k) by (k, n) counts 2mkn; S = seq_l
     SSD (chunked, chunk Q) per layer = H (2 Q n + 2 Q p + 4 n p): in-chunk C B^T and its product
     with x, the chunk-state product x^T B and the carried-state read-out C h
     conv per layer = 2 K c
-  heads (stage kd/sbds: the KL over sequence chunks is rematerialised, marjax.distill.losses)
-    student 2 d V (forward) + 2 d V (recomputed) + 4 d V (backward) = 8 d V
-    teacher 2 d V (forward) + 2 d V (recomputed for the KL gradient) = 4 d V
-  (pretrain: no teacher; the student head is not rematerialised: 6 d V)
+  heads (stage kd/sbds): student 2 d V (forward) + 4 d V (backward) = 6 d V, teacher 2 d V;
+    when the KL runs over more than one sequence chunk (seq_len > DistillConfig.kl_chunk), each
+    chunk is rematerialised in the backward (marjax.distill.losses): + 2 d V for each head.
+    With one chunk nothing is recomputed (pretrain: no teacher, no KL: 6 d V)
 where M = the params of the per-layer projections and MLP (L x (q,k,v,o or in/out projections
 + 3 d f)); embeddings are gathers (no FLOPs). Left out (below 1% at 1B scale): norms, softmax
 and KL elementwise work (~20 V per token), ATMN neuron updates (T x ~10 per site channel),
@@ -85,18 +85,25 @@ def _mixer_flops(cfg: ModelConfig, seq_len: int) -> int:
 
 
 def analytic_flops_per_token(teacher: Optional[ModelConfig], student: ModelConfig, stage: str,
-                             seq_len: int) -> dict:
-    """The module doc's formula, term by term (FLOPs per trained token) and their total."""
+                             seq_len: int, kl_chunk: int = DistillConfig.kl_chunk) -> dict:
+    """The module doc's formula, term by term (FLOPs per trained token) and their total. The
+    heads' recompute counts only where the KL loss runs over more than one chunk of `kl_chunk`
+    tokens (marjax.distill.losses rematerialises its chunks only then)."""
+    if kl_chunk < 1:
+        raise ConfigError(f"kl_chunk must be >= 1, got {kl_chunk}")
     s_fwd = student.n_layers * (2 * _layer_matmul_params(student) + _mixer_flops(student, seq_len))
     dv_s = student.d_model * student.vocab_size
     terms = {"student fwd+bwd (layers)": 3 * s_fwd}
-    if stage == "pretrain":
+    remat = stage != "pretrain" and seq_len > kl_chunk
+    if not remat:
         terms["student head (fwd+bwd)"] = 6 * dv_s
     else:
         terms["student head (fwd+remat+bwd)"] = 8 * dv_s
+    if stage != "pretrain":
         terms["teacher fwd (layers)"] = teacher.n_layers * (2 * _layer_matmul_params(teacher) +
                                                             _mixer_flops(teacher, seq_len))
-        terms["teacher head (fwd+remat)"] = 4 * teacher.d_model * teacher.vocab_size
+        dv_t = teacher.d_model * teacher.vocab_size
+        terms["teacher head (fwd+remat)" if remat else "teacher head (fwd)"] = (4 if remat else 2) * dv_t
     terms["total"] = int(sum(terms.values()))
     return terms
 
@@ -187,7 +194,8 @@ def plan(teacher: Optional[ModelConfig], student: ModelConfig, stage: str, mesh,
                                                  if k.startswith(("activations", "logits", "mixing"))))},
            "xla_flops_per_token": None if cost is None else cost / tokens,
            "xla_flops_per_token_loop_bodies_once": None if looped is None else looped / tokens,
-           "analytic_flops_per_token": analytic_flops_per_token(teacher, student, stage, train_cfg.seq_len),
+           "analytic_flops_per_token": analytic_flops_per_token(teacher, student, stage, train_cfg.seq_len,
+                                                                 dcfg.kl_chunk),
            "compiled": False, "xla_memory": None}
     if compile:
         compiled = lowered.compile()
@@ -276,6 +284,9 @@ def main(argv=None) -> int:
     ap.add_argument("--compute-dtype", default="bfloat16", choices=["float32", "bfloat16"])
     ap.add_argument("--ssd-impl", default="chunked", help="student SSD impl (default chunked: what accelerators "
                     "run; '' keeps the preset's)")
+    ap.add_argument("--kl-chunk", type=int, default=DistillConfig.kl_chunk,
+                    help="sequence chunk of the KL loss (DistillConfig.kl_chunk; longer sequences rematerialise "
+                    "each chunk's logits in the backward)")
     ap.add_argument("--no-compile", action="store_true", help="lower only (analytic memory)")
     ap.add_argument("--json", default="", metavar="PATH", help="also write the plan as JSON")
     a = ap.parse_args(argv)
@@ -291,7 +302,7 @@ def main(argv=None) -> int:
                             batch_tokens=a.seq_len * a.micro_batch * a.accum, compute_dtype=a.compute_dtype,
                             mesh=MeshConfig(*shape))
     teacher, student = _models(a.teacher, a.student, a.stage, ATMNConfig(), a.ssd_impl)
-    p = plan(teacher, student, a.stage, mesh, train_cfg, DistillConfig(), compile=not a.no_compile)
+    p = plan(teacher, student, a.stage, mesh, train_cfg, DistillConfig(kl_chunk=a.kl_chunk), compile=not a.no_compile)
     print(format_plan(p))
     if a.json:
         import json   # late import: only for --json

@@ -33,6 +33,24 @@ def test_plan_fields_and_flops_agree(tmp_path, stage, teacher, student):
     assert abs(ceil - 8 * 989e12 / p["xla_flops_per_token"]) < 1e-6 * ceil
 
 
+def test_plan_counts_the_kl_recompute_only_over_several_chunks(tmp_path):
+    """The KL loss rematerialises its chunks only when the sequence spans more than one: the
+    analytic count must add both heads' recompute (2 d V each) exactly then, as XLA's count does."""
+    plans = {}
+    for chunk in (64, 32):   # seq_len 64: one chunk, then two
+        _, plans[chunk] = _plan(tmp_path, "--teacher", "tiny", "--student", "tiny-ssm", "--stage", "kd", "--mesh",
+                                "2,2,2", "--seq-len", "64", "--micro-batch", "8", "--no-compile",
+                                "--kl-chunk", str(chunk))
+    one, two = plans[64], plans[32]
+    heads = 2 * 64 * 256 + 2 * 64 * 256            # tiny and tiny-ssm: d 64, V 256
+    assert two["analytic_flops_per_token"]["total"] - one["analytic_flops_per_token"]["total"] == heads
+    xla_extra = two["xla_flops_per_token"] - one["xla_flops_per_token"]
+    assert 0.95 * heads <= xla_extra <= 1.15 * heads, (xla_extra, heads)   # + the recomputed KL's elementwise work
+    assert "teacher head (fwd)" in one["analytic_flops_per_token"]
+    assert "teacher head (fwd+remat)" in two["analytic_flops_per_token"]
+    assert 0.9 <= one["ratio_analytic_over_xla"] <= 1.1, one["ratio_analytic_over_xla"]
+
+
 @pytest.mark.slow
 def test_plan_compiles_and_reports_xla_memory(tmp_path):
     text, p = _plan(tmp_path, "--teacher", "tiny", "--student", "tiny-ssm", "--stage", "sbds", "--mesh", "2,2,2",
