@@ -197,12 +197,20 @@ def _llama_cpp_peer(m, gguf: str, prompt_len: int, n_new: int, threads: int = 2,
     return out
 
 
+def _weight_bytes_per_token(params) -> int:
+    """Bytes of weights one decode step reads: every leaf, but of an untied embedding table only
+    the looked-up row (a tied table is read whole, as the head)."""
+    untied = getattr(params, "lm_head", None) is not None
+    return quant.weight_bytes(params) - (quant.weight_bytes(params.embed) if untied else 0)
+
+
 def _ssm_decode_curve(m, contexts, attn_impl: str = "auto", repeats: int = 5, weights: str = "f32") -> list:
     """Per-step decode time and cache bytes after `ctx` tokens, in the decode layout (unrolled
     layers) with the cache donated, as `marjax.sampling.decode` runs: flat for the SSM, linear for
     KV. `attn_impl`: how an attention model's step attends (marjax.nn.layers.ATTN_IMPLS);
     `weights`: the matmul weights (quant.MODES)."""
     cfg, params = m.config, quant.quantize_params(lm.unroll_layers(m.params), weights)
+    weight_bytes = _weight_bytes_per_token(params)
     step = jax.jit(functools.partial(lm.forward_cached, attn_impl=attn_impl), static_argnames="cfg",
                    donate_argnums=2)   # in place: without it every step copies the whole KV cache
     tok = jnp.zeros((1, 1), jnp.int32)
@@ -217,7 +225,8 @@ def _ssm_decode_curve(m, contexts, attn_impl: str = "auto", repeats: int = 5, we
             lg, cache = step(params, tok, dict(cache, pos=jnp.asarray(ctx, jnp.int32)), cfg=cfg)
             jax.block_until_ready(lg)
             ts.append(time.perf_counter() - t0)
-        rows.append({"context": ctx, "step_s": statistics.median(ts[1:]), "cache_bytes": int(nbytes)})
+        rows.append({"context": ctx, "step_s": statistics.median(ts[1:]), "cache_bytes": int(nbytes),
+                     "weight_bytes": weight_bytes})
         del cache
     return rows
 
@@ -278,12 +287,20 @@ def decode_main(argv=None) -> int:
         base_kv, base_ss = kv[0]["step_s"], ss[0]["step_s"]
         print(f"\n# one decode step after `context` tokens, {wq} weights, median of 5; KV attention: "
               f"{'native CPU kernel' if cpu_kernels.available() else 'XLA einsums (no CPU kernel)'}")
+        # a decode step streams its weights and its cache/state once: were both steps bound by
+        # memory bandwidth alone, SSM step / KV step would be their bytes' ratio
+        print(f"# weights read per step: KV {kv[0]['weight_bytes'] / 2**20:.0f} MiB, SSM "
+              f"{ss[0]['weight_bytes'] / 2**20:.0f} MiB")
         print("| context | KV step / KV step@first | SSM step / SSM step@first | SSM step / KV step | "
-              "SSM step / KV step with XLA attention | KV cache MiB | SSM state MiB |")
-        print("|---|---|---|---|---|---|---|")
+              "SSM bytes / KV bytes per step | SSM step / KV step with XLA attention | KV cache MiB | "
+              "SSM state MiB |")
+        print("|---|---|---|---|---|---|---|---|")
         for k, s, x in zip(kv, ss, kx):
+            k["bytes_per_step"] = k["weight_bytes"] + k["cache_bytes"]
+            s["bytes_per_step"] = s["weight_bytes"] + s["cache_bytes"]
             print(f"| {k['context']} | {k['step_s'] / base_kv:.2f} | {s['step_s'] / base_ss:.2f} | "
-                  f"{s['step_s'] / k['step_s']:.2f} | {s['step_s'] / x['step_s']:.2f} | "
+                  f"{s['step_s'] / k['step_s']:.2f} | {s['bytes_per_step'] / k['bytes_per_step']:.2f} | "
+                  f"{s['step_s'] / x['step_s']:.2f} | "
                   f"{k['cache_bytes'] / 2**20:.1f} | {s['cache_bytes'] / 2**20:.2f} |")
         out["curve"] = {"weights": wq, "kv": kv, "ssm": ss, "kv_xla_attention": kx}
     if modes != ["f32"]:

@@ -4,6 +4,8 @@ measured against float32 in the same run."""
 import json
 import warnings
 
+import jax
+
 from marjax.api import load
 from marjax.bench import FULL_BUCKET, STACKED, _decode_weights
 from marjax.cli import main
@@ -23,6 +25,14 @@ def test_bench_decode_tiny(tmp_path, capsys):
     kv, ssm = res["curve"]["kv"], res["curve"]["ssm"]
     assert kv[1]["cache_bytes"] > kv[0]["cache_bytes"]          # KV cache grows with context
     assert ssm[1]["cache_bytes"] == ssm[0]["cache_bytes"]        # SSM state does not
+    # bytes a step streams: every f32 weight (tiny ties its embedding: read whole, as the head)
+    # plus the cache or state
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = load("tiny")
+    assert t.config.tie_embeddings and kv[0]["weight_bytes"] == 4 * sum(x.size for x in jax.tree.leaves(t.params))
+    assert ssm[0]["weight_bytes"] > kv[0]["weight_bytes"]       # in_proj's x, z, B, C, dt outgrow q, k, v
+    assert all(r["bytes_per_step"] == r["weight_bytes"] + r["cache_bytes"] for r in kv + ssm)
     kx = res["curve"]["kv_xla_attention"]                        # the teacher again, XLA's attention
     assert [r["context"] for r in kx] == [16, 64] and all(r["step_s"] > 0 for r in kx)
     assert "llama.cpp peer skipped" in capsys.readouterr().out   # tiny is no GGUF
