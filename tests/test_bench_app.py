@@ -8,7 +8,7 @@ import pytest
 
 from marjax.api import load, logits
 from marjax.app.bench_eval import eval_bench, plain_nll
-from marjax.app.benchkit import interleaved, matmul_peak_gflops
+from marjax.app.benchkit import PeakProbe, interleaved, matmul_peak_gflops
 from marjax.cli import main
 from marjax.eval.scoring import encode_text, prefix_token
 
@@ -22,7 +22,11 @@ def test_interleaved_times_every_function_and_peak_is_positive():
     t = interleaved({"a": lambda: f("a"), "b": lambda: f("b")}, repeats=3, warmup=1)
     assert calls == {"a": 4, "b": 4}
     assert all(t[k]["min_s"] <= t[k]["median_s"] for k in t)
+    assert all(len(t[k]["rounds_s"]) == 3 and min(t[k]["rounds_s"]) == t[k]["min_s"] for k in t)
     assert matmul_peak_gflops(n=128, repeats=2) > 0
+    probe = PeakProbe(n=128, repeats=2)        # one best-of-2 peak per call: one per round
+    interleaved({"a": lambda: f("a"), "peak": probe}, repeats=2, warmup=1)
+    assert len(probe.gflops) == 3 and min(probe.gflops) > 0
 
 
 @pytest.mark.slow   # ~16 s on a 2-core CPU: compiling the train step dominates
@@ -36,6 +40,9 @@ def test_bench_step_tiny_kd(tmp_path):
     assert r["stage"] == "kd" and r["tokens"] == 32 and np.isfinite(r["last_loss"]) and r["last_loss"] > 0
     assert r["step_over_parts_median"] > 0 and all(v > 0 for v in r["compile_s"].values())
     assert r["layer_layout"] == "stacked"
+    assert len(r["round_peaks_gflops"]) == 1 and r["round_peaks_gflops"][0] > 0   # one round, its own peak
+    assert set(r["peak_fraction_by_round"]) == {"teacher_fwd", "student_fwd_bwd", "step"}
+    assert all(v > 0 for v in r["peak_fraction_by_round"].values())
     f = r["analytic_flops_per_token"]
     # 16 tokens fit one KL chunk: nothing is recomputed, the kd step counts exactly its two parts
     assert f["step"] == f["teacher_fwd"] + f["student_fwd_bwd"]

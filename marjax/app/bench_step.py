@@ -14,7 +14,11 @@ The figure is step / (teacher fwd + student fwd+bwd): 1.0 means the step costs e
 parts; above 1 is the price of the stage loss (the KL over both heads' logits, the feature
 taps, the firing-rate term) and the optimizer. Achieved GFLOP/s are the analytic FLOP counts of
 marjax.app.plan (XLA's cost analysis counts a lax.scan body once, so it under-counts the layer
-scan) over the median time, as a fraction of the float32 matmul peak measured in the same run.
+scan) over the time, as a fraction of the float32 matmul peak: every round of the interleaved
+timings also runs `benchkit.PeakProbe` (the best of 10 (1024 x 1024) products), each program's
+rate in a round is divided by that round's peak, and the table gives the median over rounds
+(in brackets, and as "peak_fraction" in the JSON: the median time over the best of a peak taken
+before and after all rounds, which this machine's drift can put minutes away from the timings).
 `--layer-layout` trains in the other layer layout (marjax.train.layout): all three programs then
 run on unrolled layers.
 Compile time (lower + compile) is reported apart. A last table times the optimizer alone: one
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import sys
 
 import jax
@@ -34,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from marjax.api import load
-from marjax.app.benchkit import (compile_timed, format_ratio, header_line, interleaved, machine_info,
+from marjax.app.benchkit import (PeakProbe, compile_timed, format_ratio, header_line, interleaved, machine_info,
                                 matmul_peak_gflops, write_json)
 from marjax.app.pipeline import PIPELINES
 from marjax.app.plan import analytic_flops_per_token
@@ -143,9 +148,11 @@ def step_bench(stage: str, teacher_cfg: ModelConfig, teacher_params, train_cfg: 
     c_teacher, comp_teacher = compile_timed(teacher_fwd, teacher, flat["inputs"])
     c_student, comp_student = compile_timed(student_grad, s_params, flat)
 
+    probe = PeakProbe()
     t = interleaved({"teacher_fwd": lambda: c_teacher(teacher, flat["inputs"]),
                      "student_fwd_bwd": lambda: c_student(s_params, flat),
-                     "step": run_step}, repeats)
+                     "step": run_step, "matmul_peak": probe}, repeats)
+    round_peaks = probe.gflops[-repeats:]                      # after the warm-up round
     tokens = int(np.prod(batch["inputs"].shape))
     terms = analytic_flops_per_token(t_cfg, s_cfg, stage, train_cfg.seq_len, distill_cfg.kl_chunk)
     per_tok = dict(_baseline_flops(terms, t_cfg, s_cfg), step=terms["total"])
@@ -158,6 +165,13 @@ def step_bench(stage: str, teacher_cfg: ModelConfig, teacher_params, train_cfg: 
     for how in ("median_s", "min_s", "cpu_s"):
         rec[f"step_over_parts_{how[:-2]}"] = t["step"][how] / (t["teacher_fwd"][how] + t["student_fwd_bwd"][how])
     rec["gflops"] = {k: per_tok[k] * tokens / t[k]["median_s"] / 1e9 for k in per_tok}
+    # each round's rates over the peak measured in the same round (seconds apart), median of rounds:
+    # this machine's speed drifts by up to 40% within minutes, which moves a peak taken only
+    # before and after all rounds away from the rounds themselves
+    rec["round_peaks_gflops"] = round_peaks
+    rec["peak_fraction_by_round"] = {
+        k: statistics.median(per_tok[k] * tokens / w / 1e9 / pk for w, pk in zip(t[k]["rounds_s"], round_peaks))
+        for k in per_tok}
     return rec
 
 
@@ -220,10 +234,11 @@ def main(argv=None) -> int:
     print(f"# train step of the {a.model} pipeline: teacher {pc.teacher}, seq_len {train_cfg.seq_len}, micro_batch "
           f"{train_cfg.micro_batch}, accum {accum_steps(train_cfg)}, layer layout {train_cfg.layer_layout}; median (min) of {a.repeats} interleaved rounds; "
           "GFLOP/s from analytic FLOPs (marjax.app.plan) over the median time")
-    print("# peak = the best of a matmul peak measured before and after the timings (both in the JSON)")
+    print("# peak: each round also times the best of 10 matmul peak products; a round's rates over its own peak, "
+          "median of rounds (in brackets: over the best of a peak measured before and after all rounds)")
     print("| stage | step / (teacher fwd + student fwd+bwd) | same, CPU time | step GFLOP/s / peak | "
-          "teacher fwd / peak | student fwd+bwd / peak | compile s (step, teacher, student) |")
-    print("|---|---|---|---|---|---|---|")
+          "teacher fwd / peak | student fwd+bwd / peak | round peaks GFLOP/s | compile s (step, teacher, student) |")
+    print("|---|---|---|---|---|---|---|---|")
     out = dict(info, bench="step", model=a.model, teacher=pc.teacher, records=[])
     records = [step_bench(stage, base.config, base.params, train_cfg, pc.distill, pc.atmn, a.repeats) for stage in stages]
     # a shared CPU's load moves the peak too: the best of a measurement before and after the timings
@@ -235,10 +250,12 @@ def main(argv=None) -> int:
         r["peak_fraction"] = {k: v / peak for k, v in r["gflops"].items()}
         out["records"].append(r)
         c = r["compile_s"]
+        fr, fo = r["peak_fraction_by_round"], r["peak_fraction"]
         print(f"| {stage} | {r['step_over_parts_median']:.2f} ({r['step_over_parts_min']:.2f}) | "
-              f"{r['step_over_parts_cpu']:.2f} | {format_ratio(r['peak_fraction']['step'], 3)} | "
-              f"{format_ratio(r['peak_fraction']['teacher_fwd'], 3)} | "
-              f"{format_ratio(r['peak_fraction']['student_fwd_bwd'], 3)} | "
+              f"{r['step_over_parts_cpu']:.2f} | "
+              + " | ".join(f"**{fr[k]:.3f}** ({fo[k]:.3f})" if k == "step" else f"{fr[k]:.3f} ({fo[k]:.3f})"
+                           for k in ("step", "teacher_fwd", "student_fwd_bwd"))
+              + f" | {min(r['round_peaks_gflops']):.0f}-{max(r['round_peaks_gflops']):.0f} | "
               f"{c['step']:.1f}, {c['teacher_fwd']:.1f}, {c['student_fwd_bwd']:.1f} |")
         sys.stdout.flush()
     # the optimizer on its own: the trainer's fused AdamW against the optax chain it replaces

@@ -2,7 +2,7 @@
 interleaved timing with compile time kept apart from the steady state.
 
     peak = matmul_peak_gflops()                    # GFLOP/s of a jitted (1024 x 1024) @ (1024 x 1024)
-    t = interleaved({"a": fa, "b": fb}, repeats=3) # {"a": {"median_s", "min_s", "cpu_s"}, ...}
+    t = interleaved({"a": fa, "b": fb}, repeats=3) # {"a": {"median_s", "min_s", "cpu_s", "rounds_s"}, ...}
 
 Every bench reports ratios against a baseline measured in the same process; the peak puts the
 absolute rates of a run in proportion to what this machine's matmul reaches right now (on a CPU
@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-__all__ = ["device_name", "matmul_gflops", "matmul_peak_gflops", "machine_info", "header_line", "interleaved", "compile_timed", "write_json",
+__all__ = ["device_name", "matmul_gflops", "matmul_peak_gflops", "PeakProbe", "machine_info", "header_line", "interleaved", "compile_timed", "write_json",
            "format_ratio"]
 
 PEAK_N = 1024
@@ -43,6 +43,30 @@ def matmul_gflops(m: int, k: int, n: int, dtype=jnp.float32, result=None, repeat
         jax.block_until_ready(dot(a, b))
         best = min(best, time.perf_counter() - t0)
     return 2 * m * k * n / best / 1e9
+
+
+class PeakProbe:
+    """A no-argument callable for `interleaved`: each call times `repeats` jitted float32
+    (PEAK_N x PEAK_N) products back to back and appends the fastest one's GFLOP/s to `.gflops`,
+    so every round of an interleaved benchmark gets a peak measured seconds from its programs.
+    (The first products after a long program run slowly, their operands evicted from the caches:
+    the best of 10 is what the machine reaches in that round.)"""
+
+    def __init__(self, n: int = PEAK_N, repeats: int = 10):
+        a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+        self._a, self._n, self._repeats = a, n, repeats
+        self._dot = jax.jit(lambda a, b: a @ b)
+        jax.block_until_ready(self._dot(a, a))
+        self.gflops: list = []
+
+    def __call__(self):
+        best = float("inf")
+        for _ in range(self._repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(self._dot(self._a, self._a))
+            best = min(best, time.perf_counter() - t0)
+        self.gflops.append(2 * self._n ** 3 / best / 1e9)
+        return None
 
 
 def matmul_peak_gflops(n: int = PEAK_N, repeats: int = 10) -> float:
@@ -87,7 +111,7 @@ def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict:
                 wall[k].append(time.perf_counter() - t0)
                 cpu[k].append(time.process_time() - c0)
     return {k: {"median_s": statistics.median(wall[k]), "min_s": min(wall[k]),
-                "cpu_s": statistics.median(cpu[k])} for k in names}
+                "cpu_s": statistics.median(cpu[k]), "rounds_s": wall[k]} for k in names}
 
 
 def write_json(path: Optional[str], record: dict) -> None:
