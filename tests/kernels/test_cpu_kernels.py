@@ -207,10 +207,14 @@ def _np_attention(q, k, v, n):
     return out
 
 
-# (b, h, g, d, S, n per row): GQA groups of 1-4 heads, d not a multiple of 16 (masked tails),
-# several 256-key chunks (merged), rows with different lengths, none or all keys valid
+# (b, h, g, d, S, n per row): GQA groups of 1-6 heads, d not a multiple of 16 (masked tails; the
+# generic path), d of 16-128 with up to 6 heads a group (the register path: SmolLM2's 3 x 64,
+# Llama-3.2-1B's 4 x 64), key counts that leave a partial 16-key block, several 256-key chunks
+# (merged), rows with different lengths, none or all keys valid
 ATTN_CASES = [(1, 9, 3, 64, 300, [257]), (2, 4, 4, 20, 600, [1, 600]), (3, 8, 2, 33, 1000, [0, 513, 999]),
-              (1, 2, 1, 16, 3000, [2999]), (1, 9, 3, 64, 40, [40])]
+              (1, 2, 1, 16, 3000, [2999]), (1, 9, 3, 64, 40, [40]), (1, 32, 8, 64, 700, [699]),
+              (2, 6, 2, 128, 300, [17, 300]), (1, 6, 1, 64, 600, [0]), (1, 6, 1, 64, 600, [600]),
+              (1, 8, 2, 32, 100, [77]), (1, 4, 1, 128, 50, [50])]
 
 
 @pytest.mark.parametrize("b,h,g,d,S,n", ATTN_CASES)
