@@ -55,6 +55,22 @@ static inline __mmask16 tail(int64_t left) {
   return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
 }
 
+// Scores sc[0, nk) -> e^(score - max) in place; part[0] = the max, part[1] = the sum of e^(.)
+static inline void softmax_in_place(float* sc, int64_t nk, float* part) {
+  __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t s = 0; s < nk; s += 16) mx = _mm512_mask_max_ps(mx, tail(nk - s), mx, _mm512_maskz_loadu_ps(tail(nk - s), sc + s));
+  const float m = _mm512_reduce_max_ps(mx);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t s = 0; s < nk; s += 16) {
+    const __mmask16 k = tail(nk - s);
+    const __m512 p = _mm512_maskz_mov_ps(k, exp_nonpos(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sc + s), _mm512_set1_ps(m))));
+    _mm512_mask_storeu_ps(sc + s, k, p);
+    sum = _mm512_add_ps(sum, p);
+  }
+  part[0] = m;
+  part[1] = _mm512_reduce_add_ps(sum);
+}
+
 // Keys [s0, s1) of one KV head for its r query heads q (r, d): part (r, d + 2) gets, per query
 // head, the chunk's max score, its sum of e^(score - max) and the e^(score - max)-weighted sum of
 // v rows. `stride` is the distance between consecutive keys (g * d floats); sc scratch (r, kKeyChunk).
@@ -73,19 +89,8 @@ static void chunk(const float* q, const float* k, const float* v, int64_t stride
       }
       scj[s] = _mm512_reduce_add_ps(acc) * scale;
     }
-    __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int64_t s = 0; s < nk; s += 16) mx = _mm512_mask_max_ps(mx, tail(nk - s), mx, _mm512_maskz_loadu_ps(tail(nk - s), scj + s));
-    const float mj = _mm512_reduce_max_ps(mx);
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t s = 0; s < nk; s += 16) {
-      const __mmask16 m = tail(nk - s);
-      const __m512 p = _mm512_maskz_mov_ps(m, exp_nonpos(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scj + s), _mm512_set1_ps(mj))));
-      _mm512_mask_storeu_ps(scj + s, m, p);
-      sum = _mm512_add_ps(sum, p);
-    }
     float* pj = part + j * (d + 2);
-    pj[0] = mj;
-    pj[1] = _mm512_reduce_add_ps(sum);
+    softmax_in_place(scj, nk, pj);
     std::fill(pj + 2, pj + 2 + d, 0.f);
   }
   // the weighted v sums: each v row read once for the r query heads; the r * d / 16 accumulators
@@ -153,19 +158,8 @@ static void chunk_fast(const float* q, const float* k, const float* v, int64_t s
       for (int e = 1; e < D16; ++e) acc = _mm512_fmadd_ps(qv[e], _mm512_loadu_ps(ks + 16 * e), acc);
       scj[s] = _mm512_reduce_add_ps(acc) * scale;
     }
-    __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int64_t s = 0; s < nk; s += 16) mx = _mm512_mask_max_ps(mx, tail(nk - s), mx, _mm512_maskz_loadu_ps(tail(nk - s), scj + s));
-    const float mj = _mm512_reduce_max_ps(mx);
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t s = 0; s < nk; s += 16) {
-      const __mmask16 m = tail(nk - s);
-      const __m512 p = _mm512_maskz_mov_ps(m, exp_nonpos(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scj + s), _mm512_set1_ps(mj))));
-      _mm512_mask_storeu_ps(scj + s, m, p);
-      sum = _mm512_add_ps(sum, p);
-    }
     float* pj = part + j * (d + 2);
-    pj[0] = mj;
-    pj[1] = _mm512_reduce_add_ps(sum);
+    softmax_in_place(scj, nk, pj);
   }
   __m512 acc[R][D16];
   for (int j = 0; j < R; ++j)
