@@ -205,9 +205,9 @@ def _weight_bytes_per_token(params) -> int:
 
 
 def _ssm_decode_curve(m, contexts, attn_impl: str = "auto", repeats: int = 5, weights: str = "f32") -> list:
-    """Per-step decode time and cache bytes after `ctx` tokens, in the decode layout (unrolled
-    layers) with the cache donated, as `marjax.sampling.decode` runs: flat for the SSM, linear for
-    KV. `attn_impl`: how an attention model's step attends (marjax.nn.layers.ATTN_IMPLS);
+    """Per-step decode time, cache bytes and bytes streamed (weights + cache) after `ctx` tokens,
+    in the decode layout (unrolled layers) with the cache donated, as `marjax.sampling.decode`
+    runs: flat for the SSM, linear for KV. `attn_impl`: how an attention model's step attends (marjax.nn.layers.ATTN_IMPLS);
     `weights`: the matmul weights (quant.MODES)."""
     cfg, params = m.config, quant.quantize_params(lm.unroll_layers(m.params), weights)
     weight_bytes = _weight_bytes_per_token(params)
@@ -226,7 +226,7 @@ def _ssm_decode_curve(m, contexts, attn_impl: str = "auto", repeats: int = 5, we
             jax.block_until_ready(lg)
             ts.append(time.perf_counter() - t0)
         rows.append({"context": ctx, "step_s": statistics.median(ts[1:]), "cache_bytes": int(nbytes),
-                     "weight_bytes": weight_bytes})
+                     "weight_bytes": weight_bytes, "bytes_per_step": weight_bytes + int(nbytes)})
         del cache
     return rows
 
@@ -296,8 +296,6 @@ def decode_main(argv=None) -> int:
               "SSM state MiB |")
         print("|---|---|---|---|---|---|---|---|")
         for k, s, x in zip(kv, ss, kx):
-            k["bytes_per_step"] = k["weight_bytes"] + k["cache_bytes"]
-            s["bytes_per_step"] = s["weight_bytes"] + s["cache_bytes"]
             print(f"| {k['context']} | {k['step_s'] / base_kv:.2f} | {s['step_s'] / base_ss:.2f} | "
                   f"{s['step_s'] / k['step_s']:.2f} | {s['bytes_per_step'] / k['bytes_per_step']:.2f} | "
                   f"{s['step_s'] / x['step_s']:.2f} | "

@@ -37,12 +37,17 @@ def matmul_gflops(m: int, k: int, n: int, dtype=jnp.float32, result=None, repeat
     b = jax.random.normal(k2, (k, n), jnp.float32).astype(dtype)
     dot = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=result))
     jax.block_until_ready(dot(a, b))
+    return 2 * m * k * n / _fastest_s(lambda: dot(a, b), repeats) / 1e9
+
+
+def _fastest_s(call: Callable, repeats: int) -> float:
+    """Seconds of the fastest of `repeats` calls of `call` (its result blocked on)."""
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(dot(a, b))
+        jax.block_until_ready(call())
         best = min(best, time.perf_counter() - t0)
-    return 2 * m * k * n / best / 1e9
+    return best
 
 
 class PeakProbe:
@@ -60,11 +65,7 @@ class PeakProbe:
         self.gflops: list = []
 
     def __call__(self):
-        best = float("inf")
-        for _ in range(self._repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(self._dot(self._a, self._a))
-            best = min(best, time.perf_counter() - t0)
+        best = _fastest_s(lambda: self._dot(self._a, self._a), self._repeats)
         self.gflops.append(2 * self._n ** 3 / best / 1e9)
         return None
 

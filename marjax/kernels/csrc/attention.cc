@@ -127,6 +127,14 @@ static inline __m512 transpose_sum16(__m512* a) {
                        _mm512_shuffle_f32x4(e0, e1, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
+// q * k row elementwise, summed over the D16 16-float blocks: 16 partial sums of q . k
+template <int D16>
+static inline __m512 row_products(const __m512* qv, const float* ks) {
+  __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(ks));
+  for (int e = 1; e < D16; ++e) acc = _mm512_fmadd_ps(qv[e], _mm512_loadu_ps(ks + 16 * e), acc);
+  return acc;
+}
+
 // `chunk` for R query heads of D16 * 16 dims, with everything in registers: scores 16 keys at a
 // time (each K row of the block read from L1 for the R heads), and the R x D16 weighted V sums
 // kept in zmm accumulators across the chunk's keys (the generic `chunk` keeps them in memory:
@@ -144,20 +152,11 @@ static void chunk_fast(const float* q, const float* k, const float* v, int64_t s
     float* scj = sc + j * kKeyChunk;
     for (int64_t s = 0; s < full; s += 16) {
       __m512 a[16];
-      for (int t = 0; t < 16; ++t) {
-        const float* ks = k + (s0 + s + t) * stride;
-        __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(ks));
-        for (int e = 1; e < D16; ++e) acc = _mm512_fmadd_ps(qv[e], _mm512_loadu_ps(ks + 16 * e), acc);
-        a[t] = acc;
-      }
+      for (int t = 0; t < 16; ++t) a[t] = row_products<D16>(qv, k + (s0 + s + t) * stride);
       _mm512_storeu_ps(scj + s, _mm512_mul_ps(transpose_sum16(a), vscale));
     }
-    for (int64_t s = full; s < nk; ++s) {
-      const float* ks = k + (s0 + s) * stride;
-      __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(ks));
-      for (int e = 1; e < D16; ++e) acc = _mm512_fmadd_ps(qv[e], _mm512_loadu_ps(ks + 16 * e), acc);
-      scj[s] = _mm512_reduce_add_ps(acc) * scale;
-    }
+    for (int64_t s = full; s < nk; ++s)
+      scj[s] = _mm512_reduce_add_ps(row_products<D16>(qv, k + (s0 + s) * stride)) * scale;
     float* pj = part + j * (d + 2);
     softmax_in_place(scj, nk, pj);
   }
