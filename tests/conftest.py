@@ -1,12 +1,11 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The tests compile far more than they compute (tiny models), and most of a CPU compile is LLVM's
-# backend optimisation: level 0 takes about a fifth off the suite (measured on the 2-core dev
-# VM). No fast-math either way, so what the tests check is unchanged; the product, the benches and
-# the experiments keep XLA's default. Child processes inherit it (tests/simulated_devices.py).
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+# The suite's codegen switches (LLVM -O0, the classic fusion emitter): compile time only, see
+# tests/xla_test_flags.py. Set before jax is imported; child processes inherit them.
+import xla_test_flags  # noqa: E402  (tests/ is on sys.path: rootdir conftest)
+
+xla_test_flags.install()
 
 from pathlib import Path  # noqa: E402
 
