@@ -1,6 +1,7 @@
 """`marjax bench step|eval|atmn` on tiny shapes: the records hold the ratios, compile times and
 machine header, and the eval bench's two scoring paths agree on the NLL."""
 import json
+import time
 import warnings
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 
 from marjax.api import load, logits
 from marjax.app.bench_eval import eval_bench, plain_nll
-from marjax.app.benchkit import PeakProbe, interleaved, matmul_peak_gflops
+from marjax.app.benchkit import PeakProbe, _fastest_s, interleaved, matmul_peak_gflops
 from marjax.cli import main
 from marjax.eval.scoring import encode_text, prefix_token
 
@@ -23,10 +24,25 @@ def test_interleaved_times_every_function_and_peak_is_positive():
     assert calls == {"a": 4, "b": 4}
     assert all(t[k]["min_s"] <= t[k]["median_s"] for k in t)
     assert all(len(t[k]["rounds_s"]) == 3 and min(t[k]["rounds_s"]) == t[k]["min_s"] for k in t)
-    assert matmul_peak_gflops(n=128, repeats=2) > 0
-    probe = PeakProbe(n=128, repeats=2)        # one best-of-2 peak per call: one per round
+    assert matmul_peak_gflops(n=128, repeats=2, min_s=0.0) > 0
+    probe = PeakProbe(n=128, repeats=2, min_s=0.0)        # one best-of-2 peak per call: one per round
     interleaved({"a": lambda: f("a"), "peak": probe}, repeats=2, warmup=1)
     assert len(probe.gflops) == 3 and min(probe.gflops) > 0
+
+
+def test_fastest_s_keeps_calling_until_min_s():
+    """At least `repeats` calls, and more until min_s has passed: a peak measurement must outlast
+    the slow window after a long program (benchkit.PEAK_MIN_S)."""
+    n = {"calls": 0}
+
+    def call():
+        n["calls"] += 1
+        time.sleep(0.01)
+    assert _fastest_s(call, repeats=2, min_s=0.0) >= 0.01 and n["calls"] == 2
+    n["calls"] = 0
+    t0 = time.perf_counter()
+    _fastest_s(call, repeats=2, min_s=0.1)
+    assert time.perf_counter() - t0 >= 0.1 and n["calls"] > 2
 
 
 @pytest.mark.slow   # ~16 s on a 2-core CPU: compiling the train step dominates

@@ -29,51 +29,64 @@ def device_name() -> str:
     return f"{d.platform}:{getattr(d, 'device_kind', '')}"
 
 
-def matmul_gflops(m: int, k: int, n: int, dtype=jnp.float32, result=None, repeats: int = 10) -> float:
+def matmul_gflops(m: int, k: int, n: int, dtype=jnp.float32, result=None, repeats: int = 10,
+                  min_s: float = 0.0) -> float:
     """GFLOP/s (2 m k n per product) of a jitted (m x k) @ (k x n) in `dtype` (result dtype
-    `result`, None: dtype's), from the fastest of `repeats` calls after a compile call."""
+    `result`, None: dtype's), from the fastest of at least `repeats` calls (and `min_s` seconds)
+    after a compile call."""
     k1, k2 = jax.random.split(jax.random.PRNGKey(0))
     a = jax.random.normal(k1, (m, k), jnp.float32).astype(dtype)
     b = jax.random.normal(k2, (k, n), jnp.float32).astype(dtype)
     dot = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=result))
     jax.block_until_ready(dot(a, b))
-    return 2 * m * k * n / _fastest_s(lambda: dot(a, b), repeats) / 1e9
+    return 2 * m * k * n / _fastest_s(lambda: dot(a, b), repeats, min_s) / 1e9
 
 
-def _fastest_s(call: Callable, repeats: int) -> float:
-    """Seconds of the fastest of `repeats` calls of `call` (its result blocked on)."""
-    best = float("inf")
-    for _ in range(repeats):
+def _fastest_s(call: Callable, repeats: int, min_s: float = 0.0) -> float:
+    """Seconds of the fastest call of `call` (its result blocked on): at least `repeats` calls,
+    and more until `min_s` seconds have passed."""
+    best, start = float("inf"), time.perf_counter()
+    n = 0
+    while n < repeats or time.perf_counter() - start < min_s:
         t0 = time.perf_counter()
         jax.block_until_ready(call())
         best = min(best, time.perf_counter() - t0)
+        n += 1
     return best
 
 
-class PeakProbe:
-    """A no-argument callable for `interleaved`: each call times `repeats` jitted float32
-    (PEAK_N x PEAK_N) products back to back and appends the fastest one's GFLOP/s to `.gflops`,
-    so every round of an interleaved benchmark gets a peak measured seconds from its programs.
-    (The first products after a long program run slowly, their operands evicted from the caches:
-    the best of 10 is what the machine reaches in that round.)"""
+# How long a peak measurement keeps multiplying. On the 2-core dev VM the first products after a
+# long program, or after idling, often run at half the rate (about one core's worth: 180-220
+# against 420-460 GFLOP/s, measured product by product after a kd step) for 15-40 products
+# (0.2-0.4 s) before the full rate returns; a best-of-10 could end inside that window and halve
+# the peak (the eleventh session's per-round peaks did: 161-308 GFLOP/s where 435-462 was
+# reachable minutes apart). A second of products gets past it.
+PEAK_MIN_S = 1.0
 
-    def __init__(self, n: int = PEAK_N, repeats: int = 10):
+
+class PeakProbe:
+    """A no-argument callable for `interleaved`: each call times jitted float32 (PEAK_N x PEAK_N)
+    products back to back (at least `repeats`, and for at least `min_s` seconds) and appends the
+    fastest one's GFLOP/s to `.gflops`, so every round of an interleaved benchmark gets a peak
+    measured seconds from its programs."""
+
+    def __init__(self, n: int = PEAK_N, repeats: int = 10, min_s: float = PEAK_MIN_S):
         a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-        self._a, self._n, self._repeats = a, n, repeats
+        self._a, self._n, self._repeats, self._min_s = a, n, repeats, min_s
         self._dot = jax.jit(lambda a, b: a @ b)
         jax.block_until_ready(self._dot(a, a))
         self.gflops: list = []
 
     def __call__(self):
-        best = _fastest_s(lambda: self._dot(self._a, self._a), self._repeats)
+        best = _fastest_s(lambda: self._dot(self._a, self._a), self._repeats, self._min_s)
         self.gflops.append(2 * self._n ** 3 / best / 1e9)
         return None
 
 
-def matmul_peak_gflops(n: int = PEAK_N, repeats: int = 10) -> float:
-    """GFLOP/s of a jitted float32 (n x n) @ (n x n), the fastest of `repeats` calls: the best
-    this machine's matmul reaches now."""
-    return matmul_gflops(n, n, n, repeats=repeats)
+def matmul_peak_gflops(n: int = PEAK_N, repeats: int = 10, min_s: float = PEAK_MIN_S) -> float:
+    """GFLOP/s of a jitted float32 (n x n) @ (n x n), the fastest of at least `repeats` calls over
+    at least `min_s` seconds: the best this machine's matmul reaches now."""
+    return matmul_gflops(n, n, n, repeats=repeats, min_s=min_s)
 
 
 def machine_info(peak_repeats: int = 10) -> dict:
