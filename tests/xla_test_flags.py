@@ -10,8 +10,9 @@ tests check:
   (`xla_cpu_use_fusion_emitters=false`): the tests of tests/spiking and tests/nn in one process
   69.5 s / 67.1 s with the fusion emitters, 45.6 s without; the whole suite 3.4 min against
   5.0-6.4 min the same hour.
-Neither is fast-math: the same IEEE operations, but a fusion may be emitted with other rounding
-(contractions). The product, the benches and the experiments keep XLA's defaults; a test whose
+Neither is fast-math: the same IEEE operations, but a fusion may round differently (measured:
+the bound-gated and the recomputing train steps of tests/reliability/test_numerics.py differ in
+the last bit under the classic emitter, and agree under the product's). The product, the benches and the experiments keep XLA's defaults; a test whose
 claim is bit equality between two programs the product compiles compiles them with
 `PRODUCT_CODEGEN` (jax `.lower(...).compile(compiler_options=PRODUCT_CODEGEN)`).
 Child processes inherit the flags (tests/simulated_devices.py passes XLA_FLAGS on)."""

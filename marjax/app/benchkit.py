@@ -59,8 +59,8 @@ def _fastest_s(call: Callable, repeats: int, min_s: float = 0.0) -> float:
 # long program, or after idling, often run at half the rate (about one core's worth: 180-220
 # against 420-460 GFLOP/s, measured product by product after a kd step) for 15-40 products
 # (0.2-0.4 s) before the full rate returns; a best-of-10 could end inside that window and halve
-# the peak (the eleventh session's per-round peaks did: 161-308 GFLOP/s where 435-462 was
-# reachable minutes apart). A second of products gets past it.
+# the peak (with it, bench step's per-round peaks read 221-407 GFLOP/s where the peak around the
+# rounds read 435 and 462, 2026-12-02). A second of products gets past it.
 PEAK_MIN_S = 1.0
 
 
