@@ -207,8 +207,8 @@ def _weight_bytes_per_token(params) -> int:
 def _ssm_decode_curve(m, contexts, attn_impl: str = "auto", repeats: int = 5, weights: str = "f32") -> list:
     """Per-step decode time, cache bytes and bytes streamed (weights + cache) after `ctx` tokens,
     in the decode layout (unrolled layers) with the cache donated, as `marjax.sampling.decode`
-    runs: flat for the SSM, linear for KV. `attn_impl`: how an attention model's step attends (marjax.nn.layers.ATTN_IMPLS);
-    `weights`: the matmul weights (quant.MODES)."""
+    runs: flat for the SSM, linear for KV. `attn_impl`: how an attention model's step attends
+    (marjax.nn.layers.ATTN_IMPLS); `weights`: the matmul weights (quant.MODES)."""
     cfg, params = m.config, quant.quantize_params(lm.unroll_layers(m.params), weights)
     weight_bytes = _weight_bytes_per_token(params)
     step = jax.jit(functools.partial(lm.forward_cached, attn_impl=attn_impl), static_argnames="cfg",

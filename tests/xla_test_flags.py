@@ -12,9 +12,10 @@ tests check:
   5.0-6.4 min the same hour.
 Neither is fast-math: the same IEEE operations, but a fusion may round differently (measured:
 the bound-gated and the recomputing train steps of tests/reliability/test_numerics.py differ in
-the last bit under the classic emitter, and agree under the product's). The product, the benches and the experiments keep XLA's defaults; a test whose
-claim is bit equality between two programs the product compiles compiles them with
-`PRODUCT_CODEGEN` (jax `.lower(...).compile(compiler_options=PRODUCT_CODEGEN)`).
+the last bit under the classic emitter, and agree under the product's). The product, the
+benches and the experiments keep XLA's defaults; a test whose claim is bit equality between two
+programs the product compiles compiles them with `PRODUCT_CODEGEN`
+(jax `.lower(...).compile(compiler_options=PRODUCT_CODEGEN)`).
 Child processes inherit the flags (tests/simulated_devices.py passes XLA_FLAGS on)."""
 import os
 
