@@ -204,30 +204,51 @@ def _weight_bytes_per_token(params) -> int:
     return quant.weight_bytes(params) - (quant.weight_bytes(params.embed) if untied else 0)
 
 
-def _ssm_decode_curve(m, contexts, attn_impl: str = "auto", repeats: int = 5, weights: str = "f32") -> list:
-    """Per-step decode time, cache bytes and bytes streamed (weights + cache) after `ctx` tokens,
-    in the decode layout (unrolled layers) with the cache donated, as `marjax.sampling.decode`
-    runs: flat for the SSM, linear for KV. `attn_impl`: how an attention model's step attends
-    (marjax.nn.layers.ATTN_IMPLS); `weights`: the matmul weights (quant.MODES)."""
+CURVE_STEPS = 16   # decode steps a timed round of the --curve runs back to back
+
+
+def _curve_steps(m, attn_impl: str, weights: str):
+    """(step(cache, ctx) -> cache, weight bytes, cfg) for `m` in the decode layout (unrolled
+    layers) with the cache donated, as `marjax.sampling.decode` runs."""
     cfg, params = m.config, quant.quantize_params(lm.unroll_layers(m.params), weights)
-    weight_bytes = _weight_bytes_per_token(params)
     step = jax.jit(functools.partial(lm.forward_cached, attn_impl=attn_impl), static_argnames="cfg",
                    donate_argnums=2)   # in place: without it every step copies the whole KV cache
     tok = jnp.zeros((1, 1), jnp.int32)
-    rows = []
+
+    def run(cache, ctx: int):
+        # pos reset to ctx every call (donated too); timing does not depend on the contents
+        return step(params, tok, dict(cache, pos=jnp.asarray(ctx, jnp.int32)), cfg=cfg)
+    return run, _weight_bytes_per_token(params), cfg
+
+
+def _decode_curve(models: dict, contexts, weights: str = "f32", repeats: int = 7,
+                  steps: int = CURVE_STEPS) -> dict:
+    """{name: rows} of per-step decode time, cache bytes and bytes streamed (weights + cache)
+    after `ctx` tokens, for `models` {name: (Model, attn_impl)} (marjax.nn.layers.ATTN_IMPLS):
+    flat for an SSM, linear for KV. At each context the models take turns (benchkit.interleaved),
+    a round being `steps` steps dispatched back to back and then waited on, as greedy `decode`
+    keeps a step in flight: a step's time is its round's over `steps`, so the host's dispatch
+    overlaps the device's work there as in decoding. `weights`: the matmul weights (quant.MODES)."""
+    runs = {name: _curve_steps(m, impl, weights) for name, (m, impl) in models.items()}
+    rows = {name: [] for name in models}
     for ctx in contexts:
-        cache = lm.init_cache(cfg, 1, ctx + 1, unrolled=True)
-        nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache["layers"]))
-        ts = []
-        for i in range(repeats + 1):                            # the first call compiles
-            t0 = time.perf_counter()
-            # pos reset to ctx every call (donated too); timing does not depend on the contents
-            lg, cache = step(params, tok, dict(cache, pos=jnp.asarray(ctx, jnp.int32)), cfg=cfg)
-            jax.block_until_ready(lg)
-            ts.append(time.perf_counter() - t0)
-        rows.append({"context": ctx, "step_s": statistics.median(ts[1:]), "cache_bytes": int(nbytes),
-                     "weight_bytes": weight_bytes, "bytes_per_step": weight_bytes + int(nbytes)})
-        del cache
+        caches, nbytes = {}, {}
+        for name, (_, _, cfg) in runs.items():
+            caches[name] = lm.init_cache(cfg, 1, ctx + 1, unrolled=True)
+            nbytes[name] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(caches[name]["layers"]))
+
+        def rounds(name):
+            def go():
+                run, lg = runs[name][0], None
+                for _ in range(steps):
+                    lg, caches[name] = run(caches[name], ctx)
+                return lg
+            return go
+        t = interleaved({name: rounds(name) for name in runs}, repeats)   # the warm-up round compiles
+        for name, (_, wb, _) in runs.items():
+            rows[name].append({"context": ctx, "step_s": t[name]["median_s"] / steps, "cache_bytes": int(nbytes[name]),
+                               "weight_bytes": wb, "bytes_per_step": wb + int(nbytes[name])})
+        del caches
     return rows
 
 
@@ -281,11 +302,16 @@ def decode_main(argv=None) -> int:
     if a.curve:
         ctxs = [int(x) for x in a.curve.split(",")]
         wq = a.curve_weights
-        kv, ss = _ssm_decode_curve(m, ctxs, weights=wq), _ssm_decode_curve(sm, ctxs, weights=wq)
         # the KV teacher once more with XLA's einsum attention (the step before the native kernel)
-        kx = _ssm_decode_curve(m, ctxs, "xla", weights=wq) if cpu_kernels.available() else kv
+        models = {"kv": (m, "auto"), "ssm": (sm, "auto")}
+        if cpu_kernels.available():
+            models["kx"] = (m, "xla")
+        curve = _decode_curve(models, ctxs, weights=wq)
+        kv, ss = curve["kv"], curve["ssm"]
+        kx = curve.get("kx", kv)
         base_kv, base_ss = kv[0]["step_s"], ss[0]["step_s"]
-        print(f"\n# one decode step after `context` tokens, {wq} weights, median of 5; KV attention: "
+        print(f"\n# one decode step after `context` tokens, {wq} weights: median of 7 interleaved rounds of "
+              f"{CURVE_STEPS} steps dispatched back to back (as greedy decode runs); KV attention: "
               f"{'native CPU kernel' if cpu_kernels.available() else 'XLA einsums (no CPU kernel)'}")
         # a decode step streams its weights and its cache/state once: were both steps bound by
         # memory bandwidth alone, SSM step / KV step would be their bytes' ratio

@@ -116,21 +116,24 @@ static void row_blocks(int64_t m, F f) {
   }
 }
 
-// 4-bit weights: R output rows against M activation rows, two groups of 32 (32 bytes) per
-// iteration. The activations come as int16 per group, stored per pair of groups in the order the
-// unpacked nibbles come out (xq: 64 values a pair, A0-15 B0-15 | A16-31 B16-31), so a pair's 64
-// products are two VNNI vpdpwssd into one vector whose int32 lanes 0-7 hold group A's sums and
-// 8-15 group B's; the lanes are scaled (weight scale x activation scale) by a lane permute of the
-// 16-group scale vector. (One group an iteration, the previous loop, was bound by its shuffles
-// at about 16 G weights/s a core; SmolLM2 q4 decode went from 89-97 to 101-107 tok/s in
-// alternating runs.) The zero term is sum_g zero[o, g] * (float32 sum of x over group g), from
-// `xs` (M, ng).
+// 4-bit weights: R output rows against M activation rows, four groups of 32 (64 bytes) per
+// iteration, with VNNI's byte dot product (vpdpbusd: u8 x s8, four products into each int32 lane).
+// The activations are int16 per group, split exactly into a signed high byte and an unsigned low
+// byte (x = 256 xh + xl), so w . x = 256 (w . xh) + (w . xl) in int32: the nibbles 0-15 serve as
+// the unsigned operand against xh and as the signed one against xl. The four groups' bytes unpack
+// with one mask (low nibbles: weights 0-15 of each group) and one shift (high: 16-31), and the x
+// bytes are stored in that order (xq: 256 bytes per four groups: xh of weights 0-15 of each group,
+// xh of 16-31, then xl likewise), so int32 lanes 4j..4j+3 hold group j's sums; they are scaled
+// (weight scale x activation scale) by a lane permute of the 16-group scale vector. (The previous
+// loop widened the nibbles to int16 for vpdpwssd, two groups an iteration: twice the instructions
+// a weight; see RESULTS.md, "Decode on the AMD EPYC VM".) The zero term is sum_g zero[o, g] *
+// (float32 sum of x over group g), from `xs` (M, ng).
 template <int R, int M>
-static inline void q4_tile(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, const int16_t* xq,
+static inline void q4_tile(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, const int8_t* xq,
                            const float* xsc, const float* xs, float* y, int64_t in, int64_t out, int64_t o) {
-  const int64_t ng = in / 32, half = in / 2, xstride = (ng + 1) / 2 * 64;   // int16 values
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
-  const __m512i pairlanes = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  const int64_t ng = in / 32, half = in / 2, xstride = (ng + 3) / 4 * 256;   // bytes
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const __m512i quad = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
   __m512 acc[R][M], accz[R][M];
   for (int i = 0; i < R; ++i)
     for (int r = 0; r < M; ++r) acc[i][r] = _mm512_setzero_ps(), accz[i][r] = _mm512_setzero_ps();
@@ -139,6 +142,9 @@ static inline void q4_tile(const uint8_t* w, const uint16_t* sc, const uint16_t*
     const __mmask16 msk = (__mmask16)((1u << n) - 1u);
     __m512 comb[R][M];
     for (int i = 0; i < R; ++i) {
+      // the scales and zeros stream at 1/8 of the weights' bytes: prefetch as far ahead in them
+      _mm_prefetch(reinterpret_cast<const char*>(sc + (o + i) * ng + g0) + kPrefetch / 8, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(zr + (o + i) * ng + g0) + kPrefetch / 8, _MM_HINT_T0);
       const __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(msk, sc + (o + i) * ng + g0));
       const __m512 zv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(msk, zr + (o + i) * ng + g0));
       for (int r = 0; r < M; ++r) {
@@ -146,26 +152,28 @@ static inline void q4_tile(const uint8_t* w, const uint16_t* sc, const uint16_t*
         accz[i][r] = _mm512_fmadd_ps(zv, _mm512_maskz_loadu_ps(msk, xs + r * ng + g0), accz[i][r]);
       }
     }
-    for (int64_t j = 0; j < n; j += 2) {
-      const int64_t g = g0 + j;   // even: a pair starts at an even group (g0 is a multiple of 16)
-      const bool pair = j + 1 < n;
-      // lanes 0-3 and 8-11 take group j's scale, lanes 4-7 and 12-15 group j + 1's (none past the last)
-      const __m512i lane = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(j)), pairlanes);
-      const __mmask16 lmask = pair ? (__mmask16)0xFFFF : (__mmask16)0x00FF;
-      __m512i xv[M], xw[M];
-      for (int r = 0; r < M; ++r)
-        xv[r] = _mm512_loadu_si512(xq + r * xstride + g / 2 * 64), xw[r] = _mm512_loadu_si512(xq + r * xstride + g / 2 * 64 + 32);
+    for (int64_t j = 0; j < n; j += 4) {
+      const int64_t g = g0 + j;   // a multiple of 4
+      const int64_t left = n - j;
+      // the bytes of the groups left (a multiple of 16); lanes past them dot zeros and scale by
+      // comb's zero lanes
+      const __mmask64 bmask = left >= 4 ? ~(__mmask64)0 : (((__mmask64)1 << (left * 16)) - 1);
+      const __m512i lane = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(j)), quad);
+      __m512i xhl[M], xhh[M], xll[M], xlh[M];
+      for (int r = 0; r < M; ++r) {
+        const int8_t* xp = xq + r * xstride + g / 4 * 256;
+        xhl[r] = _mm512_loadu_si512(xp), xhh[r] = _mm512_loadu_si512(xp + 64);
+        xll[r] = _mm512_loadu_si512(xp + 128), xlh[r] = _mm512_loadu_si512(xp + 192);
+      }
       for (int i = 0; i < R; ++i) {
         const uint8_t* wg = w + (o + i) * half + g * 16;
-        if ((g & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(wg) + kPrefetch, _MM_HINT_T0);
-        const __m256i b = pair ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg))
-                               : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg)));
-        const __m256i lo = _mm256_and_si256(b, low4), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);
-        const __m512i wl = _mm512_cvtepu8_epi16(lo), wh = _mm512_cvtepu8_epi16(hi);   // A0-15 B0-15, A16-31 B16-31
+        _mm_prefetch(reinterpret_cast<const char*>(wg) + kPrefetch, _MM_HINT_T0);
+        const __m512i b = _mm512_maskz_loadu_epi8(bmask, wg);
+        const __m512i lo = _mm512_and_si512(b, low4), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low4);
         for (int r = 0; r < M; ++r) {
-          const __m512i d = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(_mm512_setzero_si512(), wl, xv[r]), wh, xw[r]);
-          const __m512 dot = _mm512_cvtepi32_ps(d);
-          acc[i][r] = _mm512_fmadd_ps(_mm512_maskz_permutexvar_ps(lmask, lane, comb[i][r]), dot, acc[i][r]);
+          const __m512i dh = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xhl[r]), hi, xhh[r]);
+          const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_slli_epi32(dh, 8), xll[r], lo), xlh[r], hi);
+          acc[i][r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(lane, comb[i][r]), _mm512_cvtepi32_ps(d), acc[i][r]);
         }
       }
     }
@@ -176,7 +184,7 @@ static inline void q4_tile(const uint8_t* w, const uint16_t* sc, const uint16_t*
 }
 
 template <int M>
-static void q4_rows_m(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, const int16_t* xq, const float* xsc,
+static void q4_rows_m(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, const int8_t* xq, const float* xsc,
                       const float* xs, float* y, int64_t in, int64_t out, int64_t o0, int64_t o1) {
   constexpr int R = M <= 2 ? 4 : 2;
   int64_t o = o0;
@@ -184,9 +192,9 @@ static void q4_rows_m(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, 
   for (; o < o1; ++o) q4_tile<1, M>(w, sc, zr, xq, xsc, xs, y, in, out, o);
 }
 
-static void q4_rows(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, const int16_t* xq, const float* xsc,
+static void q4_rows(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, const int8_t* xq, const float* xsc,
                     const float* xs, float* y, int64_t m, int64_t in, int64_t out, int64_t o0, int64_t o1) {
-  const int64_t ng = in / 32, xstride = (ng + 1) / 2 * 64;
+  const int64_t ng = in / 32, xstride = (ng + 3) / 4 * 256;
   row_blocks(m, [&](auto mc, int64_t r0) {
     q4_rows_m<decltype(mc)::value>(w, sc, zr, xq + r0 * xstride, xsc + r0 * ng, xs + r0 * ng, y + r0 * out, in, out,
                                    o0, o1);
@@ -194,11 +202,12 @@ static void q4_rows(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, co
 }
 
 // x (m, in) float32 -> int16 per group of 32 (scale = max |x| / 32767: each value off by at most
-// 2^-16 of its group's max |x|) in q4_tile's pair order (64 values a pair of groups, zeros after
-// an odd last group), the scales and the float32 group sums
-static void quantize_x16(const float* x, int64_t m, int64_t in, std::vector<int16_t>& xq, std::vector<float>& xsc,
-                        std::vector<float>& xs) {
-  const int64_t ng = in / 32, xstride = (ng + 1) / 2 * 64;
+// 2^-16 of its group's max |x|), stored as q4_tile reads it: per four groups 256 bytes, the high
+// bytes (signed) of weights 0-15 of each group, of 16-31, then the low bytes (unsigned) likewise;
+// zeros past the last group. Also the scales and the float32 group sums.
+static void quantize_x16(const float* x, int64_t m, int64_t in, std::vector<int8_t>& xq, std::vector<float>& xsc,
+                         std::vector<float>& xs) {
+  const int64_t ng = in / 32, xstride = (ng + 3) / 4 * 256;
   xq.assign(m * xstride, 0);
   for (int64_t r = 0; r < m; ++r)
     for (int64_t g = 0; g < ng; ++g) {
@@ -206,8 +215,13 @@ static void quantize_x16(const float* x, int64_t m, int64_t in, std::vector<int1
       float amax = 0.f, sum = 0.f;
       for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(v[k])), sum += v[k];
       const float scale = amax > 0.f ? amax / 32767.f : 1.f;
-      int16_t* dst = xq.data() + r * xstride + g / 2 * 64 + (g % 2) * 16;
-      for (int k = 0; k < 32; ++k) dst[k < 16 ? k : 16 + k] = static_cast<int16_t>(std::nearbyint(v[k] / scale));
+      int8_t* dst = xq.data() + r * xstride + g / 4 * 256 + (g % 4) * 16;
+      for (int k = 0; k < 32; ++k) {
+        const int q = static_cast<int>(std::nearbyint(v[k] / scale));   // in [-32767, 32767]
+        const int at = (k < 16 ? k : 64 + k - 16);
+        dst[at] = static_cast<int8_t>(q >> 8);              // arithmetic shift: floor(q / 256)
+        dst[at + 128] = static_cast<int8_t>(static_cast<uint8_t>(q & 255));
+      }
       xsc[r * ng + g] = scale;
       xs[r * ng + g] = sum;
     }
@@ -312,10 +326,10 @@ ffi::Error Q4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remainin
   for (const Mat& a : mats)
     if (in % 32 != 0 || a.ng != ng)
       return ffi::Error::InvalidArgument("marjax_q4_matmul: in must be a multiple of 32, scale and zero (out, in / 32, 1)");
-  std::vector<int16_t> xq;
+  std::vector<int8_t> xq;
   std::vector<float> xsc(m * ng), xs(m * ng);
   quantize_x16(x.typed_data(), m, in, xq, xsc, xs);
-  const int16_t* xqp = xq.data();
+  const int8_t* xqp = xq.data();
   const float *xscp = xsc.data(), *xsp = xs.data();
   parallel_mats(pool, mats, m, in, [=](const Mat& a, int64_t o0, int64_t o1) {
     q4_rows(static_cast<const uint8_t*>(a.w), a.sc, a.zr, xqp, xscp, xsp, a.y, m, in, a.out, o0, o1);
