@@ -247,7 +247,8 @@ def _decode_curve(models: dict, contexts, weights: str = "f32", repeats: int = 7
         t = interleaved({name: rounds(name) for name in runs}, repeats)   # the warm-up round compiles
         for name, (_, wb, _) in runs.items():
             rows[name].append({"context": ctx, "step_s": t[name]["median_s"] / steps, "cache_bytes": int(nbytes[name]),
-                               "weight_bytes": wb, "bytes_per_step": wb + int(nbytes[name])})
+                               "weight_bytes": wb, "bytes_per_step": wb + int(nbytes[name]),
+                               "rounds_step_s": [x / steps for x in t[name]["rounds_s"]]})
         del caches
     return rows
 

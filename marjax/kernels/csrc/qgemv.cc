@@ -186,9 +186,10 @@ static inline void q4_tile(const uint8_t* w, const uint16_t* sc, const uint16_t*
 template <int M>
 static void q4_rows_m(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, const int8_t* xq, const float* xsc,
                       const float* xs, float* y, int64_t in, int64_t out, int64_t o0, int64_t o1) {
-  constexpr int R = M <= 2 ? 4 : 2;
+  constexpr int R = M == 1 ? 8 : (M <= 2 ? 4 : 2);
   int64_t o = o0;
   for (; o + R <= o1; o += R) q4_tile<R, M>(w, sc, zr, xq, xsc, xs, y, in, out, o);
+  for (; o + 2 <= o1; o += 2) q4_tile<2, M>(w, sc, zr, xq, xsc, xs, y, in, out, o);
   for (; o < o1; ++o) q4_tile<1, M>(w, sc, zr, xq, xsc, xs, y, in, out, o);
 }
 
