@@ -10,7 +10,7 @@
 //                       q in [0, 15]; byte j of a group's 16 holds q_j (low nibble) and q_{j+16}
 //                       (high); scale and zero (out, in / 32, 1) float16. The activations are
 //                       rounded to int16 per group of 32 (relative error <= 2^-16 of the group's
-//                       max |x|) for VNNI's int16 dot product
+//                       max |x|), split exactly into bytes for VNNI's byte dot product (q4_tile)
 //   marjax_bf16_matmul  W bfloat16
 //
 // Why: in a one-token decode step every weight is read once; XLA:CPU's fused dequantising
