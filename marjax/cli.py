@@ -29,6 +29,7 @@ def _usage() -> str:
 
 
 def main(argv=None) -> int:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
@@ -40,6 +41,9 @@ def main(argv=None) -> int:
     if cmd not in COMMANDS:
         print(f"marjax: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    if from_command_line:   # the `marjax` command itself, not a call from Python: huge pages for XLA's buffers
+        from marjax.app.hostmem import reexec_for_hugepages
+        reexec_for_hugepages()
     module, func, _ = COMMANDS[cmd]
     try:
         return int(getattr(importlib.import_module(module), func)(rest) or 0)
