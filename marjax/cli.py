@@ -28,6 +28,15 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+# commands whose time is train steps, where huge pages for XLA's per-step temporaries pay for a
+# re-execution (marjax.app.hostmem); a short command (generate, eval) only pays its ~2-3 s
+TRAINING_COMMANDS = ("pipeline", "distill")
+
+
+def _trains(cmd: str, rest: list) -> bool:
+    return cmd in TRAINING_COMMANDS or (cmd == "bench" and rest[:1] == ["step"])
+
+
 def main(argv=None) -> int:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -41,7 +50,7 @@ def main(argv=None) -> int:
     if cmd not in COMMANDS:
         print(f"marjax: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    if from_command_line:   # the `marjax` command itself, not a call from Python: huge pages for XLA's buffers
+    if from_command_line and _trains(cmd, rest):   # the `marjax` command, not a call from Python
         from marjax.app.hostmem import reexec_for_hugepages
         reexec_for_hugepages()
     module, func, _ = COMMANDS[cmd]

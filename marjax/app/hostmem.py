@@ -8,9 +8,12 @@ default), glibc's `glibc.malloc.hugetlb=1` tunable has malloc advise its mmap'd 
 pages: 4,000 faults a step, and the step 0.80-0.87x as long, the same losses bit for bit
 (experiments/bench/RESULTS.md, "Train step, thirteenth session").
 
-glibc reads tunables only at process start, so the `marjax` command re-executes itself once,
-with the tunable added to GLIBC_TUNABLES, before anything else runs (`reexec_for_hugepages`).
-It does nothing where it cannot help (not Linux, glibc older than 2.35 or not glibc, huge pages
+glibc reads tunables only at process start, so the training commands (`marjax pipeline`,
+`distill`, `bench step`: marjax.cli.TRAINING_COMMANDS) re-execute themselves once, with the
+tunable added to GLIBC_TUNABLES, before anything else runs (`reexec_for_hugepages`). Not the
+others: the re-execution and huge pages for their many mid-size blocks cost a short command
+more than it gains (`marjax generate` 32 tokens: 8.0-8.3 s without, 10.1-11.3 s with; the test
+suite's compile-bound processes got slower too). It does nothing where it cannot help (not Linux, glibc older than 2.35 or not glibc, huge pages
 `always` or `never`, the tunable already set) and when MARJAX_HUGEPAGES=0. Library users (a
 notebook, their own script) can start Python with the same variable:
 

@@ -38,16 +38,19 @@ def test_thp_mode_reads_the_bracketed_word(tmp_path):
     assert thp_mode(str(tmp_path / "missing")) is None
 
 
-def test_only_the_command_line_reexecutes(monkeypatch):
+def test_only_training_commands_reexecute_from_the_command_line(monkeypatch):
     calls = []
     monkeypatch.setattr(hostmem, "reexec_for_hugepages", lambda: calls.append(1))
     with pytest.raises(SystemExit):
-        cli.main(["energy", "--help"])               # called from Python: never
+        cli.main(["distill", "--help"])              # called from Python: never
     assert calls == []
-    monkeypatch.setattr(sys, "argv", ["marjax", "energy", "--help"])
-    with pytest.raises(SystemExit):
-        cli.main()                                   # the `marjax` command
-    assert calls == [1]
+    for argv, reexec in [(["distill", "--help"], True), (["bench", "step", "--help"], True),
+                         (["energy", "--help"], False), (["bench", "ssd", "--help"], False)]:
+        calls.clear()
+        monkeypatch.setattr(sys, "argv", ["marjax", *argv])
+        with pytest.raises(SystemExit):
+            cli.main()                               # the `marjax` command
+        assert calls == ([1] if reexec else []), argv
 
 
 # a child that re-executes itself (printing once per process), then mallocs and touches 64 MiB
