@@ -6,6 +6,7 @@ import importlib
 import sys
 
 from marjax import __version__  # the package is already imported (marjax.cli lives in it)
+from marjax.app import hostmem  # os and sys only: `--help` stays instant
 from marjax.errors import MarjaxError
 
 COMMANDS = {
@@ -51,8 +52,7 @@ def main(argv=None) -> int:
         print(f"marjax: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     if from_command_line and _trains(cmd, rest):   # the `marjax` command, not a call from Python
-        from marjax.app.hostmem import reexec_for_hugepages
-        reexec_for_hugepages()
+        hostmem.reexec_for_hugepages()
     module, func, _ = COMMANDS[cmd]
     try:
         return int(getattr(importlib.import_module(module), func)(rest) or 0)

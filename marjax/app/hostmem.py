@@ -13,9 +13,10 @@ glibc reads tunables only at process start, so the training commands (`marjax pi
 tunable added to GLIBC_TUNABLES, before anything else runs (`reexec_for_hugepages`). Not the
 others: the re-execution and huge pages for their many mid-size blocks cost a short command
 more than it gains (`marjax generate` 32 tokens: 8.0-8.3 s without, 10.1-11.3 s with; the test
-suite's compile-bound processes got slower too). It does nothing where it cannot help (not Linux, glibc older than 2.35 or not glibc, huge pages
-`always` or `never`, the tunable already set) and when MARJAX_HUGEPAGES=0. Library users (a
-notebook, their own script) can start Python with the same variable:
+suite's compile-bound processes got slower too). It does nothing where it cannot help (not
+Linux, glibc older than 2.35 or not glibc, huge pages `always` or `never`, the tunable already
+set) and when MARJAX_HUGEPAGES=0. Library users (a notebook, their own script) can start Python
+with the same variable:
 
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python train.py
 """
