@@ -1,24 +1,32 @@
-"""Host memory for the `marjax` command: transparent huge pages for malloc's large blocks.
+"""Host memory for the `marjax` command: malloc tuned so XLA:CPU's per-run temporaries stay mapped.
 
 XLA:CPU allocates an executable's temporaries afresh on every run: the SmolLM2 kd train step maps
 a 1.64 GB block with mmap and unmaps it after, every step (strace), so each step first-touches
-about 400,000 new 4 KiB pages: 450,000 page faults and 0.8 s of kernel time a step on the 2-core
-VM (getrusage). Where the kernel's transparent huge pages are in `madvise` mode (a common
-default), glibc's `glibc.malloc.hugetlb=1` tunable has malloc advise its mmap'd blocks for huge
-pages: 4,000 faults a step, and the step 0.80-0.87x as long, the same losses bit for bit
-(experiments/bench/RESULTS.md, "Train step, thirteenth session").
+about 400,000 new 4 KiB pages: 450,000 page faults and 0.6-0.8 s of kernel time a step on the
+2-core VM (getrusage). Two sets of glibc tunables fix that, measured side by side
+(experiments/bench/RESULTS.md, "Train step, fourteenth session"):
+
+* `HEAP_TUNABLES`: one malloc arena, no mmap'd blocks and no trimming, so the block comes from
+  the main heap and is reused, already mapped, by the next step. (A thread's arena cannot grow
+  past 64 MiB, so without `arena_max=1` a large block is mmap'd whatever `mmap_max` says.)
+* `THP_TUNABLE` (`glibc.malloc.hugetlb=1`, glibc >= 2.35, where the kernel's transparent huge
+  pages are in `madvise` mode): malloc advises its memory for huge pages. Alone, it cut the
+  faults to 4,000 a step, but every step still took fresh huge pages from the kernel, and on a VM
+  whose balloon reports free 2 MiB blocks to the host those came back slowly: steps of 3-4 s
+  among steps of 1.2 s. With the heap tunables: no faults, 0.03 s of kernel time a step, no
+  such outliers, the same losses bit for bit.
 
 glibc reads tunables only at process start, so the training commands (`marjax pipeline`,
 `distill`, `bench step`: marjax.cli.TRAINING_COMMANDS) re-execute themselves once, with the
-tunable added to GLIBC_TUNABLES, before anything else runs (`reexec_for_hugepages`). Not the
-others: the re-execution and huge pages for their many mid-size blocks cost a short command
-more than it gains (`marjax generate` 32 tokens: 8.0-8.3 s without, 10.1-11.3 s with; the test
-suite's compile-bound processes got slower too). It does nothing where it cannot help (not
-Linux, glibc older than 2.35 or not glibc, huge pages `always` or `never`, the tunable already
-set) and when MARJAX_HUGEPAGES=0. Library users (a notebook, their own script) can start Python
-with the same variable:
+tunables added to GLIBC_TUNABLES, before anything else runs (`reexec_for_hugepages`). Not the
+others: the re-execution costs a short command more than it gains (`marjax generate` 32 tokens:
+8.0-8.3 s without, 10.1-11.3 s with huge pages; the test suite's compile-bound processes got
+slower too). It does nothing off Linux or glibc (>= 2.26), when GLIBC_TUNABLES already sets a
+`glibc.malloc.` tunable (the user's choice, or this re-execution's), and when MARJAX_HUGEPAGES=0.
+The heap stays at the largest step's size until the process ends. Library users (a notebook,
+their own script) can start Python with the same variable:
 
-    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python train.py
+    GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776:glibc.malloc.hugetlb=1 python train.py
 """
 from __future__ import annotations
 
@@ -26,12 +34,15 @@ import os
 import sys
 from typing import Mapping, Optional
 
-__all__ = ["ENV_SWITCH", "TUNABLE", "thp_mode", "glibc_version", "hugepage_env", "reexec_for_hugepages"]
+__all__ = ["ENV_SWITCH", "HEAP_TUNABLES", "THP_TUNABLE", "thp_mode", "glibc_version", "malloc_tunables",
+           "hugepage_env", "reexec_for_hugepages"]
 
 ENV_SWITCH = "MARJAX_HUGEPAGES"
-TUNABLE = "glibc.malloc.hugetlb=1"
+HEAP_TUNABLES = ("glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0", f"glibc.malloc.trim_threshold={1 << 40}")
+THP_TUNABLE = "glibc.malloc.hugetlb=1"
 THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
-MIN_GLIBC = (2, 35)   # the first glibc with glibc.malloc.hugetlb
+MIN_GLIBC = (2, 26)       # the first glibc with GLIBC_TUNABLES
+MIN_GLIBC_THP = (2, 35)   # the first with glibc.malloc.hugetlb
 
 
 def thp_mode(path: str = THP_ENABLED) -> Optional[str]:
@@ -54,19 +65,27 @@ def glibc_version() -> Optional[tuple]:
         return None
 
 
+def malloc_tunables(thp: Optional[str], glibc: Optional[tuple]) -> tuple:
+    """The tunables that apply under this kernel THP mode and glibc version (module doc): the heap
+    ones on any glibc with tunables, huge pages only where the kernel waits to be asked (`madvise`;
+    `always` gives them unasked, `never` not at all)."""
+    if glibc is None or glibc < MIN_GLIBC:
+        return ()
+    return HEAP_TUNABLES + ((THP_TUNABLE,) if thp == "madvise" and glibc >= MIN_GLIBC_THP else ())
+
+
 def hugepage_env(environ: Mapping[str, str], thp: Optional[str], glibc: Optional[tuple],
                  platform: str = sys.platform) -> Optional[dict]:
-    """The environment to re-execute with (GLIBC_TUNABLES plus TUNABLE), or None when a
+    """The environment to re-execute with (GLIBC_TUNABLES plus `malloc_tunables`), or None when a
     re-execution would not help or is switched off (module doc)."""
-    if environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
-        return None
-    if platform != "linux" or thp != "madvise" or glibc is None or glibc < MIN_GLIBC:
+    if environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off") or platform != "linux":
         return None
     current = environ.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb" in current:
+    tunables = malloc_tunables(thp, glibc)
+    if not tunables or "glibc.malloc." in current:
         return None
     env = dict(environ)
-    env["GLIBC_TUNABLES"] = f"{current}:{TUNABLE}" if current else TUNABLE
+    env["GLIBC_TUNABLES"] = ":".join(((current,) if current else ()) + tunables)
     return env
 
 
