@@ -205,7 +205,8 @@ def matmuls(kind: str, x: Float[Array, "m k"], mats) -> tuple:
 
 
 def q8_matmul(x: Float[Array, "m k"], q: Int[Array, "n k"], scale: Float[Array, "n g 1"]) -> Float[Array, "m n"]:
-    """x @ dequantised(q).T for int8 q with one float16 scale per k // g consecutive weights."""
+    """x @ dequantised(q).T for int8 q with one float16 scale per k // g consecutive weights; with
+    groups of 32, x rounded to int16 per group as q4_matmul rounds it."""
     return matmuls("q8", x, [(q, scale)])[0]
 
 

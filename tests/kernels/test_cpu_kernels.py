@@ -40,14 +40,26 @@ SHAPES = [(5, 40, 32), (67, 96, 32), (1, 16, 32), (130, 64, 16), (33, 48, 48)]
 @pytest.mark.parametrize("out,k,group", SHAPES)
 @pytest.mark.parametrize("m", [1, 3, 4, 6, 16])
 def test_q8_matmul_matches_numpy(out, k, group, m):
+    """Groups of 32 (the default): the activations rounded to int16 per group, as the q4 kernel
+    rounds them (VNNI); other groupings: float32 activations, float32 summation error only."""
     rng = np.random.default_rng(out * 1000 + k + m)
     w = quantize_int8(jnp.asarray(rng.normal(size=(k, out)), jnp.float32), axis=-2, group=group)
     x = rng.normal(size=(m, k)).astype(np.float32)
-    want = x.astype(np.float64) @ _np_q(w).T
+    x[0, :min(k, 32)] *= 1e3                                            # one loud group
+    deq = _np_q(w)
+    want = x.astype(np.float64) @ deq.T
     got = np.asarray(jax.jit(cpu_kernels.q8_matmul)(jnp.asarray(x), w.data, w.scale))
-    scale = np.abs(x).astype(np.float64) @ np.abs(_np_q(w)).T     # float32 summation error bound
+    scale = np.abs(x).astype(np.float64) @ np.abs(deq).T            # float32 summation error bound
     assert got.shape == (m, out)
-    assert np.all(np.abs(got - want) <= 1e-5 * scale + 1e-6), np.max(np.abs(got - want) / scale)
+    if group == 32 and k % 32 == 0:
+        step = np.repeat(np.abs(x).reshape(m, -1, 32).max(-1) / 32767, 32, axis=-1)   # (m, k)
+        bound = 1e-5 * scale + (step / 2) @ np.abs(deq).T + 1e-6
+        assert np.all(np.abs(got - want) <= bound), np.max(np.abs(got - want) / bound)
+        # and that rounding exactly: against the oracle of the int16-rounded x, summation error only
+        xq = np.where(step > 0, np.round(x / np.where(step > 0, step, 1)) * step, 0).astype(np.float64)
+        np.testing.assert_allclose(got, xq @ deq.T, rtol=1e-5, atol=1e-5 * np.max(scale))
+    else:
+        assert np.all(np.abs(got - want) <= 1e-5 * scale + 1e-6), np.max(np.abs(got - want) / scale)
 
 
 @pytest.mark.parametrize("out,k", [(5, 32), (67, 96), (130, 576), (9, 160)])
@@ -119,14 +131,14 @@ def test_qweight_product_routes_and_agrees(mode):
     auto = quantize_weight(w32, -2, mode)
     xla = quantize_weight(w32, -2, mode, impl="xla")
     target = f"marjax_{ {'int8': 'q8', 'bf16': 'bf16', 'q4': 'q4'}[mode]}_matmul"
-    tol = 1e-4 if mode == "q4" else 1e-6                                   # q4: int16 activations
+    tol = 1e-4 if mode in ("q4", "int8") else 1e-6                       # int16 activations (groups of 32)
     for shape, kernel in (((1, 1, 96), True), ((2, 3, 96), True), ((1, cpu_kernels.MAX_ROWS + 1, 96), False)):
         x = jnp.asarray(rng.normal(size=shape), jnp.float32)
         assert (target in _custom_calls(lambda x: x @ auto, x)) == kernel, shape
         assert target not in _custom_calls(lambda x: x @ xla, x)
         got, want = jax.jit(lambda x: x @ auto)(x), jax.jit(lambda x: x @ xla)(x)
         assert got.shape == want.shape == shape[:-1] + (40,)
-        # q4's worst case (test_q4_matmul_matches_numpy) scales with sum |x| |w|
+        # the int16 rounding's worst case (test_q4_matmul_matches_numpy) scales with sum |x| |w|
         mag = float(jnp.max(jnp.abs(x) @ jnp.abs(xla.dequantize())))
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=tol, atol=tol * mag)
     assert target not in _custom_calls(lambda x: x @ auto, jnp.ones((1, 1, 96), jnp.bfloat16))
@@ -163,7 +175,10 @@ def test_vmap_over_a_kernel_product():
     w = quantize_weight(jnp.asarray(np.random.default_rng(2).normal(size=(64, 8)), jnp.float32), -2, "int8")
     xs = jnp.asarray(np.random.default_rng(3).normal(size=(3, 1, 64)), jnp.float32)
     got = jax.vmap(lambda x: x @ w)(xs)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(xs @ w.dequantize()), rtol=1e-5, atol=1e-5)
+    # one kernel call a batch element: each the unbatched call's result, bit for bit
+    np.testing.assert_array_equal(np.asarray(got), np.stack([np.asarray(jax.jit(lambda x: x @ w)(x)) for x in xs]))
+    mag = float(jnp.max(jnp.abs(xs) @ jnp.abs(w.dequantize())))       # the int16 rounding scales with it
+    np.testing.assert_allclose(np.asarray(got), np.asarray(xs @ w.dequantize()), rtol=1e-4, atol=1e-4 * mag)
 
 
 def test_other_platforms_lower_without_the_kernel():

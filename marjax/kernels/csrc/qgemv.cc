@@ -5,7 +5,8 @@
 //   y (m, out) float32 = x (m, in) float32 . W^T,  W (out, in) output-major, as QWeight stores it
 //
 //   marjax_q8_matmul    W int8, one float16 scale per `group` consecutive weights along `in`
-//                       (scale (out, in / group, 1)); y = sum_g scale[o, g] * sum_k q[o, k] x[k]
+//                       (scale (out, in / group, 1)); y = sum_g scale[o, g] * sum_k q[o, k] x[k];
+//                       for groups of 32 with x rounded to int16 per group as for q4 (q8_tile)
 //   marjax_q4_matmul    W 4-bit, groups of 32 along `in` (as llama.cpp's Q4_1): w = scale * q + zero,
 //                       q in [0, 15]; byte j of a group's 16 holds q_j (low nibble) and q_{j+16}
 //                       (high); scale and zero (out, in / 32, 1) float16. The activations are
@@ -16,9 +17,10 @@
 // Why: in a one-token decode step every weight is read once; XLA:CPU's fused dequantising
 // matrix-vector loop runs single-threaded at about 6 GB/s of int8 (measured). (On the dev VM a
 // q4 SmolLM2, 92 MB, stays in its 300 MB L3 between tokens, so these loops are bound by their
-// instructions as much as by memory.) AVX-512 (F, BW, VNNI) and F16C; int8 and bf16 keep float32 activations, so the
-// result equals the float32 product with the dequantised matrix up to summation order. Output
-// rows are split over XLA's intra-op thread pool (parallel.h).
+// instructions as much as by memory.) AVX-512 (F, BW, VNNI) and F16C; bf16, and int8 in groups
+// other than 32, keep float32 activations, so the result equals the float32 product with the
+// dequantised matrix up to summation order. Output rows are split over XLA's intra-op thread pool
+// (parallel.h).
 
 #include <immintrin.h>
 
@@ -228,6 +230,105 @@ static void quantize_x16(const float* x, int64_t m, int64_t in, std::vector<int8
     }
 }
 
+// int8 weights in groups of 32 (the default QWeight group): R output rows against M activation
+// rows, 64 weights (two groups) an iteration, with VNNI's byte dot product on the int16
+// activations split exactly into bytes (x = 256 xh + xl, as q4_tile). The weights are signed, so
+// the high part takes them biased to unsigned (w + 128) against the signed xh and `xb` (per four
+// weights, 32768 * their sum of xh) removes the bias: d = 256 (w + 128) . xh + w . xl - xb =
+// w . x in int32, exactly. int32 lanes 0-7 hold the first group's sums, 8-15 the second's,
+// scaled by a lane permute of the 16-group (weight scale x activation scale) vector. Half the
+// instructions a weight of the float32 loop (`tile`), which is bound by them on a CPU with
+// double-pumped AVX-512 (the AMD VM: SmolLM2's 28 MB int8 head at 17 GB/s).
+template <int R, int M>
+static inline void q8_tile(const int8_t* w, const uint16_t* sc, const int8_t* xh, const uint8_t* xl,
+                           const int32_t* xb, const float* xsc, float* y, int64_t in, int64_t out, int64_t o) {
+  const int64_t ng = in / 32;
+  const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512i pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  __m512 acc[R][M];
+  for (int i = 0; i < R; ++i)
+    for (int r = 0; r < M; ++r) acc[i][r] = _mm512_setzero_ps();
+  for (int64_t g0 = 0; g0 < ng; g0 += 16) {
+    const int64_t n = ng - g0 < 16 ? ng - g0 : 16;
+    const __mmask16 msk = (__mmask16)((1u << n) - 1u);
+    __m512 comb[R][M];
+    for (int i = 0; i < R; ++i) {
+      _mm_prefetch(reinterpret_cast<const char*>(sc + (o + i) * ng + g0) + kPrefetch / 16, _MM_HINT_T0);
+      const __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(msk, sc + (o + i) * ng + g0));
+      for (int r = 0; r < M; ++r) comb[i][r] = _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(msk, xsc + r * ng + g0));
+    }
+    for (int64_t j = 0; j < n; j += 2) {
+      const int64_t k = (g0 + j) * 32;
+      const bool two = n - j >= 2;   // else one group left: 32 bytes, lanes 8-15 dot zeros
+      const __mmask64 bm = two ? ~(__mmask64)0 : (__mmask64)0xFFFFFFFFull;
+      const __mmask16 lm = two ? (__mmask16)0xFFFF : (__mmask16)0x00FF;
+      const __m512i lane = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(j)), pair);
+      __m512i vh[M], vl[M], vb[M];
+      for (int r = 0; r < M; ++r) {
+        vh[r] = _mm512_maskz_loadu_epi8(bm, xh + r * in + k);
+        vl[r] = _mm512_maskz_loadu_epi8(bm, xl + r * in + k);
+        vb[r] = _mm512_maskz_loadu_epi32(lm, xb + (r * in + k) / 4);
+      }
+      for (int i = 0; i < R; ++i) {
+        const int8_t* wk = w + (o + i) * in + k;
+        _mm_prefetch(reinterpret_cast<const char*>(wk) + kPrefetch, _MM_HINT_T0);
+        const __m512i wv = _mm512_maskz_loadu_epi8(bm, wk);
+        const __m512i wu = _mm512_xor_si512(wv, bias);   // w + 128 as unsigned bytes
+        for (int r = 0; r < M; ++r) {
+          const __m512i dh = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, vh[r]);
+          const __m512i d = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_slli_epi32(dh, 8), vl[r], wv), vb[r]);
+          acc[i][r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(lane, comb[i][r]), _mm512_cvtepi32_ps(d), acc[i][r]);
+        }
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int r = 0; r < M; ++r) y[r * out + o + i] = _mm512_reduce_add_ps(acc[i][r]);
+}
+
+template <int M>
+static void q8_rows_m(const int8_t* w, const uint16_t* sc, const int8_t* xh, const uint8_t* xl, const int32_t* xb,
+                      const float* xsc, float* y, int64_t in, int64_t out, int64_t o0, int64_t o1) {
+  constexpr int R = M == 1 ? 8 : (M <= 2 ? 4 : 2);
+  int64_t o = o0;
+  for (; o + R <= o1; o += R) q8_tile<R, M>(w, sc, xh, xl, xb, xsc, y, in, out, o);
+  for (; o + 2 <= o1; o += 2) q8_tile<2, M>(w, sc, xh, xl, xb, xsc, y, in, out, o);
+  for (; o < o1; ++o) q8_tile<1, M>(w, sc, xh, xl, xb, xsc, y, in, out, o);
+}
+
+static void q8_rows(const int8_t* w, const uint16_t* sc, const int8_t* xh, const uint8_t* xl, const int32_t* xb,
+                    const float* xsc, float* y, int64_t m, int64_t in, int64_t out, int64_t o0, int64_t o1) {
+  const int64_t ng = in / 32;
+  row_blocks(m, [&](auto mc, int64_t r0) {
+    q8_rows_m<decltype(mc)::value>(w, sc, xh + r0 * in, xl + r0 * in, xb + r0 * in / 4, xsc + r0 * ng, y + r0 * out,
+                                   in, out, o0, o1);
+  });
+}
+
+// x (m, in) float32 -> int16 per group of 32, rounded as quantize_x16 rounds it, in natural order
+// for q8_tile: the high bytes (signed), the low bytes (unsigned), per four values 32768 * the sum
+// of their high bytes, and the groups' scales
+static void quantize_x16_split(const float* x, int64_t m, int64_t in, std::vector<int8_t>& xh,
+                               std::vector<uint8_t>& xl, std::vector<int32_t>& xb, std::vector<float>& xsc) {
+  const int64_t ng = in / 32;
+  xh.assign(m * in, 0), xl.assign(m * in, 0), xb.assign(m * in / 4, 0), xsc.assign(m * ng, 0.f);
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t g = 0; g < ng; ++g) {
+      const int64_t at = r * in + g * 32;
+      const float* v = x + at;
+      float amax = 0.f;
+      for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(v[k]));
+      const float scale = amax > 0.f ? amax / 32767.f : 1.f;
+      for (int k = 0; k < 32; ++k) {
+        const int q = static_cast<int>(std::nearbyint(v[k] / scale));   // in [-32767, 32767]
+        xh[at + k] = static_cast<int8_t>(q >> 8);
+        xl[at + k] = static_cast<uint8_t>(q & 255);
+        xb[(at + k) / 4] += 32768 * (q >> 8);
+      }
+      xsc[r * ng + g] = scale;
+    }
+}
+
 // output rows [o0, o1) for all m activation rows, kRowTile at a time
 template <typename W>
 static void rows(const W* w, const uint16_t* sc, const float* x, float* y, int64_t m, int64_t in, int64_t out,
@@ -298,7 +399,8 @@ static ffi::Error unpack(ffi::Buffer<ffi::F32>& x, ffi::RemainingArgs& args, ffi
   return ffi::Error::Success();
 }
 
-// int8 (operands w, scale) or bfloat16 (w): float32 activations through the same row loop
+// int8 (operands w, scale) or bfloat16 (w): float32 activations through the same row loop, but
+// int8 in groups of 32 through q8_tile
 template <ffi::DataType T, typename W>
 static ffi::Error FloatActMatmul(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::RemainingArgs& args,
                                  ffi::RemainingRets& rets, const char* name) {
@@ -306,6 +408,25 @@ static ffi::Error FloatActMatmul(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x
   if (ffi::Error e = unpack<T>(x, args, rets, T == ffi::S8 ? 2 : 1, false, name, mats); e.failure()) return e;
   const int64_t m = x.dimensions()[0], in = x.dimensions()[1];
   const float* xp = x.typed_data();
+  if constexpr (T == ffi::S8) {
+    // groups of 32 (QWeight's default): VNNI on int16 activations (q8_tile); other groupings keep
+    // float32 activations
+    if (in % 32 == 0 && std::all_of(mats.begin(), mats.end(), [&](const Mat& a) { return a.ng * 32 == in; })) {
+      std::vector<int8_t> xh;
+      std::vector<uint8_t> xl;
+      std::vector<int32_t> xb;
+      std::vector<float> xsc;
+      quantize_x16_split(xp, m, in, xh, xl, xb, xsc);
+      const int8_t* xhp = xh.data();
+      const uint8_t* xlp = xl.data();
+      const int32_t* xbp = xb.data();
+      const float* xscp = xsc.data();
+      parallel_mats(pool, mats, m, in, [=](const Mat& a, int64_t o0, int64_t o1) {
+        q8_rows(static_cast<const int8_t*>(a.w), a.sc, xhp, xlp, xbp, xscp, a.y, m, in, a.out, o0, o1);
+      });
+      return ffi::Error::Success();
+    }
+  }
   parallel_mats(pool, mats, m, in, [=](const Mat& a, int64_t o0, int64_t o1) {
     rows(static_cast<const W*>(a.w), a.sc, xp, a.y, m, in, a.out, in / a.ng, o0, o1);   // bf16: no scale, ng 1
   });
