@@ -118,6 +118,18 @@ static void row_blocks(int64_t m, F f) {
   }
 }
 
+// tile(std::integral_constant<int, R>, o) over the output rows [o0, o1) for M activation rows: R
+// rows a tile (8 for one activation row, 4 for two, else 2: R * M accumulators in registers), then
+// pairs, then single rows
+template <int M, typename Tile>
+static inline void tiled_rows(int64_t o0, int64_t o1, Tile tile) {
+  constexpr int R = M == 1 ? 8 : (M <= 2 ? 4 : 2);
+  int64_t o = o0;
+  for (; o + R <= o1; o += R) tile(std::integral_constant<int, R>{}, o);
+  for (; o + 2 <= o1; o += 2) tile(std::integral_constant<int, 2>{}, o);
+  for (; o < o1; ++o) tile(std::integral_constant<int, 1>{}, o);
+}
+
 // 4-bit weights: R output rows against M activation rows, four groups of 32 (64 bytes) per
 // iteration, with VNNI's byte dot product (vpdpbusd: u8 x s8, four products into each int32 lane).
 // The activations are int16 per group, split exactly into a signed high byte and an unsigned low
@@ -185,22 +197,15 @@ static inline void q4_tile(const uint8_t* w, const uint16_t* sc, const uint16_t*
       y[r * out + o + i] = _mm512_reduce_add_ps(acc[i][r]) + _mm512_reduce_add_ps(accz[i][r]);
 }
 
-template <int M>
-static void q4_rows_m(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, const int8_t* xq, const float* xsc,
-                      const float* xs, float* y, int64_t in, int64_t out, int64_t o0, int64_t o1) {
-  constexpr int R = M == 1 ? 8 : (M <= 2 ? 4 : 2);
-  int64_t o = o0;
-  for (; o + R <= o1; o += R) q4_tile<R, M>(w, sc, zr, xq, xsc, xs, y, in, out, o);
-  for (; o + 2 <= o1; o += 2) q4_tile<2, M>(w, sc, zr, xq, xsc, xs, y, in, out, o);
-  for (; o < o1; ++o) q4_tile<1, M>(w, sc, zr, xq, xsc, xs, y, in, out, o);
-}
-
 static void q4_rows(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, const int8_t* xq, const float* xsc,
                     const float* xs, float* y, int64_t m, int64_t in, int64_t out, int64_t o0, int64_t o1) {
   const int64_t ng = in / 32, xstride = (ng + 3) / 4 * 256;
   row_blocks(m, [&](auto mc, int64_t r0) {
-    q4_rows_m<decltype(mc)::value>(w, sc, zr, xq + r0 * xstride, xsc + r0 * ng, xs + r0 * ng, y + r0 * out, in, out,
-                                   o0, o1);
+    constexpr int M = decltype(mc)::value;
+    tiled_rows<M>(o0, o1, [&](auto rc, int64_t o) {
+      q4_tile<decltype(rc)::value, M>(w, sc, zr, xq + r0 * xstride, xsc + r0 * ng, xs + r0 * ng, y + r0 * out, in,
+                                      out, o);
+    });
   });
 }
 
@@ -286,22 +291,15 @@ static inline void q8_tile(const int8_t* w, const uint16_t* sc, const int8_t* xh
     for (int r = 0; r < M; ++r) y[r * out + o + i] = _mm512_reduce_add_ps(acc[i][r]);
 }
 
-template <int M>
-static void q8_rows_m(const int8_t* w, const uint16_t* sc, const int8_t* xh, const uint8_t* xl, const int32_t* xb,
-                      const float* xsc, float* y, int64_t in, int64_t out, int64_t o0, int64_t o1) {
-  constexpr int R = M == 1 ? 8 : (M <= 2 ? 4 : 2);
-  int64_t o = o0;
-  for (; o + R <= o1; o += R) q8_tile<R, M>(w, sc, xh, xl, xb, xsc, y, in, out, o);
-  for (; o + 2 <= o1; o += 2) q8_tile<2, M>(w, sc, xh, xl, xb, xsc, y, in, out, o);
-  for (; o < o1; ++o) q8_tile<1, M>(w, sc, xh, xl, xb, xsc, y, in, out, o);
-}
-
 static void q8_rows(const int8_t* w, const uint16_t* sc, const int8_t* xh, const uint8_t* xl, const int32_t* xb,
                     const float* xsc, float* y, int64_t m, int64_t in, int64_t out, int64_t o0, int64_t o1) {
   const int64_t ng = in / 32;
   row_blocks(m, [&](auto mc, int64_t r0) {
-    q8_rows_m<decltype(mc)::value>(w, sc, xh + r0 * in, xl + r0 * in, xb + r0 * in / 4, xsc + r0 * ng, y + r0 * out,
-                                   in, out, o0, o1);
+    constexpr int M = decltype(mc)::value;
+    tiled_rows<M>(o0, o1, [&](auto rc, int64_t o) {
+      q8_tile<decltype(rc)::value, M>(w, sc, xh + r0 * in, xl + r0 * in, xb + r0 * in / 4, xsc + r0 * ng,
+                                      y + r0 * out, in, out, o);
+    });
   });
 }
 
