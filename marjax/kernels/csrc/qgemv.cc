@@ -241,9 +241,10 @@ static void quantize_x16(const float* x, int64_t m, int64_t in, std::vector<int8
 // the high part takes them biased to unsigned (w + 128) against the signed xh and `xb` (per four
 // weights, 32768 * their sum of xh) removes the bias: d = 256 (w + 128) . xh + w . xl - xb =
 // w . x in int32, exactly. int32 lanes 0-7 hold the first group's sums, 8-15 the second's,
-// scaled by a lane permute of the 16-group (weight scale x activation scale) vector. Half the
-// instructions a weight of the float32 loop (`tile`), which is bound by them on a CPU with
-// double-pumped AVX-512 (the AMD VM: SmolLM2's 28 MB int8 head at 17 GB/s).
+// scaled by a lane permute of the 16-group (weight scale x activation scale) vector. Fewer than
+// half the instructions a weight of the float32 loop (`tile`), which is bound by them on a CPU
+// with double-pumped AVX-512 (the AMD VM: SmolLM2's 28 MB int8 head, repeated from cache, 46 GB/s
+// with `tile`, 77-87 GB/s with this; RESULTS.md, "Decode, fourteenth session").
 template <int R, int M>
 static inline void q8_tile(const int8_t* w, const uint16_t* sc, const int8_t* xh, const uint8_t* xl,
                            const int32_t* xb, const float* xsc, float* y, int64_t in, int64_t out, int64_t o) {
