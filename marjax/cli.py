@@ -29,8 +29,9 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-# commands whose time is train steps, where huge pages for XLA's per-step temporaries pay for a
-# re-execution (marjax.app.hostmem); a short command (generate, eval) only pays its ~2-3 s
+# commands whose time is train steps, where malloc tunables that keep XLA's per-step temporaries
+# mapped pay for a re-execution (marjax.app.hostmem); a short command (generate, eval) only pays
+# its ~2-3 s
 TRAINING_COMMANDS = ("pipeline", "distill")
 
 

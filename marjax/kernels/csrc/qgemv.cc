@@ -209,6 +209,17 @@ static void q4_rows(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, co
   });
 }
 
+// One group of 32 float32 activations as int16, q[k] = round(v[k] / scale) with scale = max |v| /
+// 32767 (each value off by at most half a step); returns the scale. The q4 and int8 kernels both
+// round their activations here (quantize_x16, quantize_x16_split).
+static inline float round_group16(const float* v, int* q) {
+  float amax = 0.f;
+  for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(v[k]));
+  const float scale = amax > 0.f ? amax / 32767.f : 1.f;
+  for (int k = 0; k < 32; ++k) q[k] = static_cast<int>(std::nearbyint(v[k] / scale));   // in [-32767, 32767]
+  return scale;
+}
+
 // x (m, in) float32 -> int16 per group of 32 (scale = max |x| / 32767: each value off by at most
 // 2^-16 of its group's max |x|), stored as q4_tile reads it: per four groups 256 bytes, the high
 // bytes (signed) of weights 0-15 of each group, of 16-31, then the low bytes (unsigned) likewise;
@@ -217,20 +228,19 @@ static void quantize_x16(const float* x, int64_t m, int64_t in, std::vector<int8
                          std::vector<float>& xs) {
   const int64_t ng = in / 32, xstride = (ng + 3) / 4 * 256;
   xq.assign(m * xstride, 0);
+  int q[32];
   for (int64_t r = 0; r < m; ++r)
     for (int64_t g = 0; g < ng; ++g) {
       const float* v = x + r * in + g * 32;
-      float amax = 0.f, sum = 0.f;
-      for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(v[k])), sum += v[k];
-      const float scale = amax > 0.f ? amax / 32767.f : 1.f;
+      float sum = 0.f;
+      for (int k = 0; k < 32; ++k) sum += v[k];
+      xsc[r * ng + g] = round_group16(v, q);
       int8_t* dst = xq.data() + r * xstride + g / 4 * 256 + (g % 4) * 16;
       for (int k = 0; k < 32; ++k) {
-        const int q = static_cast<int>(std::nearbyint(v[k] / scale));   // in [-32767, 32767]
         const int at = (k < 16 ? k : 64 + k - 16);
-        dst[at] = static_cast<int8_t>(q >> 8);              // arithmetic shift: floor(q / 256)
-        dst[at + 128] = static_cast<int8_t>(static_cast<uint8_t>(q & 255));
+        dst[at] = static_cast<int8_t>(q[k] >> 8);              // arithmetic shift: floor(q / 256)
+        dst[at + 128] = static_cast<int8_t>(static_cast<uint8_t>(q[k] & 255));
       }
-      xsc[r * ng + g] = scale;
       xs[r * ng + g] = sum;
     }
 }
@@ -304,27 +314,23 @@ static void q8_rows(const int8_t* w, const uint16_t* sc, const int8_t* xh, const
   });
 }
 
-// x (m, in) float32 -> int16 per group of 32, rounded as quantize_x16 rounds it, in natural order
+// x (m, in) float32 -> int16 per group of 32 (round_group16), in natural order
 // for q8_tile: the high bytes (signed), the low bytes (unsigned), per four values 32768 * the sum
 // of their high bytes, and the groups' scales
 static void quantize_x16_split(const float* x, int64_t m, int64_t in, std::vector<int8_t>& xh,
                                std::vector<uint8_t>& xl, std::vector<int32_t>& xb, std::vector<float>& xsc) {
   const int64_t ng = in / 32;
   xh.assign(m * in, 0), xl.assign(m * in, 0), xb.assign(m * in / 4, 0), xsc.assign(m * ng, 0.f);
+  int q[32];
   for (int64_t r = 0; r < m; ++r)
     for (int64_t g = 0; g < ng; ++g) {
       const int64_t at = r * in + g * 32;
-      const float* v = x + at;
-      float amax = 0.f;
-      for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(v[k]));
-      const float scale = amax > 0.f ? amax / 32767.f : 1.f;
+      xsc[r * ng + g] = round_group16(x + at, q);
       for (int k = 0; k < 32; ++k) {
-        const int q = static_cast<int>(std::nearbyint(v[k] / scale));   // in [-32767, 32767]
-        xh[at + k] = static_cast<int8_t>(q >> 8);
-        xl[at + k] = static_cast<uint8_t>(q & 255);
-        xb[(at + k) / 4] += 32768 * (q >> 8);
+        xh[at + k] = static_cast<int8_t>(q[k] >> 8);
+        xl[at + k] = static_cast<uint8_t>(q[k] & 255);
+        xb[(at + k) / 4] += 32768 * (q[k] >> 8);
       }
-      xsc[r * ng + g] = scale;
     }
 }
 
