@@ -38,31 +38,35 @@ SKIP = {"Ops"}   # dataclasses that are values, not configs
 
 
 def _comments(cls) -> dict:
-    """field name -> the comment on its line, plus comment-only lines right above it."""
+    """field name -> the comment on its line, continued by comment-only lines below aligned with
+    it, plus comment-only lines right above the field that do not continue another field's."""
     try:
         src = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):
         return {}
     lines = src.splitlines()
-    inline, own_line = {}, {}
+    inline, own_line = {}, {}      # row -> (text, column)
     for tok in tokenize.generate_tokens(io.StringIO(src).readline):
         if tok.type == tokenize.COMMENT:
             row = tok.start[0]
-            text = tok.string.lstrip("#").strip()
-            if lines[row - 1].strip().startswith("#"):
-                own_line[row] = text
-            else:
-                inline[row] = text
+            entry = (tok.string.lstrip("#").strip(), tok.start[1])
+            (own_line if lines[row - 1].strip().startswith("#") else inline)[row] = entry
+    continued = {}                 # own-line row -> the row of the inline comment it continues
+    for row in sorted(own_line):
+        prev = continued.get(row - 1, row - 1)
+        if prev in inline and own_line[row][1] == inline[prev][1]:
+            continued[row] = prev
     out = {}
     names = {f.name for f in dataclasses.fields(cls)}
     for row, line in enumerate(lines, 1):
         head = line.strip().split(":", 1)[0].strip()
         if head in names and ":" in line and not line.strip().startswith("#"):
             above, r = [], row - 1
-            while r in own_line:
-                above.insert(0, own_line[r])
+            while r in own_line and r not in continued:
+                above.insert(0, own_line[r][0])
                 r -= 1
-            parts = above + ([inline[row]] if row in inline else [])
+            below = [own_line[r][0] for r in sorted(continued) if continued[r] == row]
+            parts = above + ([inline[row][0]] if row in inline else []) + below
             out.setdefault(head, " ".join(parts))
     return out
 

@@ -278,9 +278,13 @@ class TrainConfig:
     max_skips: int = 10              # "skip": this many non-finite updates in a row stop the run anyway
     optimizer: str = "fused"         # fused: marjax.train.optim.fused_adamw; optax: the optax chain it replaces
                                      # (same formulas, other float rounding: the experiment tables pin it)
-    layer_layout: str = "stacked"    # stacked: the student's (and teacher's) layers under lax.scan; unrolled:
+    layer_layout: str = "stacked"    # stacked: the student's layers under lax.scan; unrolled:
                                      # trained as a tuple of layers (marjax.models.lm.unroll_layers), no scan
                                      # in the step (faster on CPU, longer compile; returned stacked)
+    teacher_layout: str = "auto"     # an LMParams teacher in the step: unrolled (forward only, so the compile
+                                     # cost is small; spares XLA:CPU the scan's per-layer weight copies),
+                                     # stacked (under lax.scan) or auto (unrolled on CPU, stacked on TPU and
+                                     # GPU); the same outputs up to float rounding
 
 
 PRESETS: dict[str, ModelConfig] = {

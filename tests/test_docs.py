@@ -37,6 +37,16 @@ def test_config_reference_lists_every_field():
             assert f"| `{f.name}` |" in section, f"{cls.__name__}.{f.name} missing"
 
 
+def test_config_reference_comments_stay_with_their_field():
+    """A comment continued on the lines below a field belongs to that field, not the next."""
+    from marjax.config import TrainConfig
+    got = _generator()._comments(TrainConfig)
+    assert got["nonfinite"].endswith("log it, go on)") and "checkpoint kept" in got["nonfinite"]
+    assert got["max_skips"].startswith('"skip": this many')
+    assert got["optimizer"].endswith("the experiment tables pin it)")
+    assert got["layer_layout"].startswith("stacked:")
+
+
 def _anchor(heading: str) -> str:   # GitHub's heading slugs
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 

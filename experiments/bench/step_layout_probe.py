@@ -12,8 +12,9 @@ SmolLM2 pipeline's shapes, interleaved in one process:
 Prints compile seconds, median (min) seconds and each layout over stacked, and checks that the
 gradients agree (relative L2 distance). The stage's student and batch are `marjax bench step`'s.
 A second table times the whole train step of the stage (its distillation loss against the
-teacher, the fused AdamW, the finite gate; marjax.train.step) with the state in each layout, as
-`marjax.train.loop.train` runs it for TrainConfig.layer_layout.
+teacher, the fused AdamW, the finite gate; marjax.train.step) with the state in each layout and
+the teacher stacked or unrolled, as `marjax.train.loop.train` runs it for
+TrainConfig.layer_layout and teacher_layout.
 """
 from __future__ import annotations
 
@@ -74,17 +75,22 @@ def main(stage: str = "kd", repeats: int = 5) -> None:
               f"{d:.1e} |")
 
     steps = {}
-    for layout in ("stacked", "unrolled"):
+    for layout, teacher in (("stacked", "stacked"), ("stacked", "unrolled"), ("unrolled", "unrolled")):
+        name = f"{layout}, teacher {teacher}"
         run, secs, _, _ = train_step_runner(stage, t_cfg, t_params, s_cfg, s_params, batch,
-                                            dataclasses.replace(pc.train, layer_layout=layout), pc.distill)
-        print(f"# {layout} step: compile {secs:.1f} s", flush=True)
-        steps[layout] = run
+                                            dataclasses.replace(pc.train, layer_layout=layout,
+                                                                teacher_layout=teacher), pc.distill)
+        print(f"# {name} step: compile {secs:.1f} s", flush=True)
+        steps[name] = run
     t = interleaved(steps, repeats)
-    print(f"# the {stage} train step, median (min) of {repeats} interleaved rounds")
-    print("| layout | seconds | over stacked |\n|---|---|---|")
+    base = "stacked, teacher stacked"
+    print(f"# the {stage} train step (TrainConfig.layer_layout, teacher_layout), median (min) of {repeats} "
+          "interleaved rounds; the loss after the same number of steps from the same state")
+    print(f"| layout | seconds | over {base} | loss |\n|---|---|---|---|")
     for name in steps:
         print(f"| {name} | {t[name]['median_s']:.3f} ({t[name]['min_s']:.3f}) | "
-              f"{t[name]['median_s'] / t['stacked']['median_s']:.2f} ({t[name]['min_s'] / t['stacked']['min_s']:.2f}) |")
+              f"{t[name]['median_s'] / t[base]['median_s']:.3f} ({t[name]['min_s'] / t[base]['min_s']:.3f}) | "
+              f"{float(steps[name]()):.6f} |")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ from marjax.errors import ConfigError
 from marjax.models.lm import forward
 from marjax.models.spiking import make_spiking_student
 from marjax.train.mesh import make_mesh, shard_params
-from marjax.train.layout import LAYER_LAYOUTS, check_layout, unroll_inputs
+from marjax.train.layout import LAYER_LAYOUTS, TEACHER_LAYOUTS, RunLayout, teacher_layout_on
 from marjax.train.optim import OPTIMIZER_IMPLS, accum_steps, make_optimizer, param_bound
 from marjax.train.state import init_state
 from marjax.train.step import make_step_shardings, make_train_step
@@ -113,8 +113,8 @@ def train_step_runner(stage: str, t_cfg: ModelConfig, t_params, s_cfg: ModelConf
     the baselines timed beside it)."""
     mesh = make_mesh(train_cfg.mesh)
     mask = trainable_mask(s_params, distill_cfg.trainable)
-    if check_layout(train_cfg.layer_layout) == "unrolled":
-        s_params, mask, t_params = unroll_inputs(s_params, mask, t_params)
+    s_params, mask, t_params = RunLayout(train_cfg.layer_layout, mesh, None, train_cfg.teacher_layout).inputs(
+        s_params, mask, t_params)
     tx = make_optimizer(train_cfg, s_params, mask)
     state = init_state(shard_params(s_params, mesh, copy=True), tx, train_cfg.seed, mesh)
     teacher = shard_params(t_params, mesh)
@@ -159,6 +159,7 @@ def step_bench(stage: str, teacher_cfg: ModelConfig, teacher_params, train_cfg: 
     per_tok = dict(_baseline_flops(terms, t_cfg, s_cfg), step=terms["total"])
     rec = {"stage": stage, "teacher": t_cfg.name, "student": s_cfg.name, "seq_len": train_cfg.seq_len,
            "layer_layout": train_cfg.layer_layout,
+           "teacher_layout": teacher_layout_on(train_cfg.teacher_layout, None),
            "micro_batch": train_cfg.micro_batch, "accum_steps": accum_steps(train_cfg), "tokens": tokens,
            "repeats": repeats, "times": t, "compile_s": {"step": comp_step, "teacher_fwd": comp_teacher,
                                                          "student_fwd_bwd": comp_student},
@@ -210,6 +211,8 @@ def main(argv=None) -> int:
     ap.add_argument("--micro-batch", type=int, default=0, help="override the pipeline's micro_batch")
     ap.add_argument("--layer-layout", default="", choices=("",) + LAYER_LAYOUTS,
                     help="the layout the step trains in (default: the pipeline's TrainConfig.layer_layout)")
+    ap.add_argument("--teacher-layout", default="", choices=("",) + TEACHER_LAYOUTS,
+                    help="the teacher's layout in the step (default: the pipeline's TrainConfig.teacher_layout)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default="")
     a = ap.parse_args(argv)
@@ -227,13 +230,15 @@ def main(argv=None) -> int:
         train_cfg = dataclasses.replace(train_cfg, micro_batch=a.micro_batch)
     if a.layer_layout:
         train_cfg = dataclasses.replace(train_cfg, layer_layout=a.layer_layout)
+    if a.teacher_layout:
+        train_cfg = dataclasses.replace(train_cfg, teacher_layout=a.teacher_layout)
     train_cfg = dataclasses.replace(train_cfg,
                                     batch_tokens=train_cfg.seq_len * train_cfg.micro_batch * accum_steps(pc.train))
     info = machine_info()
     print(header_line(info))
     base = load(pc.teacher)
     print(f"# train step of the {a.model} pipeline: teacher {pc.teacher}, seq_len {train_cfg.seq_len}, micro_batch "
-          f"{train_cfg.micro_batch}, accum {accum_steps(train_cfg)}, layer layout {train_cfg.layer_layout}; median (min) of {a.repeats} interleaved rounds; "
+          f"{train_cfg.micro_batch}, accum {accum_steps(train_cfg)}, layer layout {train_cfg.layer_layout} (teacher {teacher_layout_on(train_cfg.teacher_layout, None)}); median (min) of {a.repeats} interleaved rounds; "
           "GFLOP/s from analytic FLOPs (marjax.app.plan) over the median time")
     print("# peak: each round also times matmul peak products for a second (the best one counts); a round's rates "
           "over its own peak, median of rounds (in brackets: over the highest peak of the whole run, before, after "

@@ -8,6 +8,13 @@ per residual; at the SmolLM2 pipeline's shapes the train step takes 0.78x (kd) a
 the stacked time (the students' forward+backward 0.87x and 0.84x, the same gradients bit for
 bit), for 4-9x the compile time (`python experiments/bench/step_layout_probe.py {kd,sbds}`).
 
+TrainConfig.teacher_layout sets an LMParams teacher's layout in either; its default "auto" is
+"unrolled" on CPU and "stacked" on TPU and GPU (teacher_layout_on). The teacher only runs
+forward, so unrolling it costs little compile time (+2-3 s at the SmolLM2 pipeline's shapes) and
+spares XLA:CPU the scan's per-layer copies of its weights: the stacked kd step takes 0.94x the
+time with a stacked teacher, the same losses bit for bit
+(`python experiments/bench/step_layout_probe.py kd`).
+
 Only the step sees the unrolled layout. Checkpoints hold the stacked one (the same files as a
 stacked run: `load_model_dir`, resume across layouts and older checkpoints keep working), and
 `train` returns stacked params.
@@ -25,7 +32,8 @@ from marjax.models.lm import LMParams, is_unrolled, stack_layers, unroll_layers
 from marjax.train.mesh import ShardingRules
 from marjax.train.state import TrainState, abstract_state, state_shardings
 
-__all__ = ["LAYER_LAYOUTS", "check_layout", "map_lm", "unroll_inputs", "stacked_params", "stacked_state",
+__all__ = ["LAYER_LAYOUTS", "TEACHER_LAYOUTS", "check_layout", "check_teacher_layout", "teacher_layout_on",
+           "layout_teacher", "map_lm", "unroll_inputs", "stacked_params", "stacked_state",
            "unrolled_state", "stacked_target", "RunLayout"]
 
 LAYER_LAYOUTS = ("stacked", "unrolled")
@@ -37,6 +45,34 @@ def check_layout(layout: str) -> str:
     return layout
 
 
+TEACHER_LAYOUTS = ("auto",) + LAYER_LAYOUTS
+
+
+def check_teacher_layout(layout: str) -> str:
+    if layout not in TEACHER_LAYOUTS:
+        raise ConfigError(f"TrainConfig.teacher_layout must be one of {TEACHER_LAYOUTS}, got {layout!r}")
+    return layout
+
+
+def teacher_layout_on(layout: str, mesh) -> str:
+    """TrainConfig.teacher_layout resolved for the mesh's devices: "auto" is "unrolled" on CPU (XLA:CPU
+    copies each layer's weights out of the stacked arrays under a scan) and "stacked" on TPU and GPU
+    (the slice feeds the matmul; unrolling would cost compile time and a second copy of the teacher
+    in device memory)."""
+    if check_teacher_layout(layout) != "auto":
+        return layout
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    return "unrolled" if platform == "cpu" else "stacked"
+
+
+def layout_teacher(teacher_params, layout: str, mesh=None):
+    """The teacher in `layout` (TrainConfig.teacher_layout, on the mesh's devices). A teacher that
+    is not LMParams (None, a cache of teacher outputs) passes as it is."""
+    if not _is_lm(teacher_params):
+        return teacher_params
+    return (unroll_layers if teacher_layout_on(layout, mesh) == "unrolled" else stack_layers)(teacher_params)
+
+
 def _is_lm(x) -> bool:
     return isinstance(x, LMParams)
 
@@ -46,17 +82,16 @@ def map_lm(fn: Callable, tree):
     return jax.tree.map(lambda x: fn(x) if _is_lm(x) else x, tree, is_leaf=_is_lm)
 
 
-def unroll_inputs(student_params, trainable, teacher_params):
-    """(student, trainable mask, teacher) in the unrolled layout. The student must be LMParams;
-    a teacher that is not (None, a cache of teacher outputs) passes as it is."""
+def unroll_inputs(student_params, trainable, teacher_params, teacher_layout: str = "unrolled", mesh=None):
+    """(student, trainable mask) in the unrolled layout, the teacher in `teacher_layout`
+    (layout_teacher). The student must be LMParams."""
     if not _is_lm(student_params):
         raise ConfigError("TrainConfig.layer_layout='unrolled' trains LMParams (marjax.models.lm); got student "
                           f"params of type {type(student_params).__name__}")
     student = unroll_layers(student_params)
     if trainable is not None and not is_unrolled(trainable):   # one bool per stacked leaf: the same for each layer
         trainable = dataclasses.replace(trainable, blocks=(trainable.blocks,) * len(student.blocks))
-    teacher = unroll_layers(teacher_params) if _is_lm(teacher_params) else teacher_params
-    return student, trainable, teacher
+    return student, trainable, layout_teacher(teacher_params, teacher_layout, mesh)
 
 
 def stacked_params(tree):
@@ -89,22 +124,25 @@ def stacked_target(state: TrainState, mesh, rules: Optional[ShardingRules] = Non
 @dataclass(frozen=True)
 class RunLayout:
     """What `marjax.train.loop.train` converts for a run in `layout`: its inputs into the step's
-    layout, the state to and from the stacked one on disk, the params it hands back. Identities
-    for "stacked"."""
+    layout, the state to and from the stacked one on disk, the params it hands back (identities
+    for "stacked"), and the teacher in teacher_layout."""
     layout: str
     mesh: Any
     rules: Optional[ShardingRules] = None
+    teacher_layout: str = "auto"
 
     def __post_init__(self):
         check_layout(self.layout)
+        check_teacher_layout(self.teacher_layout)
 
     @property
     def unrolled(self) -> bool:
         return self.layout == "unrolled"
 
     def inputs(self, student_params, trainable, teacher_params):
-        return unroll_inputs(student_params, trainable, teacher_params) if self.unrolled else \
-            (student_params, trainable, teacher_params)
+        if self.unrolled:
+            return unroll_inputs(student_params, trainable, teacher_params, self.teacher_layout, self.mesh)
+        return student_params, trainable, layout_teacher(teacher_params, self.teacher_layout, self.mesh)
 
     def to_disk(self, state: TrainState) -> TrainState:
         return stacked_state(state, self.mesh, self.rules) if self.unrolled else state

@@ -30,6 +30,7 @@ divergence stop and exact resume.
   "save:N" does the same inside the async save of step N (see marjax.train.checkpoint).
 - TrainConfig.layer_layout "unrolled" trains the layers as a tuple (marjax.train.layout); the
   checkpoints, eval_fn and the returned params see them stacked, as in a "stacked" run.
+  TrainConfig.teacher_layout sets an LMParams teacher's layout in the step ("auto": unrolled on CPU).
 - resume=True restores params, optimizer state, step, rng and the data iterator state from the
   latest checkpoint, so 3 steps + resume 3 steps equals 6 straight steps bit for bit. Without
   resume, checkpoints already in out_dir are deleted (a fresh run owns its directory).
@@ -51,7 +52,7 @@ import numpy as np
 from marjax.config import TrainConfig
 from marjax.errors import CheckpointError, ConfigError, DataError, MarjaxError
 from marjax.train.checkpoint import PAUSE_ENV, PAUSE_MARKER, Checkpointer, check_compatible, pause_target
-from marjax.train.layout import RunLayout, check_layout
+from marjax.train.layout import RunLayout, check_layout, check_teacher_layout
 from marjax.train.mesh import ShardingRules, make_mesh, shard_params
 from marjax.train.optim import accum_steps as _accum_steps, lr_schedule, make_optimizer, param_bound
 from marjax.train.state import init_state
@@ -120,6 +121,7 @@ def _check_tcfg(train_cfg: TrainConfig) -> int:
     if getattr(train_cfg, "nonfinite", "stop") not in ("stop", "skip"):
         raise ConfigError(f"TrainConfig.nonfinite must be 'stop' or 'skip', got {train_cfg.nonfinite!r}")
     check_layout(getattr(train_cfg, "layer_layout", "stacked"))
+    check_teacher_layout(getattr(train_cfg, "teacher_layout", "auto"))
     return _accum_steps(train_cfg)
 
 
@@ -204,7 +206,8 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, train_cf
 
     mesh = mesh if mesh is not None else make_mesh(train_cfg.mesh)
     # marjax.train.layout: in "unrolled" the step trains a tuple of layers; disk and caller see them stacked
-    lay = RunLayout(getattr(train_cfg, "layer_layout", "stacked"), mesh, rules)
+    lay = RunLayout(getattr(train_cfg, "layer_layout", "stacked"), mesh, rules,
+                    getattr(train_cfg, "teacher_layout", "auto"))
     student_params, trainable, teacher_params = lay.inputs(student_params, trainable, teacher_params)
     bad = nonfinite_leaves(student_params)
     if bad:

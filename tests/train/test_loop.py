@@ -296,15 +296,8 @@ def test_unrolled_layout_with_mask_and_teacher(tmp_path):
     mask = dataclasses.replace(mask, blocks=dataclasses.replace(mask.blocks, mlp=jax.tree.map(lambda _: True,
                                                                                              p0.blocks.mlp)))
     seen = []
-
-    def loss_fn(student, teacher, batch, rng):
-        seen.append((type(student.blocks), type(teacher.blocks)))
-        t = jax.nn.softmax(forward(teacher, batch["inputs"], CFG)[0], -1)
-        logp = jax.nn.log_softmax(forward(student, batch["inputs"], CFG)[0], -1)
-        s = -jnp.sum(t * logp, -1)
-        return jnp.sum(s * batch["mask"]), jnp.sum(batch["mask"]), {}
     teacher = init_params(jax.random.PRNGKey(1), CFG)
-    p, _ = train(loss_fn, p0, teacher, grain_iter(4), tcfg(steps=2, save_every=2, layer_layout="unrolled"),
+    p, _ = train(_kd_loss(seen), p0, teacher, grain_iter(4), tcfg(steps=2, save_every=2, layer_layout="unrolled"),
                  tmp_path, trainable=mask, model_meta=META, progress=False)
     assert seen and all(s is tuple and t is tuple for s, t in seen)
     np.testing.assert_array_equal(np.asarray(p.embed), np.asarray(p0.embed))
@@ -312,9 +305,59 @@ def test_unrolled_layout_with_mask_and_teacher(tmp_path):
     assert not np.allclose(np.asarray(p.blocks.mlp.up), np.asarray(p0.blocks.mlp.up))
 
 
+def _kd_loss(seen):
+    def loss_fn(student, teacher, batch, rng):
+        seen.append((type(student.blocks), type(teacher.blocks)))
+        t = jax.nn.softmax(forward(teacher, batch["inputs"], CFG)[0], -1)
+        logp = jax.nn.log_softmax(forward(student, batch["inputs"], CFG)[0], -1)
+        s = -jnp.sum(t * logp, -1)
+        return jnp.sum(s * batch["mask"]), jnp.sum(batch["mask"]), {}
+    return loss_fn
+
+
+@pytest.mark.parametrize("layer_layout", ["stacked", "unrolled"])
+def test_teacher_layout(tmp_path, layer_layout):
+    """TrainConfig.teacher_layout sets the teacher's layout in the step, whatever the student's;
+    the run is the same up to float rounding."""
+    teacher = init_params(jax.random.PRNGKey(1), CFG)
+    student_type = tuple if layer_layout == "unrolled" else type(teacher.blocks)
+    runs = {}
+    for t_layout, t_type in (("auto", tuple), ("stacked", type(teacher.blocks))):   # auto: unrolled on CPU
+        seen = []
+        runs[t_layout] = train(_kd_loss(seen), _params(), teacher, grain_iter(4),
+                               tcfg(steps=2, save_every=2, layer_layout=layer_layout, teacher_layout=t_layout),
+                               tmp_path / t_layout, model_meta=META, progress=False)
+        assert seen and all(s is student_type and t is t_type for s, t in seen), (t_layout, seen)
+    _assert_trees_close(runs["auto"][0], runs["stacked"][0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose([h["loss"] for h in runs["auto"][1]], [h["loss"] for h in runs["stacked"][1]],
+                               rtol=1e-5)
+
+
+def test_teacher_layout_auto_by_platform():
+    """"auto" unrolls the teacher on CPU only; on TPU/GPU the scan's slice feeds the matmul and
+    unrolling would cost compile time and a second teacher in device memory."""
+    from types import SimpleNamespace
+    from marjax.train.layout import layout_teacher, teacher_layout_on
+    def mesh_on(platform):
+        return SimpleNamespace(devices=np.array([SimpleNamespace(platform=platform)], dtype=object))
+    assert TrainConfig().teacher_layout == "auto"
+    assert teacher_layout_on("auto", mesh_on("cpu")) == "unrolled"
+    assert teacher_layout_on("auto", mesh_on("tpu")) == "stacked"
+    assert teacher_layout_on("auto", mesh_on("gpu")) == "stacked"
+    assert teacher_layout_on("unrolled", mesh_on("tpu")) == "unrolled"
+    teacher = init_params(jax.random.PRNGKey(1), CFG)
+    assert layout_teacher(teacher, "auto", mesh_on("tpu")) is teacher
+    back = layout_teacher(layout_teacher(teacher, "auto", mesh_on("cpu")), "stacked")
+    _assert_trees_close(back, teacher, rtol=0, atol=0)
+    assert layout_teacher(None, "unrolled") is None
+
+
 def test_unrolled_layout_refusals(tmp_path):
     with pytest.raises(ConfigError, match="layer_layout"):
         train(ce_loss(CFG), _params(), None, grain_iter(4), tcfg(layer_layout="columns"), tmp_path,
+              model_meta=META, progress=False)
+    with pytest.raises(ConfigError, match="teacher_layout"):
+        train(ce_loss(CFG), _params(), None, grain_iter(4), tcfg(teacher_layout="columns"), tmp_path,
               model_meta=META, progress=False)
     with pytest.raises(ConfigError, match="trains LMParams"):
         train(lambda s, t, b, r: (jnp.sum(s["w"]), 1.0, {}), {"w": jnp.ones(3)}, None, grain_iter(4),
