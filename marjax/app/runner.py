@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from marjax.api import Model, load
+from marjax.app.hostmem import heap_kept
 from marjax.config import ATMNConfig, DistillConfig, ModelConfig, TrainConfig
 from marjax.distill.stages import make_loss, trainable_mask
 from marjax.distill.teacher_cache import TeacherCache, is_teacher_cache
@@ -182,7 +183,8 @@ def run_stage(stage: str, teacher_model, student_cfg: ModelConfig, student_param
         raise ConfigError(f"teacher/student vocab mismatch: {teacher_cfg.vocab_size} vs {student_cfg.vocab_size}")
     return train(loss_fn, student_params, teacher_params, data_iter, rc.train, out_dir,
                  trainable=trainable_mask(student_params, trainable), model_meta=meta,
-                 resume=rc.run.resume, progress=progress)
+                 resume=rc.run.resume, progress=progress,
+                 async_save=not heap_kept())   # under the heap tunables an async save's copy fragments the heap
 
 
 def make_data(rc: RunConfig, tokenizer, model_cfg: ModelConfig, *, seed_offset: int = 0,

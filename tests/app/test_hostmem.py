@@ -99,3 +99,28 @@ def test_reexecuted_process_keeps_its_heap_mapped():
     assert again < 100, again
     if THP_TUNABLE in tunables:   # and in 2 MiB pages: 32 of them, plus the unaligned ends
         assert first < 2000, first
+
+
+def test_heap_kept_only_under_all_heap_tunables():
+    assert hostmem.heap_kept({"GLIBC_TUNABLES": hugepage_env({}, **LINUX_GLIBC)["GLIBC_TUNABLES"]})
+    assert hostmem.heap_kept({"GLIBC_TUNABLES": ":".join(HEAP_TUNABLES)})
+    assert not hostmem.heap_kept({})
+    assert not hostmem.heap_kept({"GLIBC_TUNABLES": ":".join(HEAP_TUNABLES[:-1] + (THP_TUNABLE,))})
+    assert not hostmem.heap_kept({"GLIBC_TUNABLES": "glibc.malloc.arena_max=1"})
+
+
+@pytest.mark.parametrize("tunables, async_save", [(None, True), (":".join(HEAP_TUNABLES), False)])
+def test_stages_save_synchronously_under_the_heap_tunables(monkeypatch, tmp_path, tunables, async_save):
+    """An asynchronous save's host copy of the state outlives the next steps and, in a heap that
+    never shrinks, makes their temporaries extend it (hostmem's doc): the stages save in line."""
+    import marjax
+    from marjax.app import runner
+    seen = []
+    monkeypatch.setattr(runner, "train", lambda *a, **k: seen.append(k["async_save"]) or (None, []))
+    if tunables is None:
+        monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    else:
+        monkeypatch.setenv("GLIBC_TUNABLES", tunables)
+    m = marjax.load("tiny")
+    runner.run_stage("pretrain", None, m.config, m.params, runner.RunConfig(), str(tmp_path), tokenizer=m.tokenizer)
+    assert seen == [async_save]
