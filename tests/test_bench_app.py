@@ -55,7 +55,7 @@ def test_bench_step_tiny_kd(tmp_path):
     (r,) = res["records"]
     assert r["stage"] == "kd" and r["tokens"] == 32 and np.isfinite(r["last_loss"]) and r["last_loss"] > 0
     assert r["step_over_parts_median"] > 0 and all(v > 0 for v in r["compile_s"].values())
-    assert r["layer_layout"] == "stacked"
+    assert r["layer_layout"] == "stacked" and r["teacher_layout"] == "unrolled"   # "auto" on CPU
     assert len(r["round_peaks_gflops"]) == 1 and r["round_peaks_gflops"][0] > 0   # one round, its own peak
     assert set(r["peak_fraction_by_round"]) == {"teacher_fwd", "student_fwd_bwd", "step"}
     assert all(v > 0 for v in r["peak_fraction_by_round"].values())

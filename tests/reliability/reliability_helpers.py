@@ -21,9 +21,13 @@ CURVE_KEYS = ("step", "loss", "kl", "lr", "grad_norm", "tokens")
 
 
 def distill_env(xla_cache: str, **extra) -> dict:
+    """The job's environment. MARJAX_HUGEPAGES=0: no malloc tunables, so the job saves its
+    checkpoints asynchronously, the mode most of these tests kill it in (under the tunables the
+    stages save synchronously: marjax.app.hostmem.heap_kept); pass MARJAX_HUGEPAGES="1" for those."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=xla_cache,
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), MARJAX_HUGEPAGES="0")
+    env.pop("GLIBC_TUNABLES", None)
     env.pop("MARJAX_TEST_PAUSE", None)
     env.update(extra)
     return env

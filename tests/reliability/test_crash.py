@@ -67,6 +67,25 @@ def test_kill_during_async_save_resumes_exactly(tmp_path, xla_cache):
     assert _tmp_dirs(out) == [] and _steps_on_disk(out) == [4, 6] and run_meta(out)["latest_step"] == 6
 
 
+def test_kill_during_sync_save_resumes_exactly(tmp_path, xla_cache):
+    """Under the malloc tunables (`marjax distill` from the command line re-executes with them) the
+    stages save in line: killed inside step 4's save, the job has logged steps 1-4 and trained no
+    further; resumed from step 2, it logs those numbers again and ends at step 6."""
+    from marjax.app import hostmem
+    if hostmem.hugepage_env({}, hostmem.thp_mode(), hostmem.glibc_version()) is None:
+        pytest.skip("no glibc malloc tunables on this system: the job saves asynchronously")
+    out = tmp_path / "run"
+    env = distill_env(xla_cache, MARJAX_HUGEPAGES="1")
+    start_and_kill_at(out, env, "save:4")     # paused inside the save: the loop waits on it
+    killed = curve(out)
+    assert [r["step"] for r in killed] == [1, 2, 3, 4]             # nothing trained past the save in flight
+    assert _tmp_dirs(out) and _tmp_dirs(out)[0].startswith("4.") and _steps_on_disk(out) == [2]
+    run_distill(out, env, "--resume")
+    resumed = curve(out)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6] and resumed[:4] == killed
+    assert _tmp_dirs(out) == [] and _steps_on_disk(out) == [4, 6] and run_meta(out)["latest_step"] == 6
+
+
 @pytest.mark.slow
 def test_kill_during_async_save_matches_a_separate_run(tmp_path, xla_cache, reference):
     out = tmp_path / "run"
