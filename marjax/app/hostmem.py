@@ -30,7 +30,8 @@ host copy of the state (1.9 GB for the SmolLM2 kd student and its Adam moments) 
 the next steps, so each step's temporaries find the freed block taken and extend the heap. Under
 the tunables the training commands therefore save synchronously (`heap_kept`; marjax.app.runner):
 a one-off probe of 8 kd steps with a save every 2 peaked at 6.3 GB RSS against 10.1 GB with
-asynchronous saves, the same losses bit for bit, a few seconds more a save. Library users (a notebook, their own script) can
+asynchronous saves, the same losses bit for bit, a few seconds more a save; the default pipeline
+then peaked at 9.6 GB (a fresh clone at fdd5efd, on the Intel VM). Library users (a notebook, their own script) can
 start Python with the same variable:
 
     GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776:glibc.malloc.hugetlb=1 python train.py
