@@ -10,10 +10,10 @@ bit), for 4-9x the compile time (`python experiments/bench/step_layout_probe.py 
 
 TrainConfig.teacher_layout sets an LMParams teacher's layout in either; its default "auto" is
 "unrolled" on CPU and "stacked" on TPU and GPU (teacher_layout_on). The teacher only runs
-forward, so unrolling it costs little compile time (+2-3 s at the SmolLM2 pipeline's shapes) and
-spares XLA:CPU the scan's per-layer copies of its weights: the stacked kd step takes 0.94x the
-time with a stacked teacher, the same losses bit for bit
-(`python experiments/bench/step_layout_probe.py kd`).
+forward, so unrolling it costs little compile time (+2-7 s at the SmolLM2 pipeline's shapes on
+a slow 2-core CPU) and spares XLA:CPU the scan's per-layer copies of its weights: the stacked kd
+step takes 0.89-0.94x the time it takes with a stacked teacher, the same losses bit for bit
+(`python experiments/bench/step_layout_probe.py kd`); sbds (an SSM teacher) does not move.
 
 Only the step sees the unrolled layout. Checkpoints hold the stacked one (the same files as a
 stacked run: `load_model_dir`, resume across layouts and older checkpoints keep working), and
