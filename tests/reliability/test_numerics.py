@@ -170,20 +170,27 @@ def _masked_ce():
     return lambda p, t, b, r: base(_set_first(p, "wq", 0.0), t, b, r)
 
 
+_COMPILED_STEPS = {}   # (bound, config) -> (tx, compiled step): the cases differ in param values only
+
+
 def _one_step(params, tc, bound):
     """One real train step (make_optimizer's AdamW, the trainer's gate) with or without the
     param bound: (finite, params after)."""
     mesh = make_mesh(MeshConfig())
-    tx = make_optimizer(tc, params)
-    state = init_state(shard_params(params, mesh, copy=True), tx, 0, mesh)
     batch = stack_micro_batches([next(grain_iter(4))])
-    step = make_train_step(_masked_ce(), tx, mesh, make_step_shardings(state, None, batch, mesh),
-                           param_bound=param_bound(tc) if bound else None)
-    # compiled as the product compiles it: the suite's XLA_FLAGS (tests/conftest.py) switch the
-    # CPU fusion emitters off, and under that emitter the gated and the recomputing programs
-    # round an update differently (measured: a last-bit difference); bit equality is a claim
-    # about the emitter users run
-    step = step.lower(state, None, batch).compile(compiler_options=PRODUCT_CODEGEN)
+    key = (bound, repr(tc))
+    if key not in _COMPILED_STEPS:
+        tx = make_optimizer(tc, params)
+        state = init_state(shard_params(params, mesh, copy=True), tx, 0, mesh)
+        step = make_train_step(_masked_ce(), tx, mesh, make_step_shardings(state, None, batch, mesh),
+                               param_bound=param_bound(tc) if bound else None)
+        # compiled as the product compiles it: the suite's XLA_FLAGS (tests/conftest.py) switch the
+        # CPU fusion emitters off, and under that emitter the gated and the recomputing programs
+        # round an update differently (measured: a last-bit difference); bit equality is a claim
+        # about the emitter users run
+        _COMPILED_STEPS[key] = tx, step.lower(state, None, batch).compile(compiler_options=PRODUCT_CODEGEN)
+    tx, step = _COMPILED_STEPS[key]
+    state = init_state(shard_params(params, mesh, copy=True), tx, 0, mesh)
     state, out = step(state, None, batch)
     assert np.isfinite(out["loss"]) and np.isfinite(out["grad_norm"])   # only the params decide
     return bool(out["finite"]), jax.device_get(state.params)
