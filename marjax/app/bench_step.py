@@ -159,7 +159,7 @@ def step_bench(stage: str, teacher_cfg: ModelConfig, teacher_params, train_cfg: 
     per_tok = dict(_baseline_flops(terms, t_cfg, s_cfg), step=terms["total"])
     rec = {"stage": stage, "teacher": t_cfg.name, "student": s_cfg.name, "seq_len": train_cfg.seq_len,
            "layer_layout": train_cfg.layer_layout,
-           "teacher_layout": teacher_layout_on(train_cfg.teacher_layout, None),
+           "teacher_layout": train_cfg.teacher_layout,
            "micro_batch": train_cfg.micro_batch, "accum_steps": accum_steps(train_cfg), "tokens": tokens,
            "repeats": repeats, "times": t, "compile_s": {"step": comp_step, "teacher_fwd": comp_teacher,
                                                          "student_fwd_bwd": comp_student},
@@ -230,15 +230,16 @@ def main(argv=None) -> int:
         train_cfg = dataclasses.replace(train_cfg, micro_batch=a.micro_batch)
     if a.layer_layout:
         train_cfg = dataclasses.replace(train_cfg, layer_layout=a.layer_layout)
-    if a.teacher_layout:
-        train_cfg = dataclasses.replace(train_cfg, teacher_layout=a.teacher_layout)
+    # resolved here ("auto" by this backend), so the header and the JSON name the layout that ran
+    train_cfg = dataclasses.replace(train_cfg, teacher_layout=teacher_layout_on(a.teacher_layout or
+                                                                                train_cfg.teacher_layout, None))
     train_cfg = dataclasses.replace(train_cfg,
                                     batch_tokens=train_cfg.seq_len * train_cfg.micro_batch * accum_steps(pc.train))
     info = machine_info()
     print(header_line(info))
     base = load(pc.teacher)
     print(f"# train step of the {a.model} pipeline: teacher {pc.teacher}, seq_len {train_cfg.seq_len}, micro_batch "
-          f"{train_cfg.micro_batch}, accum {accum_steps(train_cfg)}, layer layout {train_cfg.layer_layout} (teacher {teacher_layout_on(train_cfg.teacher_layout, None)}); median (min) of {a.repeats} interleaved rounds; "
+          f"{train_cfg.micro_batch}, accum {accum_steps(train_cfg)}, layer layout {train_cfg.layer_layout} (teacher {train_cfg.teacher_layout}); median (min) of {a.repeats} interleaved rounds; "
           "GFLOP/s from analytic FLOPs (marjax.app.plan) over the median time")
     print("# peak: each round also times matmul peak products for a second (the best one counts); a round's rates "
           "over its own peak, median of rounds (in brackets: over the highest peak of the whole run, before, after "

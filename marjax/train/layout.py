@@ -39,19 +39,21 @@ __all__ = ["LAYER_LAYOUTS", "TEACHER_LAYOUTS", "check_layout", "check_teacher_la
 LAYER_LAYOUTS = ("stacked", "unrolled")
 
 
+def _one_of(field: str, value: str, allowed: tuple) -> str:
+    if value not in allowed:
+        raise ConfigError(f"TrainConfig.{field} must be one of {allowed}, got {value!r}")
+    return value
+
+
 def check_layout(layout: str) -> str:
-    if layout not in LAYER_LAYOUTS:
-        raise ConfigError(f"TrainConfig.layer_layout must be one of {LAYER_LAYOUTS}, got {layout!r}")
-    return layout
+    return _one_of("layer_layout", layout, LAYER_LAYOUTS)
 
 
 TEACHER_LAYOUTS = ("auto",) + LAYER_LAYOUTS
 
 
 def check_teacher_layout(layout: str) -> str:
-    if layout not in TEACHER_LAYOUTS:
-        raise ConfigError(f"TrainConfig.teacher_layout must be one of {TEACHER_LAYOUTS}, got {layout!r}")
-    return layout
+    return _one_of("teacher_layout", layout, TEACHER_LAYOUTS)
 
 
 def teacher_layout_on(layout: str, mesh) -> str:
