@@ -379,8 +379,9 @@ ALL_DEFAULTS = {
 }
 SUBS = {"ssd": ("marjax.ssm.bench", "main"), "atmn": ("marjax.spiking.bench", "main"),
         "spiking": ("marjax.spiking.bench", "main"), "step": ("marjax.app.bench_step", "main"),
-        "decode": ("marjax.bench", "decode_main"), "eval": ("marjax.app.bench_eval", "main")}
-OWN_HEADER = ("step", "decode", "eval")   # these print and record the machine header themselves
+        "decode": ("marjax.bench", "decode_main"), "eval": ("marjax.app.bench_eval", "main"),
+        "plot": ("marjax.app.bench_plot", "main")}
+OWN_HEADER = ("step", "decode", "eval", "plot")   # these print and record the machine header themselves (plot: none)
 
 
 def _json_arg(argv) -> str:
@@ -435,7 +436,7 @@ def main(argv=None) -> int:
     argv = list(argv or [])
     names = sorted(set(SUBS) | {"all"})
     if not argv or argv[0] not in names:
-        print("usage: marjax bench {ssd|atmn|step|decode|eval|all} [--help]   (spiking = atmn)")
+        print("usage: marjax bench {ssd|atmn|step|decode|eval|all|plot} [--help]   (spiking = atmn; plot: PNGs from the JSONs)")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     if argv[0] == "all":
         return all_main(argv[1:])
