@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from marjax.api import Model, load
+from marjax.app.bench_plot import plot_file
 from marjax.app.benchkit import device_name, header_line, interleaved, machine_info, write_json
 from marjax.distill.init import init_from_attention
 from marjax.errors import ConfigError
@@ -417,7 +418,10 @@ def all_main(argv=None) -> int:
                                      f"{k} {' '.join(v)}" for k, v in ALL_DEFAULTS.items()))
     ap.add_argument("--json-dir", default="", help="write <bench>.json for each bench into this folder")
     ap.add_argument("--only", default=",".join(ALL_DEFAULTS), help="comma-separated subset")
+    ap.add_argument("--plot", action="store_true", help="also draw <bench>.png beside each JSON (marjax bench plot)")
     a = ap.parse_args(argv)
+    if a.plot and not a.json_dir:
+        raise ConfigError("bench all --plot draws the JSONs: give --json-dir too")
     rc = 0
     for name in [x for x in a.only.split(",") if x]:
         if name not in ALL_DEFAULTS:
@@ -428,7 +432,10 @@ def all_main(argv=None) -> int:
             args += ["--json", os.path.join(a.json_dir, f"{name}.json")]
         print(f"\n## marjax bench {name} {' '.join(args)}")
         sys.stdout.flush()
-        rc = rc or _run_sub(name, args)
+        sub_rc = _run_sub(name, args)
+        if a.plot and sub_rc == 0:
+            print(f"plot: {plot_file(os.path.join(a.json_dir, f'{name}.json'))}")
+        rc = rc or sub_rc
     return rc
 
 

@@ -96,3 +96,15 @@ def test_bad_input_is_refused_by_name(tmp_path, content, match):
         plot_file(path)
     assert str(path) in str(e.value)
     assert not (tmp_path / "r.png").exists()
+
+
+def test_bench_all_plots_each_json(tmp_path):
+    """`bench all --plot` runs the bench, then draws its JSON beside it (atmn: the fastest)."""
+    assert main(["bench", "all", "--only", "atmn", "--json-dir", str(tmp_path), "--plot"]) == 0
+    rec = json.loads((tmp_path / "atmn.json").read_text())
+    assert rec["bench"] == "atmn" and rec["matmul_peak_gflops"] > 0
+    assert (tmp_path / "atmn.png").read_bytes()[:8] == PNG_MAGIC
+
+def test_bench_all_plot_needs_json_dir(capsys):
+    assert main(["bench", "all", "--plot"]) == 1          # refused before any bench runs
+    assert "give --json-dir" in capsys.readouterr().err
