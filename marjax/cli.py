@@ -35,6 +35,11 @@ def _usage() -> str:
 TRAINING_COMMANDS = ("pipeline", "distill")
 
 
+# commands that compile big programs and do not measure compile time: they use JAX's persistent
+# compilation cache (marjax.app.compile_cache; MARJAX_COMPILE_CACHE=0 turns it off)
+CACHED_COMMANDS = ("generate", "convert", "distill", "pipeline", "eval")
+
+
 def _trains(cmd: str, rest: list) -> bool:
     return cmd in TRAINING_COMMANDS or (cmd == "bench" and rest[:1] == ["step"])
 
@@ -56,6 +61,9 @@ def main(argv=None) -> int:
         hostmem.reexec_for_hugepages()
     module, func, _ = COMMANDS[cmd]
     try:
+        if cmd in CACHED_COMMANDS:
+            from marjax.app import compile_cache  # late import: `--help` stays instant
+            compile_cache.enable()
         return int(getattr(importlib.import_module(module), func)(rest) or 0)
     except MarjaxError as e:  # user-facing errors: one clear line, no JAX traceback
         print(f"marjax {cmd}: error: {e}", file=sys.stderr)

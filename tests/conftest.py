@@ -1,6 +1,10 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# no persistent compilation cache for the CLI commands the tests run (in process and in children):
+# every run compiles, nothing is written under the home folder (tests/app/test_compile_cache.py
+# turns it on where it tests it)
+os.environ["MARJAX_COMPILE_CACHE"] = "0"
 # The suite's codegen switches (LLVM -O0, the classic fusion emitter): compile time only, see
 # tests/xla_test_flags.py. Set before jax is imported; child processes inherit them.
 import xla_test_flags  # noqa: E402  (tests/ is on sys.path: rootdir conftest)

@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-__all__ = ["MAX_ROWS", "KernelStatus", "status", "available", "matmuls", "q8_matmul", "q4_matmul", "bf16_matmul",
+__all__ = ["MAX_ROWS", "KernelStatus", "status", "available", "cpu_flags", "cache_root", "matmuls", "q8_matmul", "q4_matmul", "bf16_matmul",
            "attn_decode"]
 
 CSRC = Path(__file__).resolve().parent / "csrc"
@@ -73,7 +73,8 @@ class KernelStatus:
     library: Optional[str] = None
 
 
-def _cpu_flags() -> Optional[set]:
+def cpu_flags() -> Optional[set]:
+    """This CPU's feature flags (/proc/cpuinfo), None where unreadable."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -91,9 +92,13 @@ def _compiler() -> Optional[str]:
     return next((p for p in map(shutil.which, ("g++", "c++", "clang++")) if p), None)
 
 
+def cache_root(environ=os.environ) -> Path:
+    """marjax's cache folder: $MARJAX_CACHE_DIR, default ~/.cache/marjax."""
+    return Path(environ.get(ENV_CACHE) or os.path.join(os.path.expanduser("~"), ".cache", "marjax"))
+
+
 def _cache_dir() -> Path:
-    root = os.environ.get(ENV_CACHE) or os.path.join(os.path.expanduser("~"), ".cache", "marjax")
-    return Path(root) / "kernels"
+    return cache_root() / "kernels"
 
 
 def _build(cxx: str, flags: set) -> Path:
@@ -128,7 +133,7 @@ def status() -> KernelStatus:
         return KernelStatus(False, f"turned off by {ENV_SWITCH}={os.environ[ENV_SWITCH]}")
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return KernelStatus(False, f"the kernels are x86-64 (AVX-512); this CPU is {platform.machine()}")
-    flags = _cpu_flags()
+    flags = cpu_flags()
     missing = [f for f in CPU_FLAGS if flags is None or f not in flags]
     if missing:
         return KernelStatus(False, f"this CPU lacks {', '.join(missing)} (or /proc/cpuinfo is unreadable)")
