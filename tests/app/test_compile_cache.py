@@ -45,9 +45,10 @@ def test_second_run_loads_compiled_programs(tmp_path):
     assert text2 == text1 and "Once upon a time" in text1
 
 
-def test_switched_off_writes_nothing(tmp_path):
-    _, hits = _generate(tmp_path, "0")
-    assert hits == 0 and not (tmp_path / "home-cache" / "xla").exists()
+def test_switched_off_enables_nothing(tmp_path):
+    import jax
+    assert compile_cache.enable(environ={"MARJAX_COMPILE_CACHE": "off", "MARJAX_CACHE_DIR": str(tmp_path)}) is None
+    assert jax.config.jax_compilation_cache_dir is None and not (tmp_path / "xla").exists()
 
 
 def test_default_folder_is_keyed_by_machine(tmp_path):
