@@ -270,6 +270,7 @@ def test_unrolled_layout_trains_like_stacked(tmp_path):
     _assert_trees_close(params, p_un, rtol=0, atol=0)
 
 
+@pytest.mark.slow   # fast siblings: test_unrolled_layout_trains_like_stacked, test_resume_equals_uninterrupted
 def test_unrolled_layout_resume_and_switch(tmp_path):
     """Resume is exact in the unrolled layout, and a stacked run resumes from its checkpoints."""
     loss, tc = ce_loss(CFG), tcfg(layer_layout="unrolled")

@@ -226,6 +226,7 @@ _UNROLLED_LOOP = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow   # fast siblings: the unrolled layers' axes (above), the stacked sharded step, the unrolled loop
 def test_unrolled_layout_trains_sharded(tmp_path):
     """The trainer in the unrolled layout on a 2x2x2 mesh of 8 CPU devices: each layer sharded as
     its stacked slice would be, the same losses and params as the stacked run up to rounding, and
