@@ -36,17 +36,14 @@ def _machine(rec: dict) -> str:
     return f"{rec.get('device', '?')}" + (f", peak {peak:.0f} GFLOP/s" if peak else "")
 
 
-def _bars(ax, labels, series: dict, ylabel: str):
-    """Grouped bars: series name -> values, one group per label; returns the bar containers."""
+def _bars(ax, labels, series: dict, ylabel: str) -> None:
+    """Grouped bars: series name -> values, one group per label."""
     n = len(series)
     width = 0.8 / max(n, 1)
-    out = {}
     for i, (name, vals) in enumerate(series.items()):
-        xs = [j + (i - (n - 1) / 2) * width for j in range(len(labels))]
-        out[name] = ax.bar(xs, vals, width, label=name)
+        ax.bar([j + (i - (n - 1) / 2) * width for j in range(len(labels))], vals, width, label=name)
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
-    return out
 
 
 def _ssd(rec: dict, fig) -> None:
@@ -90,8 +87,13 @@ def _step(rec: dict, fig) -> None:
     ax_p.set_title("analytic FLOP/s over the measured peak", fontsize=9)
 
 
+def _decode_panels(rec: dict) -> list:
+    """The parts a decode run measured, one panel each."""
+    return [k for k in ("curve", "weights", "llama_cpp") if rec.get(k)]
+
+
 def _decode(rec: dict, fig) -> None:
-    panels = [k for k in ("curve", "weights", "llama_cpp") if rec.get(k)]
+    panels = _decode_panels(rec)
     if not panels:
         raise ConfigError("decode JSON has none of 'curve', 'weights', 'llama_cpp' to plot")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
@@ -175,15 +177,14 @@ def figure(rec: dict):
     kind = bench_kind(rec)
     draw, size = PANELS[kind]
     if size is None:   # decode: one panel per measured part
-        size = (5.2 * max(1, sum(1 for k in ("curve", "weights", "llama_cpp") if rec.get(k))), 3.8)
+        size = (5.2 * max(1, len(_decode_panels(rec))), 3.8)
     fig = plt.figure(figsize=size)
     try:
         draw(rec, fig)
-    except KeyError as e:
+    except BaseException as e:
         plt.close(fig)
-        raise ConfigError(f"a {kind} record without the field {e}") from None
-    except BaseException:
-        plt.close(fig)
+        if isinstance(e, KeyError):
+            raise ConfigError(f"a {kind} record without the field {e}") from None
         raise
     fig.tight_layout()
     return fig

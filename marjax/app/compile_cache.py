@@ -37,25 +37,15 @@ def machine_key(cpu_model: str, cpu_flags, jaxlib_version: str, arch: str) -> st
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def cache_dir(environ: Mapping[str, str] = os.environ) -> Optional[Path]:
     """The folder `enable` uses (module doc), or None when MARJAX_COMPILE_CACHE turns it off."""
-    from marjax.kernels.cpu_kernels import cache_root, cpu_flags  # late import: keeps `marjax --help` free of jax
+    from marjax.kernels.cpu_kernels import cache_root, cpu_flags, cpu_model  # late import: keeps `marjax --help` free of jax
     value = environ.get(ENV_SWITCH, "").strip()
     if value.lower() in OFF:
         return None
     if value and value.lower() not in ("1", "true", "yes", "on"):
         return Path(value).expanduser()
-    key = machine_key(_cpu_model(), cpu_flags(), importlib.metadata.version("jaxlib"), platform.machine())
+    key = machine_key(cpu_model(), cpu_flags(), importlib.metadata.version("jaxlib"), platform.machine())
     return cache_root(environ) / "xla" / key
 
 

@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-__all__ = ["MAX_ROWS", "KernelStatus", "status", "available", "cpu_flags", "cache_root", "matmuls", "q8_matmul", "q4_matmul", "bf16_matmul",
+__all__ = ["MAX_ROWS", "KernelStatus", "status", "available", "cpu_flags", "cpu_model", "cache_root", "matmuls", "q8_matmul", "q4_matmul", "bf16_matmul",
            "attn_decode"]
 
 CSRC = Path(__file__).resolve().parent / "csrc"
@@ -73,16 +73,27 @@ class KernelStatus:
     library: Optional[str] = None
 
 
-def cpu_flags() -> Optional[set]:
-    """This CPU's feature flags (/proc/cpuinfo), None where unreadable."""
+def _cpuinfo(field: str) -> Optional[str]:
+    """The value of the first `field` line of /proc/cpuinfo, None where absent or unreadable."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return None
     for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
+        if line.startswith(field):
+            return line.split(":", 1)[1].strip()
     return None
+
+
+def cpu_flags() -> Optional[set]:
+    """This CPU's feature flags (/proc/cpuinfo), None where unreadable."""
+    flags = _cpuinfo("flags")
+    return None if flags is None else set(flags.split())
+
+
+def cpu_model() -> str:
+    """This CPU's model name (/proc/cpuinfo; else platform.processor())."""
+    return _cpuinfo("model name") or platform.processor()
 
 
 def _compiler() -> Optional[str]:
