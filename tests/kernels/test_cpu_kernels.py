@@ -314,3 +314,26 @@ def test_status_off_switch_and_failed_build(monkeypatch, tmp_path):
         st = cpu_kernels.status.__wrapped__()
     assert not st.available and "failed" in st.reason
     assert not list((tmp_path / "kernels").glob("*.so"))          # no half-written library left
+
+
+def test_cpu_model_and_flags_read_proc_cpuinfo(monkeypatch, tmp_path):
+    """cpu_flags / cpu_model against an independent regex read of /proc/cpuinfo, and their
+    fallbacks where the file is unreadable."""
+    import platform
+    import re
+    from pathlib import Path
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = re.search(r"^model name\s*:\s*(.*)$", text, re.M)
+    flags = re.search(r"^flags\s*:\s*(.*)$", text, re.M)
+    if model:
+        assert cpu_kernels.cpu_model() == model.group(1).strip()
+    if flags:
+        assert cpu_kernels.cpu_flags() == set(flags.group(1).split())
+    real_read = Path.read_text
+
+    def unreadable(self, *a, **k):
+        if str(self) == "/proc/cpuinfo":
+            raise OSError("no /proc here")
+        return real_read(self, *a, **k)
+    monkeypatch.setattr(Path, "read_text", unreadable)
+    assert cpu_kernels.cpu_flags() is None and cpu_kernels.cpu_model() == platform.processor()
