@@ -51,14 +51,15 @@ def cache_dir(environ: Mapping[str, str] = os.environ) -> Optional[Path]:
 
 def enable(path=None, environ: Mapping[str, str] = os.environ) -> Optional[Path]:
     """Turn on JAX's persistent compilation cache in `path` (default: `cache_dir()`); returns the
-    folder in use, or None when it is turned off. A folder already set in JAX's config wins."""
+    folder in use, or None when MARJAX_COMPILE_CACHE turns it off (JAX's own config is then left
+    as it is). A folder already set in JAX's config wins over marjax's."""
+    if path is None and environ.get(ENV_SWITCH, "").strip().lower() in OFF:
+        return None
     import jax  # late import: keeps `marjax --help` free of jax
     current = jax.config.jax_compilation_cache_dir
     if current:
         return Path(current)
     folder = Path(path).expanduser() if path is not None else cache_dir(environ)
-    if folder is None:
-        return None
     folder.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(folder))
     from jax.experimental.compilation_cache import compilation_cache  # late import: jax's cache module

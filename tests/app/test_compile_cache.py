@@ -30,7 +30,8 @@ print("HITS", len(hits), folder, repr(float(y.sum())))
 
 
 def _child(tmp_path, switch: str):
-    env = dict(os.environ, MARJAX_COMPILE_CACHE=switch, MARJAX_CACHE_DIR=str(tmp_path / "home-cache"),
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}   # CI sets one for the suite
+    env.update(MARJAX_COMPILE_CACHE=switch, MARJAX_CACHE_DIR=str(tmp_path / "home-cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")   # store even a program this small
     r = subprocess.run([sys.executable, "-c", CHILD], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -66,8 +67,9 @@ def test_commands_that_compile_turn_it_on(monkeypatch, cmd, cached):
 
 def test_switched_off_enables_nothing(tmp_path):
     import jax
+    before = jax.config.jax_compilation_cache_dir   # None, or the folder CI gives the whole suite
     assert compile_cache.enable(environ={"MARJAX_COMPILE_CACHE": "off", "MARJAX_CACHE_DIR": str(tmp_path)}) is None
-    assert jax.config.jax_compilation_cache_dir is None and not (tmp_path / "xla").exists()
+    assert jax.config.jax_compilation_cache_dir == before and not (tmp_path / "xla").exists()
 
 
 def test_default_folder_is_keyed_by_machine(tmp_path):
@@ -91,9 +93,10 @@ def test_machine_key_changes_with_the_target(change):
 
 def test_enable_keeps_a_folder_jax_already_has(tmp_path):
     import jax
+    before = jax.config.jax_compilation_cache_dir
     jax.config.update("jax_compilation_cache_dir", str(tmp_path / "theirs"))
     try:
         assert compile_cache.enable(tmp_path / "ours") == tmp_path / "theirs"
     finally:
-        jax.config.update("jax_compilation_cache_dir", None)
+        jax.config.update("jax_compilation_cache_dir", before)
     assert not (tmp_path / "ours").exists()
