@@ -51,7 +51,7 @@ from marjax.distill.stages import make_loss, trainable_mask
 from marjax.errors import ConfigError
 from marjax.models.lm import forward
 from marjax.models.spiking import make_spiking_student
-from marjax.train.mesh import make_mesh, shard_params
+from marjax.train.mesh import make_mesh, replicated, shard_params
 from marjax.train.layout import LAYER_LAYOUTS, TEACHER_LAYOUTS, RunLayout, teacher_layout_on
 from marjax.train.optim import OPTIMIZER_IMPLS, accum_steps, make_optimizer, param_bound
 from marjax.train.state import init_state
@@ -121,13 +121,14 @@ def train_step_runner(stage: str, t_cfg: ModelConfig, t_params, s_cfg: ModelConf
     sh = make_step_shardings(state, teacher, batch, mesh)
     step = make_train_step(make_loss(stage, t_cfg, s_cfg, distill_cfg), tx, mesh, sh, accum_steps(train_cfg),
                            trainable=mask, compute_dtype=train_cfg.compute_dtype,
-                           param_bound=param_bound(train_cfg))
+                           param_bound=param_bound(train_cfg), max_skips=0)   # gated as marjax.train.loop runs it
     dev_batch = jax.device_put(batch, sh.batch)
-    compiled, secs = compile_timed(step, state, teacher, dev_batch)
+    streak = jax.device_put(np.int32(0), replicated(mesh))
+    compiled, secs = compile_timed(step, state, teacher, dev_batch, streak)
     holder = {"state": state}
 
     def run():
-        holder["state"], out = compiled(holder["state"], teacher, dev_batch)   # the state is donated
+        holder["state"], out = compiled(holder["state"], teacher, dev_batch, streak)   # the state is donated
         return out["loss"]
     return run, secs, s_params, teacher
 

@@ -13,13 +13,17 @@ divergence stop and exact resume.
   from wherever it is (a fresh iterator restarts its data), which the loop warns about.
 - out_dir/metrics.jsonl: one JSON record per log point: step, loss, each metric, lr,
   grad_norm, tokens, tokens_per_s, time (and eval_* from eval_fn at save points).
+- No host sync between updates: update s's results (loss, metrics, finite flag) are read after
+  update s + 1 is dispatched, so fetching and placing the next batch, logging and the progress
+  bar overlap the device's work; a save reads its update's results at once.
 - Non-finite numbers (TrainConfig.nonfinite): a NaN/inf loss, gradient (or a gradient norm >=
   2**60, where Adam's moments could overflow), or updated param is never applied (decided inside
   the jitted step, before the update: marjax.train.step). "stop" (default) ends the
   run: the last good checkpoint stays the latest, and TrainingDiverged (a MarjaxError) names the
   step. "skip" drops that update (the batch is consumed, params and optimizer state are kept),
   logs {"step", "status": "skipped", "event": "nonfinite", ...} and goes on; TrainConfig.max_skips
-  skips in a row stop the run. Student params that are not finite at the start are refused, and
+  skips in a row stop the run; the step counts that streak on the device, so the update already
+  queued behind the failure applies nothing (marjax.train.step, max_skips). Student params that are not finite at the start are refused, and
   every save re-checks the state, so no NaN/inf reaches a checkpoint.
 - Crash safety: checkpoints are Orbax steps, finalised by an atomic rename, so a process killed
   mid-step or mid-save (async save in flight) resumes from the last complete step; metrics.jsonl
@@ -53,7 +57,7 @@ from marjax.config import TrainConfig
 from marjax.errors import CheckpointError, ConfigError, DataError, MarjaxError
 from marjax.train.checkpoint import PAUSE_ENV, PAUSE_MARKER, Checkpointer, check_compatible, pause_target
 from marjax.train.layout import RunLayout, check_layout, check_teacher_layout
-from marjax.train.mesh import ShardingRules, make_mesh, shard_params
+from marjax.train.mesh import ShardingRules, make_mesh, replicated, shard_params
 from marjax.train.optim import accum_steps as _accum_steps, lr_schedule, make_optimizer, param_bound
 from marjax.train.state import init_state
 from marjax.train.step import all_finite, make_step_shardings, make_train_step, stack_micro_batches
@@ -239,6 +243,8 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, train_cf
     n_proc = jax.process_count()
     tokens_total = int(history[-1]["tokens"]) if history else start * train_cfg.batch_tokens * n_proc
     last_saved, last_grad_norm, skips = (start if start > 0 else None), None, 0
+    # TrainConfig.max_skips non-finite updates in a row are allowed under "skip", none under "stop"
+    limit = train_cfg.max_skips if policy == "skip" else 0
 
     def log(s: int, i: int, with_eval: bool = False) -> dict:
         """The record for update s (0-based index i: its learning rate)."""
@@ -249,6 +255,42 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, train_cf
         _append(metrics_path, rec)
         return rec
 
+    def settle(s: int, res, n_tok: int) -> None:
+        """Read update s's results (the one host sync per update, made once update s + 1 is
+        queued behind it, or at once before a save): count, log, skip or stop."""
+        nonlocal tokens_total, skips, last_grad_norm, iv
+        res = jax.device_get(res)
+        tokens_total += n_tok              # consumed, trained on or skipped
+        event = {"step": s, "event": "nonfinite", "loss": _f(res["loss"]), "grad_norm": _f(res["grad_norm"])}
+        if not bool(res["finite"]):
+            skips += 1
+            if skips > limit:
+                # the update queued after s saw the streak on the device and applied nothing, so
+                # state.params are still those this update failed on
+                _append(metrics_path, dict(event, status="diverged"))
+                ck.wait()
+                raise TrainingDiverged(s, ck.latest_step(), str(out), _f(res["loss"]), _f(res["grad_norm"]),
+                                       params=lay.to_caller(state.params), history=history,
+                                       skipped=skips - 1 if policy == "skip" else 0)
+            _append(metrics_path, dict(event, status="skipped"))
+            warnings.warn(f"step {s}: loss {event['loss']}, grad_norm {event['grad_norm']} not finite; update "
+                          "skipped (TrainConfig.nonfinite='skip')", stacklevel=3)
+        else:
+            skips = 0
+            iv.add(res, n_tok)
+            last_grad_norm = _f(res["grad_norm"])
+        save_now = s % train_cfg.save_every == 0 or s == train_cfg.steps
+        if (s % train_cfg.log_every == 0 or save_now or s == 1) and iv.count:
+            history.append(log(s, s - 1, with_eval=save_now))
+            iv = _Interval()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{_f(res['loss']):.4f}", tok_s=f"{history[-1]['tokens_per_s']:.0f}"
+                            if history else "-")
+
+    # update s's results are read after update s + 1 is dispatched, so the device never waits on
+    # the host between updates (TPU/GPU steps are short); saves read theirs at once
+    pending = None                         # (s, results on device, tokens) not yet read
     try:
         for i in range(start, train_cfg.steps):
             micro = []
@@ -261,6 +303,9 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, train_cf
                 _check_batch(b, train_cfg)
                 micro.append(b)
             if len(micro) < n_micro:
+                if pending is not None:
+                    settle(*pending)
+                    pending = None
                 warnings.warn(f"data iterator exhausted after step {i}; stopping early", stacklevel=2)
                 if iv.count:                       # log the steps since the last record
                     history.append(log(i, i - 1))
@@ -274,40 +319,21 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, train_cf
                     lambda x: jax.ShapeDtypeStruct((x.shape[0], x.shape[1] * n_proc) + x.shape[2:], x.dtype), batch)
                 sh = make_step_shardings(state, teacher, glob, mesh, rules)
                 step_fn = make_train_step(loss_fn, tx, mesh, sh, n_micro, trainable=trainable,
-                                          compute_dtype=compute_dtype, param_bound=param_bound(train_cfg))
-            state, res = step_fn(state, teacher, _put(batch, sh.batch))
+                                          compute_dtype=compute_dtype, param_bound=param_bound(train_cfg),
+                                          max_skips=limit)
+                streak = jax.device_put(np.int32(0), replicated(mesh))
+            state, res = step_fn(state, teacher, _put(batch, sh.batch), streak)
+            streak = res["skips"]
             s = i + 1
             _test_pause("step", s, out)
-            res = jax.device_get(res)
             n_tok = int(np.prod(np.shape(batch["inputs"]))) if "inputs" in batch else \
                 int(np.prod(np.shape(jax.tree.leaves(batch)[0])[:2]))
-            n_tok *= n_proc
-            tokens_total += n_tok              # consumed, trained on or skipped
-            event = {"step": s, "event": "nonfinite", "loss": _f(res["loss"]), "grad_norm": _f(res["grad_norm"])}
-            if not bool(res["finite"]):
-                skips += 1
-                if policy == "stop" or skips > train_cfg.max_skips:
-                    _append(metrics_path, dict(event, status="diverged"))
-                    ck.wait()
-                    raise TrainingDiverged(s, ck.latest_step(), str(out), _f(res["loss"]), _f(res["grad_norm"]),
-                                           params=lay.to_caller(state.params), history=history,
-                                           skipped=skips - 1 if policy == "skip" else 0)
-                _append(metrics_path, dict(event, status="skipped"))
-                warnings.warn(f"step {s}: loss {event['loss']}, grad_norm {event['grad_norm']} not finite; update "
-                              "skipped (TrainConfig.nonfinite='skip')", stacklevel=2)
-            else:
-                skips = 0
-                iv.add(res, n_tok)
-                last_grad_norm = _f(res["grad_norm"])
-            save_now = s % train_cfg.save_every == 0 or s == train_cfg.steps
-            if (s % train_cfg.log_every == 0 or save_now or s == 1) and iv.count:
-                history.append(log(s, i, with_eval=save_now))
-                iv = _Interval()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{_f(res['loss']):.4f}", tok_s=f"{history[-1]['tokens_per_s']:.0f}"
-                                if history else "-")
-            if save_now:
+            if pending is not None:
+                settle(*pending)
+            pending = (s, res, n_tok * n_proc)
+            if s % train_cfg.save_every == 0 or s == train_cfg.steps:
+                settle(*pending)
+                pending = None
                 _save(ck, s, state, data_iter, meta, _ckpt_metrics(history, best_metric), metrics_path, lay)
                 last_saved = s
     finally:

@@ -42,6 +42,7 @@ and the update then runs inside `lax.cond(ok, update, keep)`, in place on the do
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -108,7 +109,7 @@ def cast_floating(tree, dtype):
 def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, mesh: Mesh,
                     shardings: StepShardings, accum_steps: int = 1, *, trainable=None,
                     compute_dtype: Optional[str] = None, donate: bool = True,
-                    param_bound: Optional[Callable] = None) -> Callable:
+                    param_bound: Optional[Callable] = None, max_skips: Optional[int] = None) -> Callable:
     """Jitted `step(state, teacher_params, batch) -> (state, out)`.
 
     trainable: pytree of bools (None: all) -- the grad norm and finite check cover trainable
@@ -118,9 +119,19 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
     param_bound: `bound(s) >= max |updated param|` for any s >= max |param| (e.g.
       `marjax.train.optim.param_bound(train_cfg)` for make_optimizer's AdamW): the finite check
       then needs one sum over the params instead of recomputing the update (module doc).
+    max_skips: gate the step on the run's non-finite streak, for a loop that reads each step's
+      results only after dispatching the next one (marjax.train.loop): the step becomes
+      `step(state, teacher, batch, skips) -> (state, out)` with `skips` the int32 count of
+      non-finite steps in a row before it (a replicated scalar, 0 at the start; pass the previous
+      out["skips"]). When skips > max_skips the run has already failed: nothing is applied (the
+      params and optimizer state stay those of the failure) and out["skips"] stays above
+      max_skips; else out["skips"] is 0 after a finite step, skips + 1 after a non-finite one.
+      max_skips=0: stop at the first non-finite step (TrainConfig.nonfinite="stop").
     """
     if not isinstance(accum_steps, int) or accum_steps < 1:
         raise ConfigError(f"accum_steps must be an integer >= 1, got {accum_steps!r}")
+    if max_skips is not None and (not isinstance(max_skips, int) or max_skips < 0):
+        raise ConfigError(f"max_skips must be None or an integer >= 0, got {max_skips!r}")
     cdtype = None if compute_dtype in (None, "float32") else jnp.dtype(compute_dtype)
 
     def micro_loss(params, teacher, mb, key):
@@ -138,7 +149,7 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-    def step(state: TrainState, teacher, batch):
+    def step(state: TrainState, teacher, batch, skips=None):
         teacher = jax.lax.stop_gradient(teacher)
         rng, step_key = jax.random.split(state.rng)
         n_micro = jax.tree.leaves(batch)[0].shape[0]
@@ -183,15 +194,22 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
             trainable_leaves(state.params, mask),
             lambda: all_finite(trainable_leaves(update((state.params, state.opt_state))[0], mask)), param_bound)
         finite = jnp.isfinite(loss) & (grad_norm < MAX_GRAD_NORM) & params_ok
+        apply = finite if skips is None else finite & (skips <= max_skips)
         # a non-finite step keeps params and optimizer state (the loop skips or stops on `finite`)
-        params, opt_state = jax.lax.cond(finite, update, lambda po: po, (state.params, state.opt_state))
+        params, opt_state = jax.lax.cond(apply, update, lambda po: po, (state.params, state.opt_state))
         new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
         out = {"loss": loss, "count": count, "metrics": metrics, "grad_norm": grad_norm, "finite": finite}
+        if skips is not None:   # a failed run stays failed: the streak never drops back under the limit
+            out["skips"] = jnp.where(skips > max_skips, skips, jnp.where(finite, 0, skips + 1)).astype(jnp.int32)
         return new, out
 
     # static Python bools: the grad norm selects trainable leaves at trace time
     mask = jax.tree.map(lambda _: True, shardings.state.params) if trainable is None else \
         jax.tree.map(lambda m: bool(m), trainable)
-    return jax.jit(step, in_shardings=(shardings.state, shardings.teacher, shardings.batch),
-                   out_shardings=(shardings.state, replicated(mesh)),
+    in_shardings = (shardings.state, shardings.teacher, shardings.batch)
+    if max_skips is not None:
+        in_shardings += (replicated(mesh),)
+    else:
+        step = functools.partial(step, skips=None)   # the three-argument step
+    return jax.jit(step, in_shardings=in_shardings, out_shardings=(shardings.state, replicated(mesh)),
                    donate_argnums=(0,) if donate else ())

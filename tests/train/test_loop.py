@@ -3,6 +3,7 @@ trainable masks, bf16 compute."""
 import dataclasses
 import itertools
 import json
+import warnings
 
 import grain
 import jax
@@ -210,6 +211,56 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     _, saved, _ = load_model_dir(tmp_path)
     _assert_trees_close(e.params, saved, rtol=0, atol=0)
     assert json.loads((tmp_path / "marjax_checkpoint.json").read_text())["latest_step"] == 4
+
+
+def _poison_at(bad: set):
+    """grain_iter(4) batches; the ones of the updates in `bad` (1-based) make the loss NaN."""
+    for i, b in enumerate(grain_iter(4)):
+        b["poison"] = np.full((4,), float(i + 1 in bad), np.float32)
+        yield b
+
+
+@pytest.mark.parametrize("policy, bad, fails_at", [("stop", {4}, 4), ("skip", {4, 5}, 5)])
+def test_the_update_queued_after_a_failure_applies_nothing(tmp_path, policy, bad, fails_at):
+    """The loop reads update s's results after queuing update s + 1 (a clean batch here): the
+    streak the step carries on the device keeps s + 1 from applying, so the params the error
+    holds are still those of the step-3 checkpoint."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)       # "skip" warns about update 4
+        with pytest.raises(TrainingDiverged, match=f"diverged at step {fails_at}") as ei:
+            train(ce_loss(CFG), _params(), None, _poison_at(bad), tcfg(nonfinite=policy, max_skips=1), tmp_path,
+                  model_meta=META, progress=False)
+    assert ei.value.last_good_step == 3
+    _, saved, _ = load_model_dir(tmp_path)
+    _assert_trees_close(ei.value.params, saved, rtol=0, atol=0)
+    assert [r.get("status") for r in read_metrics(tmp_path)][-1] == "diverged"
+
+
+def test_results_are_read_after_the_next_update_is_queued(tmp_path, monkeypatch):
+    """No host sync between updates: update s's results are fetched once update s + 1 is
+    dispatched, except at a save (steps 3 and 6 here), whose results are read at once."""
+    from marjax.train import loop
+    events = []
+    make = loop.make_train_step
+
+    def spy_make(*a, **k):
+        step = make(*a, **k)
+        return lambda *args: (events.append("D"), step(*args))[1]
+
+    class Jax:       # the loop's `jax`, with device_get of a step's results recorded
+        def __getattr__(self, name):
+            return getattr(jax, name)
+
+        def device_get(self, x):
+            if isinstance(x, dict) and "finite" in x:
+                events.append("R")
+            return jax.device_get(x)
+
+    monkeypatch.setattr(loop, "make_train_step", spy_make)
+    monkeypatch.setattr(loop, "jax", Jax())
+    _, hist = train(ce_loss(CFG), _params(), None, grain_iter(4), tcfg(), tmp_path, model_meta=META, progress=False)
+    assert "".join(events) == "DDRDRR" * 2
+    assert [r["step"] for r in hist] == [1, 2, 3, 4, 5, 6]
 
 
 def test_wrong_stage_resume_refused(tmp_path):
