@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from marjax.config import TrainConfig
@@ -222,7 +223,9 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, train_cf
     tx = make_optimizer(train_cfg, params, trainable)
     state = init_state(params, tx, train_cfg.seed, mesh, rules)
     del params
-    schedule = lr_schedule(train_cfg)
+    # every update's learning rate read once, up front: evaluating the schedule while logging
+    # would queue a computation behind the update in flight and stall the host on it
+    lrs = np.asarray(jax.device_get(jax.vmap(lr_schedule(train_cfg))(jnp.arange(train_cfg.steps))))
 
     ck = Checkpointer(out, keep=train_cfg.keep, best_metric=best_metric, best_mode=best_mode, async_save=async_save)
     try:
@@ -248,7 +251,7 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, train_cf
 
     def log(s: int, i: int, with_eval: bool = False) -> dict:
         """The record for update s (0-based index i: its learning rate)."""
-        rec = {"step": s, **iv.record(), "lr": float(schedule(i)), "grad_norm": last_grad_norm,
+        rec = {"step": s, **iv.record(), "lr": float(lrs[i]), "grad_norm": last_grad_norm,
                "tokens": tokens_total, "time": time.perf_counter() - t_run}
         if with_eval and eval_fn is not None:
             rec.update({f"eval_{k}": float(v) for k, v in eval_fn(lay.to_caller(state.params)).items()})

@@ -263,6 +263,18 @@ def test_results_are_read_after_the_next_update_is_queued(tmp_path, monkeypatch)
     assert [r["step"] for r in hist] == [1, 2, 3, 4, 5, 6]
 
 
+def test_logged_throughput_matches_the_clock(tmp_path):
+    """tokens_per_s of each log interval agrees with the tokens over the records' own clock: a
+    device computation while logging (the lr schedule once was) waits behind the update queued
+    after the logged one, and the interval timer then measured the host's work alone (4-5x too
+    high here) while the device sat idle between updates."""
+    _, hist = train(ce_loss(CFG), _params(), None, grain_iter(4), tcfg(steps=10, save_every=10), tmp_path,
+                    model_meta=META, progress=False)
+    per_step = 4 * L
+    ratios = [h["tokens_per_s"] * (h["time"] - g["time"]) / per_step for g, h in zip(hist[1:-2], hist[2:-1])]
+    assert 0.6 < float(np.median(ratios)) < 1.5, ratios
+
+
 def test_wrong_stage_resume_refused(tmp_path):
     with pytest.warns(UserWarning, match="exhausted after step 2"):   # a 2-batch dataset ends the run early
         train(ce_loss(CFG), _params(), None, itertools.islice(grain_iter(4), 2), tcfg(save_every=2), tmp_path,
