@@ -285,6 +285,11 @@ class TrainConfig:
                                      # cost is small; spares XLA:CPU the scan's per-layer weight copies),
                                      # stacked (under lax.scan) or auto (unrolled on CPU, stacked on TPU and
                                      # GPU); the same outputs up to float rounding
+    dispatch_ahead: str = "auto"     # on: the loop dispatches update s+1 before reading update s's results (no
+                                     # host sync between updates); off: it reads them at once; auto: on for
+                                     # TPU and GPU, off on CPU, where XLA:CPU allocates the queued update's
+                                     # temporaries while the running one holds its own (1.6-4.7 GB more peak
+                                     # RSS in the SmolLM2 kd stage) to save 3 ms of a 3.9 s step. Same results
 
 
 PRESETS: dict[str, ModelConfig] = {

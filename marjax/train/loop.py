@@ -13,9 +13,11 @@ divergence stop and exact resume.
   from wherever it is (a fresh iterator restarts its data), which the loop warns about.
 - out_dir/metrics.jsonl: one JSON record per log point: step, loss, each metric, lr,
   grad_norm, tokens, tokens_per_s, time (and eval_* from eval_fn at save points).
-- No host sync between updates: update s's results (loss, metrics, finite flag) are read after
-  update s + 1 is dispatched, so fetching and placing the next batch, logging and the progress
-  bar overlap the device's work; a save reads its update's results at once.
+- TrainConfig.dispatch_ahead (default "auto": on for TPU and GPU, off on CPU): no host sync
+  between updates: update s's results (loss, metrics, finite flag) are read after update s + 1
+  is dispatched, so fetching and placing the next batch, logging and the progress bar overlap
+  the device's work; a save reads its update's results at once. Off on CPU by default, where
+  XLA:CPU allocates the queued update's temporaries while the running one still holds its own.
 - Non-finite numbers (TrainConfig.nonfinite): a NaN/inf loss, gradient (or a gradient norm >=
   2**60, where Adam's moments could overflow), or updated param is never applied (decided inside
   the jitted step, before the update: marjax.train.step). "stop" (default) ends the
@@ -64,7 +66,10 @@ from marjax.train.state import init_state
 from marjax.train.step import all_finite, make_step_shardings, make_train_step, stack_micro_batches
 from tqdm.auto import tqdm
 
-__all__ = ["train", "TrainingDiverged", "read_metrics", "nonfinite_leaves", "METRICS_FILE"]
+__all__ = ["train", "TrainingDiverged", "read_metrics", "nonfinite_leaves", "dispatch_ahead_on", "METRICS_FILE",
+           "DISPATCH_AHEAD"]
+
+DISPATCH_AHEAD = ("auto", "on", "off")
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -127,7 +132,16 @@ def _check_tcfg(train_cfg: TrainConfig) -> int:
         raise ConfigError(f"TrainConfig.nonfinite must be 'stop' or 'skip', got {train_cfg.nonfinite!r}")
     check_layout(getattr(train_cfg, "layer_layout", "stacked"))
     check_teacher_layout(getattr(train_cfg, "teacher_layout", "auto"))
+    if getattr(train_cfg, "dispatch_ahead", "auto") not in DISPATCH_AHEAD:
+        raise ConfigError(f"TrainConfig.dispatch_ahead must be one of {DISPATCH_AHEAD}, got {train_cfg.dispatch_ahead!r}")
     return _accum_steps(train_cfg)
+
+
+def dispatch_ahead_on(setting: str, mesh) -> bool:
+    """TrainConfig.dispatch_ahead resolved for the mesh's devices ("auto": off on CPU; config.py)."""
+    if setting != "auto":
+        return setting == "on"
+    return mesh.devices.flat[0].platform != "cpu"
 
 
 def _test_pause(kind: str, step: int, out: Path) -> None:
@@ -291,8 +305,9 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, train_cf
             bar.set_postfix(loss=f"{_f(res['loss']):.4f}", tok_s=f"{history[-1]['tokens_per_s']:.0f}"
                             if history else "-")
 
-    # update s's results are read after update s + 1 is dispatched, so the device never waits on
-    # the host between updates (TPU/GPU steps are short); saves read theirs at once
+    # dispatch_ahead: update s's results are read after update s + 1 is dispatched, so the device
+    # never waits on the host between updates (TPU/GPU steps are short); saves read theirs at once
+    ahead = dispatch_ahead_on(getattr(train_cfg, "dispatch_ahead", "auto"), mesh)
     pending = None                         # (s, results on device, tokens) not yet read
     try:
         for i in range(start, train_cfg.steps):
@@ -334,9 +349,11 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, train_cf
             if pending is not None:
                 settle(*pending)
             pending = (s, res, n_tok * n_proc)
-            if s % train_cfg.save_every == 0 or s == train_cfg.steps:
+            save_now = s % train_cfg.save_every == 0 or s == train_cfg.steps
+            if save_now or not ahead:
                 settle(*pending)
                 pending = None
+            if save_now:
                 _save(ck, s, state, data_iter, meta, _ckpt_metrics(history, best_metric), metrics_path, lay)
                 last_saved = s
     finally:

@@ -228,17 +228,19 @@ def test_the_update_queued_after_a_failure_applies_nothing(tmp_path, policy, bad
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)       # "skip" warns about update 4
         with pytest.raises(TrainingDiverged, match=f"diverged at step {fails_at}") as ei:
-            train(ce_loss(CFG), _params(), None, _poison_at(bad), tcfg(nonfinite=policy, max_skips=1), tmp_path,
-                  model_meta=META, progress=False)
+            train(ce_loss(CFG), _params(), None, _poison_at(bad),
+                  tcfg(nonfinite=policy, max_skips=1, dispatch_ahead="on"), tmp_path, model_meta=META, progress=False)
     assert ei.value.last_good_step == 3
     _, saved, _ = load_model_dir(tmp_path)
     _assert_trees_close(ei.value.params, saved, rtol=0, atol=0)
     assert [r.get("status") for r in read_metrics(tmp_path)][-1] == "diverged"
 
 
-def test_results_are_read_after_the_next_update_is_queued(tmp_path, monkeypatch):
-    """No host sync between updates: update s's results are fetched once update s + 1 is
-    dispatched, except at a save (steps 3 and 6 here), whose results are read at once."""
+@pytest.mark.parametrize("ahead, order", [("on", "DDRDRR" * 2), ("off", "DR" * 6), ("auto", "DR" * 6)])
+def test_results_are_read_after_the_next_update_is_queued(tmp_path, monkeypatch, ahead, order):
+    """dispatch_ahead on: no host sync between updates: update s's results are fetched once
+    update s + 1 is dispatched, except at a save (steps 3 and 6 here), whose results are read at
+    once. off (and auto on CPU): each update's results are read right after its dispatch."""
     from marjax.train import loop
     events = []
     make = loop.make_train_step
@@ -258,18 +260,26 @@ def test_results_are_read_after_the_next_update_is_queued(tmp_path, monkeypatch)
 
     monkeypatch.setattr(loop, "make_train_step", spy_make)
     monkeypatch.setattr(loop, "jax", Jax())
-    _, hist = train(ce_loss(CFG), _params(), None, grain_iter(4), tcfg(), tmp_path, model_meta=META, progress=False)
-    assert "".join(events) == "DDRDRR" * 2
+    _, hist = train(ce_loss(CFG), _params(), None, grain_iter(4), tcfg(dispatch_ahead=ahead), tmp_path,
+                    model_meta=META, progress=False)
+    assert "".join(events) == order
     assert [r["step"] for r in hist] == [1, 2, 3, 4, 5, 6]
 
 
-def test_logged_throughput_matches_the_clock(tmp_path):
+def test_dispatch_ahead_refuses_other_values(tmp_path):
+    with pytest.raises(ConfigError, match=r"dispatch_ahead must be one of \('auto', 'on', 'off'\), got 'yes'"):
+        train(ce_loss(CFG), _params(), None, grain_iter(4), tcfg(dispatch_ahead="yes"), tmp_path, model_meta=META,
+              progress=False)
+
+
+@pytest.mark.parametrize("ahead", ["on", "off"])
+def test_logged_throughput_matches_the_clock(tmp_path, ahead):
     """tokens_per_s of each log interval agrees with the tokens over the records' own clock: a
     device computation while logging (the lr schedule once was) waits behind the update queued
     after the logged one, and the interval timer then measured the host's work alone (4-5x too
     high here) while the device sat idle between updates."""
-    _, hist = train(ce_loss(CFG), _params(), None, grain_iter(4), tcfg(steps=10, save_every=10), tmp_path,
-                    model_meta=META, progress=False)
+    _, hist = train(ce_loss(CFG), _params(), None, grain_iter(4), tcfg(steps=10, save_every=10, dispatch_ahead=ahead),
+                    tmp_path, model_meta=META, progress=False)
     per_step = 4 * L
     ratios = [h["tokens_per_s"] * (h["time"] - g["time"]) / per_step for g, h in zip(hist[1:-2], hist[2:-1])]
     assert 0.6 < float(np.median(ratios)) < 1.5, ratios
