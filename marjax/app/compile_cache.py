@@ -37,12 +37,16 @@ def machine_key(cpu_model: str, cpu_flags, jaxlib_version: str, arch: str) -> st
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _switched_off(environ: Mapping[str, str]) -> bool:
+    return environ.get(ENV_SWITCH, "").strip().lower() in OFF
+
+
 def cache_dir(environ: Mapping[str, str] = os.environ) -> Optional[Path]:
     """The folder `enable` uses (module doc), or None when MARJAX_COMPILE_CACHE turns it off."""
     from marjax.kernels.cpu_kernels import cache_root, cpu_flags, cpu_model  # late import: keeps `marjax --help` free of jax
-    value = environ.get(ENV_SWITCH, "").strip()
-    if value.lower() in OFF:
+    if _switched_off(environ):
         return None
+    value = environ.get(ENV_SWITCH, "").strip()
     if value and value.lower() not in ("1", "true", "yes", "on"):
         return Path(value).expanduser()
     key = machine_key(cpu_model(), cpu_flags(), importlib.metadata.version("jaxlib"), platform.machine())
@@ -53,7 +57,7 @@ def enable(path=None, environ: Mapping[str, str] = os.environ) -> Optional[Path]
     """Turn on JAX's persistent compilation cache in `path` (default: `cache_dir()`); returns the
     folder in use, or None when MARJAX_COMPILE_CACHE turns it off (JAX's own config is then left
     as it is). A folder already set in JAX's config wins over marjax's."""
-    if path is None and environ.get(ENV_SWITCH, "").strip().lower() in OFF:
+    if path is None and _switched_off(environ):
         return None
     import jax  # late import: keeps `marjax --help` free of jax
     current = jax.config.jax_compilation_cache_dir

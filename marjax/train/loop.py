@@ -263,6 +263,9 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, train_cf
     # TrainConfig.max_skips non-finite updates in a row are allowed under "skip", none under "stop"
     limit = train_cfg.max_skips if policy == "skip" else 0
 
+    def saves_at(s: int) -> bool:
+        return s % train_cfg.save_every == 0 or s == train_cfg.steps
+
     def log(s: int, i: int, with_eval: bool = False) -> dict:
         """The record for update s (0-based index i: its learning rate)."""
         rec = {"step": s, **iv.record(), "lr": float(lrs[i]), "grad_norm": last_grad_norm,
@@ -296,7 +299,7 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, train_cf
             skips = 0
             iv.add(res, n_tok)
             last_grad_norm = _f(res["grad_norm"])
-        save_now = s % train_cfg.save_every == 0 or s == train_cfg.steps
+        save_now = saves_at(s)
         if (s % train_cfg.log_every == 0 or save_now or s == 1) and iv.count:
             history.append(log(s, s - 1, with_eval=save_now))
             iv = _Interval()
@@ -349,7 +352,7 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, train_cf
             if pending is not None:
                 settle(*pending)
             pending = (s, res, n_tok * n_proc)
-            save_now = s % train_cfg.save_every == 0 or s == train_cfg.steps
+            save_now = saves_at(s)
             if save_now or not ahead:
                 settle(*pending)
                 pending = None
