@@ -110,7 +110,7 @@ def train_step_runner(stage: str, t_cfg: ModelConfig, t_params, s_cfg: ModelConf
     """The real train step of `stage` as the trainer builds it, in train_cfg.layer_layout:
     (run, compile seconds, student params, placed teacher params). run() applies one step to the
     donated state and returns the loss; the student and teacher come back in the step's layout (for
-    the baselines timed beside it)."""
+    the baselines timed beside it). `run.compiled` is the compiled step (its HLO, for the probes)."""
     mesh = make_mesh(train_cfg.mesh)
     mask = trainable_mask(s_params, distill_cfg.trainable)
     s_params, mask, t_params = RunLayout(train_cfg.layer_layout, mesh, None, train_cfg.teacher_layout).inputs(
@@ -130,6 +130,7 @@ def train_step_runner(stage: str, t_cfg: ModelConfig, t_params, s_cfg: ModelConf
     def run():
         holder["state"], out = compiled(holder["state"], teacher, dev_batch, streak)   # the state is donated
         return out["loss"]
+    run.compiled = compiled
     return run, secs, s_params, teacher
 
 
