@@ -3,6 +3,7 @@ at the pipeline's shapes) traced with `jax.profiler`, its ops summed by kind.
 
     python experiments/bench/step_profile_probe.py [--model smollm2] [--stage sbds] [--steps 3] [--top 25]
         [--json FILE]
+    python experiments/bench/step_profile_probe.py --plot kd.json sbds.json --png FILE
 
 Kinds, from the op names XLA:CPU gives its thunks: products (YNNPACK fusions holding a dot, and
 Eigen dots), dynamic-update-slice (a scan writing a layer's slice of a stacked buffer), dynamic-
@@ -146,6 +147,25 @@ def trace_step(run, steps: int, warmup: int = 2) -> tuple[list, float]:
     return events, wall
 
 
+def plot(results: list, path: str) -> None:
+    """Horizontal stacked bars, one per saved summary (stage): ms a step of op time by kind."""
+    import matplotlib  # late import: only the plot needs it
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.7 * len(results)))
+    labels = [f"{r['model']} {r['stage']} ({r['wall_s_per_step']:.2f} s a step traced)" for r in results]
+    left = [0.0] * len(results)
+    for i, k in enumerate(KINDS):
+        ms = [r["kinds"][k]["ms_per_step"] for r in results]
+        ax.barh(labels, ms, left=left, label=k, color=plt.cm.tab10(i))
+        left = [a + b for a, b in zip(left, ms)]
+    ax.set_xlabel("op time a step, summed over threads (ms)")
+    ax.legend(ncol=4, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35 - 0.1 / len(results)))
+    ax.set_title("where the train step's time goes (jax.profiler)", fontsize=10)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2", choices=sorted(PIPELINES))
@@ -153,7 +173,19 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3, help="traced steps (after 2 untraced)")
     ap.add_argument("--top", type=int, default=25, help="ops listed")
     ap.add_argument("--json", default="", help="write the summary here")
+    ap.add_argument("--plot", nargs="+", default=None, metavar="JSON",
+                    help="only draw saved summaries (--json files) as one figure into --png")
+    ap.add_argument("--png", default="", help="the figure's path (with --plot)")
     a = ap.parse_args(argv)
+    if a.plot is not None:
+        if not a.png:
+            raise ConfigError("--plot needs --png FILE")
+        missing = [f for f in a.plot if not Path(f).is_file()]
+        if missing:
+            raise ConfigError(f"--plot: no such file(s): {missing}")
+        plot([json.loads(Path(f).read_text()) for f in a.plot], a.png)
+        print(f"wrote {a.png}")
+        return 0
     if a.steps < 1 or a.top < 0:
         raise ConfigError(f"--steps must be >= 1 and --top >= 0, got {a.steps}, {a.top}")
     print(header_line(machine_info()))

@@ -68,3 +68,15 @@ def test_summarize_shares_rates_and_host_time():
     top = res["top"][0]
     assert top["op"] == "ynn_fusion.1" and top["calls_per_step"] == 1.0
     assert top["gflops"] == pytest.approx(2 * 256 * 576 * 1536 / 4e-3 / 1e9)
+
+
+def test_plot_from_saved_summaries(tmp_path):
+    tot, cnt = P.op_times([{"ph": "X", "name": "ynn_fusion.1", "dur": 4000.0},
+                           {"ph": "X", "name": "wrapped_broadcast.4", "dur": 1000.0}])
+    res = dict(P.summarize(tot, cnt, P.hlo_ops(HLO), steps=1), model="tiny", stage="kd", wall_s_per_step=0.01)
+    f = tmp_path / "kd.json"
+    f.write_text(__import__("json").dumps(res))
+    assert P.main(["--plot", str(f), "--png", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    with pytest.raises(P.ConfigError, match="no such file"):
+        P.main(["--plot", str(tmp_path / "nope.json"), "--png", str(tmp_path / "q.png")])
