@@ -160,7 +160,7 @@ def plot(results: list, path: str) -> None:
         ax.barh(labels, ms, left=left, label=k, color=plt.cm.tab10(i))
         left = [a + b for a, b in zip(left, ms)]
     ax.set_xlabel("op time a step, summed over threads (ms)")
-    ax.legend(ncol=4, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35 - 0.1 / len(results)))
+    ax.legend(ncol=4, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.45 / len(results) - 0.05))
     ax.set_title("where the train step's time goes (jax.profiler)", fontsize=10)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
