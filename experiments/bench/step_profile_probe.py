@@ -151,7 +151,7 @@ def plot(results: list, path: str) -> None:
     """Horizontal stacked bars, one per saved summary (stage): ms a step of op time by kind."""
     import matplotlib  # late import: only the plot needs it
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # late import: only the plot needs it
     fig, ax = plt.subplots(figsize=(9, 1.2 + 0.7 * len(results)))
     labels = [f"{r['model']} {r['stage']} ({r['wall_s_per_step']:.2f} s a step traced)" for r in results]
     left = [0.0] * len(results)
