@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import math
 import glob
 import gzip
 import json
@@ -30,12 +31,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import jax
+if __name__ == "__main__":   # before jax loads: train under the `marjax` commands' heap (marjax.app.hostmem)
+    from marjax.app.hostmem import reexec_for_hugepages
+    reexec_for_hugepages()
 
-from marjax.app.bench_step import pipeline_stage, train_step_runner
-from marjax.app.benchkit import header_line, machine_info
-from marjax.app.pipeline import PIPELINES
-from marjax.errors import ConfigError
+import jax  # noqa: E402
+
+from marjax.app.bench_step import pipeline_stage, train_step_runner  # noqa: E402
+from marjax.app.benchkit import header_line, machine_info  # noqa: E402
+from marjax.app.pipeline import PIPELINES  # noqa: E402
+from marjax.errors import ConfigError  # noqa: E402
 
 # runtime wrappers in the trace: their spans hold the ops' spans
 _RUNTIME = ("ThunkExecutor", "$", "SlinkyThreadPool")
@@ -67,13 +72,8 @@ def hlo_ops(hlo: str) -> dict:
                              text):
             out = [int(x) for x in m.group(1).split(",") if x]
             lhs = [int(x) for x in shapes.get(m.group(2), "").split(",") if x]
-            k = 1
-            for i in (int(x) for x in m.group(3).split(",") if x):
-                k *= lhs[i] if i < len(lhs) else 1
-            n = 1
-            for x in out:
-                n *= x
-            total += 2 * n * k
+            k = math.prod(lhs[i] if i < len(lhs) else 1 for i in (int(x) for x in m.group(3).split(",") if x))
+            total += 2 * math.prod(out) * k
         return total
 
     ops = {}
@@ -211,6 +211,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from marjax.app.hostmem import reexec_for_hugepages
-    reexec_for_hugepages()   # the heap the `marjax` commands train under (the step's temporaries on huge pages)
     sys.exit(main())
