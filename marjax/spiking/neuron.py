@@ -98,7 +98,12 @@ def atmn_spikes(x, threshold, T: int = 4, tau: float = 2.0, ternary: bool = True
     V = jnp.asarray(threshold, jnp.float32)
     _check_broadcast(jnp.shape(x), V.shape, "threshold")
     fire = 0.5 if quantizer == "round" else 1.0
-    _, ss = _trajectory(jnp.asarray(x).astype(jnp.float32), V, int(T), float(tau), bool(ternary), fire)
+    return _spikes_jit(jnp.asarray(x), V, int(T), float(tau), bool(ternary), fire)
+
+
+@partial(jax.jit, static_argnums=(2, 3, 4, 5), inline=True)   # eager calls: one compile per shape (see _atmn_jit)
+def _spikes_jit(x, V, T: int, tau: float, ternary: bool, fire: float):
+    _, ss = _trajectory(x.astype(jnp.float32), V, T, tau, ternary, fire)
     return ss.astype(jnp.int8)
 
 
@@ -195,15 +200,40 @@ def _prepare(x, params: ATMNParams, cfg: ATMNConfig):
     cfg.validate()
     a = jnp.asarray(params.a if isinstance(params, ATMNParams) else params)
     _check_broadcast(jnp.shape(x), a.shape, "parameter `a`")
-    return jnp.asarray(x).astype(jnp.float32), jnp.exp(a.astype(jnp.float32))
+    return jnp.asarray(x), a
+
+
+# The public ops validate in Python, then run a jitted core keyed by the config (static) and the
+# input shapes: eager calls (a notebook, an NNX module called outside jit) compile once per shape
+# instead of once per call (a fresh lax.scan jaxpr misses JAX's primitive cache). inline=True: under
+# an outer trace the core's jaxpr is inlined, so jitted programs are the same as without the wrapper.
+@partial(jax.jit, static_argnums=(2,), inline=True)
+def _atmn_jit(x, a, cfg: ATMNConfig):
+    x32, V = x.astype(jnp.float32), jnp.exp(a.astype(jnp.float32))
+    y = _core(cfg, False, x32, V, jnp.ones((), jnp.float32))
+    return y.astype(x.dtype)
+
+
+@partial(jax.jit, static_argnums=(3,), inline=True)
+def _atmn_stats_jit(x, a, mask, cfg: ATMNConfig):
+    x32, V = x.astype(jnp.float32), jnp.exp(a.astype(jnp.float32))
+    if mask is None:
+        w = jnp.ones((), jnp.float32)
+        count = jnp.float32(max(x32.size, 1))
+    else:
+        w = mask.astype(jnp.float32).reshape(mask.shape + (1,) * (x32.ndim - mask.ndim))
+        per_mask = int(np.prod(x32.shape[mask.ndim:], dtype=np.int64))
+        count = jnp.maximum(jnp.sum(w) * per_mask, 1.0)
+    y, pos, neg = _core(cfg, True, x32, V, w)
+    pos, neg = pos / count, neg / count
+    return y.astype(x.dtype), {"nonzero": pos + neg, "pos": pos, "neg": neg}
 
 
 def atmn(x, params: ATMNParams, cfg: ATMNConfig):
     """Differentiable decoded output y = sum_t c_t V s_t, same shape and dtype as x (computed in
     float32). Gradients reach x and params.a through the configured surrogate."""
-    x32, V = _prepare(x, params, cfg)
-    y = _core(cfg, False, x32, V, jnp.ones((), jnp.float32))
-    return y.astype(jnp.asarray(x).dtype)
+    x, a = _prepare(x, params, cfg)
+    return _atmn_jit(x, a, cfg)
 
 
 def atmn_with_stats(x, params: ATMNParams, cfg: ATMNConfig, mask=None):
@@ -212,21 +242,13 @@ def atmn_with_stats(x, params: ATMNParams, cfg: ATMNConfig, mask=None):
     x.shape, e.g. (b, l) for x (b, l, d)) leaves padding tokens out of the fractions. The stats
     carry the surrogate gradient of the spike counts (for a firing-rate loss); callers that only
     report them lose nothing, as an unused output's cotangent is zero."""
-    x32, V = _prepare(x, params, cfg)
-    if mask is None:
-        w = jnp.ones((), jnp.float32)
-        count = jnp.float32(max(x32.size, 1))
-    else:
+    x, a = _prepare(x, params, cfg)
+    if mask is not None:
         mask = jnp.asarray(mask)
-        if mask.ndim > x32.ndim or tuple(mask.shape) != tuple(x32.shape[:mask.ndim]):
+        if mask.ndim > x.ndim or tuple(mask.shape) != tuple(x.shape[:mask.ndim]):
             raise MarjaxError(f"atmn_with_stats: mask shape {tuple(mask.shape)} must be a prefix of the input "
-                              f"shape {tuple(x32.shape)}")
-        w = mask.astype(jnp.float32).reshape(mask.shape + (1,) * (x32.ndim - mask.ndim))
-        per_mask = int(np.prod(x32.shape[mask.ndim:], dtype=np.int64))
-        count = jnp.maximum(jnp.sum(w) * per_mask, 1.0)
-    y, pos, neg = _core(cfg, True, x32, V, w)
-    pos, neg = pos / count, neg / count
-    return y.astype(jnp.asarray(x).dtype), {"nonzero": pos + neg, "pos": pos, "neg": neg}
+                              f"shape {tuple(x.shape)}")
+    return _atmn_stats_jit(x, a, mask, cfg)
 
 
 def _decode_values(x32, V, cfg: ATMNConfig):

@@ -12,6 +12,7 @@ listed in IMPL_FNS under its name; `Impl` is the type of the names `ssd` accepts
 from __future__ import annotations
 
 import typing
+from functools import partial
 from typing import Callable, Literal, Optional
 
 import jax
@@ -174,6 +175,17 @@ def ssd(x: Float[Array, "b l h p"], log_a: Float[Array, "b l h"], B: Float[Array
                 f"after rounding up to a power of two); use chunk_size=effective_chunk({l}, {chunk_size}) "
                 f"= {effective_chunk(l, chunk_size)}")
 
+    return _ssd_jit(x, log_a, B, C, D, initial_state, which, chunk_size, inter_chunk, return_final_state)
+
+
+# Validated above, run here: jitted with the choices static, so an eager call (a notebook) compiles
+# once per shape instead of once per call (each call's fresh scan jaxpr misses JAX's primitive
+# cache). inline=True: under an outer trace the jaxpr is inlined, the jitted program is unchanged.
+@partial(jax.jit, static_argnums=(6, 7, 8, 9), inline=True)
+def _ssd_jit(x, log_a, B, C, D, initial_state, which: str, chunk_size: int, inter_chunk: str,
+             return_final_state: bool):
+    b, _, h, p = x.shape
+    n = B.shape[-1]
     h0 = jnp.zeros((b, h, p, n), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
     y, final = IMPL_FNS[which](x, log_a, B, C, h0, chunk_size, inter_chunk)
     if D is not None:

@@ -114,6 +114,25 @@ def test_dtype_and_stats_with_mask():
         atmn_with_stats(x, p, cfg, mask=jnp.ones((6,)))
 
 
+def test_eager_calls_compile_once_per_shape():
+    """A repeated eager call (a notebook, an NNX module outside jit) reuses its compiled program:
+    before the jitted core each call compiled its micro-step scan again."""
+    from compile_count import count_compiles
+    cfg = ATMNConfig(T=2, tau=1.0)
+    x = jax.random.normal(jax.random.key(8), (3, 5, 8))
+    p = ATMNParams(jnp.full((8,), -0.2))
+    mask = jnp.asarray(np.array([[1, 1, 1, 0, 0]] * 3, bool))
+    first = (atmn(x, p, cfg), atmn_with_stats(x, p, cfg), atmn_with_stats(x, p, cfg, mask=mask))
+    with count_compiles() as n:
+        again = (atmn(2 * x, p, cfg), atmn_with_stats(2 * x, p, cfg), atmn_with_stats(x, p, cfg, mask=mask))
+        jax.block_until_ready(again)
+    assert n[0] <= 1, n[0]      # only the eager `2 * x` may compile (a primitive, not a scan)
+    np.testing.assert_array_equal(np.asarray(again[2][0]), np.asarray(first[2][0]))
+    with count_compiles() as n:
+        atmn(x, p, ATMNConfig(T=3, tau=1.0)).block_until_ready()     # a new config: compiled once
+    assert n[0] >= 1
+
+
 def test_shape_errors():
     cfg = ATMNConfig()
     with pytest.raises(MarjaxError, match="does not broadcast"):
