@@ -17,8 +17,10 @@ import jax.monitoring
 import jax.numpy as jnp
 
 from marjax.app.benchkit import header_line, interleaved, machine_info, write_json
-from marjax.config import ATMNConfig
-from marjax.nnx import ATMN
+from flax import nnx
+
+from marjax.config import ATMNConfig, preset
+from marjax.nnx import ATMN, DiscreteMamba2
 from marjax.spiking import ATMNParams, atmn, atmn_spikes, atmn_with_stats
 from marjax.ssm import ssd
 
@@ -38,6 +40,9 @@ def cases():
     la = -jax.nn.softplus(jax.random.normal(k[2], (b, l, h)))
     B, C = jax.random.normal(k[3], (b, l, h, n)), jax.random.normal(k[4], (b, l, h, n))
     module = ATMN(576, cfg)
+    ssm_cfg = preset("smollm2-135m-ssm").ssm
+    mixer = DiscreteMamba2(576, ssm_cfg, rngs=nnx.Rngs(0))
+    mixer_jit = nnx.jit(lambda m, x: m(x))
     return {
         "atmn": (lambda: atmn(x, p, cfg), lambda f=jax.jit(lambda x, p: atmn(x, p, cfg)): f(x, p)),
         "atmn_with_stats": (lambda: atmn_with_stats(x, p, cfg),
@@ -46,6 +51,7 @@ def cases():
                         lambda f=jax.jit(lambda x: atmn_spikes(x, 0.6, 2, 1.0, True, "round")): f(x)),
         "ssd (auto)": (lambda: ssd(xs, la, B, C), lambda f=jax.jit(ssd): f(xs, la, B, C)),
         "nnx.ATMN module": (lambda: module(x), lambda f=jax.jit(lambda x: atmn(x, module.to_params(), cfg)): f(x)),
+        "nnx.DiscreteMamba2 module (SmolLM2-SSM mixer)": (lambda: mixer(x), lambda: mixer_jit(mixer, x)),
     }
 
 
