@@ -15,10 +15,9 @@ import statistics
 import jax
 import jax.monitoring
 import jax.numpy as jnp
-
-from marjax.app.benchkit import header_line, interleaved, machine_info, write_json
 from flax import nnx
 
+from marjax.app.benchkit import header_line, interleaved, machine_info, write_json
 from marjax.config import ATMNConfig, preset
 from marjax.nnx import ATMN, DiscreteMamba2
 from marjax.spiking import ATMNParams, atmn, atmn_spikes, atmn_with_stats

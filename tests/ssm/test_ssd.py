@@ -11,25 +11,6 @@ from marjax import ssm
 from marjax.errors import MarjaxError
 from marjax.ssm import associative as assoc_mod
 
-def test_eager_calls_compile_once_per_shape():
-    """A repeated eager `ssd` call reuses its compiled program (before the jitted core, every call
-    compiled its scans again: about a second per call here)."""
-    from compile_count import count_compiles
-    inp = make_inputs(b=1, l=24, seed=7)
-    args = [inp[k] for k in ("x", "log_a", "B", "C")]
-    y1 = ssm.ssd(*args, D=inp["D"], chunk_size=8)
-    with count_compiles() as n:
-        y2 = ssm.ssd(*args, D=inp["D"], chunk_size=8)
-        y2.block_until_ready()
-    assert n[0] == 0, n[0]
-    np.testing.assert_array_equal(np.asarray(y1), np.asarray(y2))
-    with count_compiles() as n:
-        ssm.ssd(*args, D=inp["D"], chunk_size=4).block_until_ready()       # a new static choice compiles
-    assert n[0] >= 1
-    with pytest.raises(MarjaxError, match="log_a must be <= 0"):         # the eager value check still runs
-        ssm.ssd(args[0], -args[1], *args[2:], chunk_size=8)
-
-
 IMPL_CASES = [
     ("chunked", {"chunk_size": 16}),
     ("chunked", {"chunk_size": 16, "inter_chunk": "associative"}),
@@ -199,6 +180,25 @@ def test_vmap_and_jit(impl):
         close(y[i], ref_y(*one), 1e-5)
         for gi, gr in zip(g, ref_g(*one)):
             close(gi[i], gr, 1e-4)
+
+
+def test_eager_calls_compile_once_per_shape():
+    """A repeated eager `ssd` call reuses its compiled program (before the jitted core, every call
+    compiled its scans again: about a second per call here)."""
+    from compile_count import count_compiles
+    inp = make_inputs(b=1, l=24, seed=7)
+    args = [inp[k] for k in ("x", "log_a", "B", "C")]
+    y1 = ssm.ssd(*args, D=inp["D"], chunk_size=8)
+    with count_compiles() as n:
+        y2 = ssm.ssd(*args, D=inp["D"], chunk_size=8)
+        y2.block_until_ready()
+    assert n[0] == 0, n[0]
+    np.testing.assert_array_equal(np.asarray(y1), np.asarray(y2))
+    with count_compiles() as n:
+        ssm.ssd(*args, D=inp["D"], chunk_size=4).block_until_ready()       # a new static choice compiles
+    assert n[0] >= 1
+    with pytest.raises(MarjaxError, match="log_a must be <= 0"):         # the eager value check still runs
+        ssm.ssd(args[0], -args[1], *args[2:], chunk_size=8)
 
 
 def test_step_iterated_equals_reference():
