@@ -11,8 +11,8 @@ tests check:
   69.5 s / 67.1 s with the fusion emitters, 45.6 s without; the whole suite 3.4 min against
   5.0-6.4 min the same hour.
 - one LLVM module per program (`xla_cpu_parallel_codegen_split_count=1`; XLA splits it into up
-  to 32 and compiles the parts on a thread pool, which pays for the product's large programs on
-  idle cores but not for the tests' small -O0 ones with every core busy) and LLVM's expensive
+  to 32 and compiles the parts on a thread pool, meant for large programs on idle cores, not the
+  tests' small -O0 ones with every core busy running a worker) and LLVM's expensive
   passes off (`xla_llvm_disable_expensive_passes`, what `jax_disable_most_optimizations` adds to
   -O0): measured in pairs, the two settings run side by side, one process pinned to each core
   (the VM's speed drifts by a third within minutes, so sequential runs do not resolve 5%):

@@ -17,6 +17,8 @@ import sys
 import threading
 import time
 
+from marjax.kernels.cpu_kernels import cpu_model
+
 
 def _env(assignments: list[str]) -> dict:
     env = dict(os.environ)
@@ -28,10 +30,10 @@ def _env(assignments: list[str]) -> dict:
     return env
 
 
-def _run(cmd: list[str], env: dict, core: int | None, out: dict, key: str) -> None:
-    pre = (lambda: os.sched_setaffinity(0, {core})) if core is not None else None
+def _run(cmd: list[str], env: dict, core: int, out: dict, key: str) -> None:
     t = time.perf_counter()
-    p = subprocess.run(cmd, env=env, preexec_fn=pre, capture_output=True, text=True)
+    p = subprocess.run(cmd, env=env, preexec_fn=lambda: os.sched_setaffinity(0, {core}), capture_output=True,
+                       text=True)
     lines = p.stdout.strip().splitlines()
     out[key] = {"s": time.perf_counter() - t, "rc": p.returncode, "summary": lines[-1] if lines else p.stderr[-500:]}
 
@@ -72,16 +74,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"a": args.a, "b": args.b, "pytest_args": args.pytest_args, "pairs": pairs,
-                       "cpu": _cpu_model()}, f, indent=1)
+                       "cpu": cpu_model()}, f, indent=1)
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
-    except OSError:
-        return ""
 
 
 if __name__ == "__main__":

@@ -21,21 +21,24 @@ def test_side():
 """
 
 
-def test_pairs_pin_swap_and_record(tmp_path):
-    (tmp_path / "test_probe.py").write_text(_PROBE)
+@pytest.fixture
+def probe(tmp_path):
+    f = tmp_path / "test_probe.py"
+    f.write_text(_PROBE)
+    return str(f)
+
+
+def test_pairs_pin_swap_and_record(tmp_path, probe):
     out = tmp_path / "pairs.json"
-    assert paired_pytest.main(["--a", "PAIR_SIDE=a", "--b", "PAIR_SIDE=b", "--json", str(out), "--",
-                               str(tmp_path / "test_probe.py")]) == 0
+    assert paired_pytest.main(["--a", "PAIR_SIDE=a", "--b", "PAIR_SIDE=b", "--json", str(out), "--", probe]) == 0
     rec = json.loads(out.read_text())
     assert [p["core_of_a"] for p in rec["pairs"]] == sorted(os.sched_getaffinity(0))[:2]   # a on each core
     for p in rec["pairs"]:
         assert p["b_over_a"] == pytest.approx(p["b_s"] / p["a_s"]) and "1 passed" in p["summary"]
 
 
-def test_a_failing_side_fails_the_comparison(tmp_path):
-    (tmp_path / "test_probe.py").write_text(_PROBE)
+def test_a_failing_side_fails_the_comparison(probe):
     with pytest.raises(SystemExit, match="side b failed"):
-        paired_pytest.main(["--a", "PAIR_SIDE=a", "--b", "PAIR_SIDE=b", "--b", "PAIR_FAIL_ON=b", "--",
-                            str(tmp_path / "test_probe.py")])
+        paired_pytest.main(["--a", "PAIR_SIDE=a", "--b", "PAIR_SIDE=b", "--b", "PAIR_FAIL_ON=b", "--", probe])
     with pytest.raises(SystemExit, match="NAME=VALUE"):
-        paired_pytest.main(["--a", "NOEQUALS", "--", str(tmp_path / "test_probe.py")])
+        paired_pytest.main(["--a", "NOEQUALS", "--", probe])
