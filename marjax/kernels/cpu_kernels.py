@@ -14,7 +14,7 @@ activations) keeps XLA's own ops.
 Why a native kernel: one decode token reads every weight once, so decoding is bound by how fast
 the matrix-vector products stream their weights. XLA:CPU fuses a dequantising producer into the
 product but runs it single-threaded at about 6 GB/s of int8 (measured on the 2-core dev VM);
-the kernel uses both cores and AVX-512 and streams int8 at memory speed (`marjax bench decode`).
+the kernel uses both cores and AVX-512 (or AVX2) and streams int8 at memory speed (`marjax bench decode`).
 Pallas cannot express such a loop here (it runs only interpreted on the CPU); an FFI custom call can.
 The attention kernel exists because XLA:CPU's batched dot copies each layer's whole K and V buffer
 into a head-major layout on every decode step, and scores every slot of the buffer; the kernel reads
@@ -24,9 +24,11 @@ The kernels are compiled on first use with the machine's C++ compiler (`$CXX`, e
 clang++; -O3 -march=native) against the FFI headers jaxlib ships, into
 `$MARJAX_CACHE_DIR/kernels` (default ~/.cache/marjax), keyed by the sources, jaxlib's version, the
 compiler and the CPU's flags; later processes load the cached library. It needs an x86-64 CPU with
-AVX-512 F/BW/VNNI and F16C. Where that, the compiler or the build is missing, `available()` is False,
-`status()` says why (a warning says so once, when a build fails) and callers fall back to XLA.
-`MARJAX_CPU_KERNELS=0` turns the kernels off.
+AVX-512 F/BW/VNNI and F16C (the VNNI loops), else AVX2, FMA and F16C (8-wide loops: AMD Zen 2/3,
+Intel before Ice Lake); `status().isa` names the build. Where neither, the compiler or the build is
+missing, `available()` is False, `status()` says why (a warning says so once, when a build fails) and
+callers fall back to XLA. `MARJAX_CPU_KERNELS=0` turns the kernels off; `MARJAX_CPU_KERNELS=avx2`
+builds the AVX2 loops on an AVX-512 CPU too (to test or compare them).
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-__all__ = ["MAX_ROWS", "KernelStatus", "status", "available", "cpu_flags", "cpu_model", "cache_root", "matmuls", "q8_matmul", "q4_matmul", "bf16_matmul",
+__all__ = ["MAX_ROWS", "KernelStatus", "status", "available", "cpu_flags", "cpu_model", "select_isa", "ISA_FLAGS", "cache_root", "matmuls", "q8_matmul", "q4_matmul", "bf16_matmul",
            "attn_decode"]
 
 CSRC = Path(__file__).resolve().parent / "csrc"
@@ -56,7 +58,10 @@ SOURCES = (CSRC / "qgemv.cc", CSRC / "attention.cc")   # one library
 HEADERS = (CSRC / "parallel.h",)
 ENV_SWITCH = "MARJAX_CPU_KERNELS"
 ENV_CACHE = "MARJAX_CACHE_DIR"
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni", "f16c")
+# the /proc/cpuinfo flags each build needs, best first (csrc/parallel.h picks the loops from the
+# compiler's target; "avx2" compiles with AVX-512 off so that it is the AVX2 build on any CPU)
+ISA_FLAGS = {"avx512": ("avx512f", "avx512bw", "avx512_vnni", "f16c"), "avx2": ("avx2", "fma", "f16c")}
+ISA_CXXFLAGS = {"avx512": (), "avx2": ("-mno-avx512f",)}
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 # products with more activation rows than this (prefill) are matmul-bound, not weight-bound:
 # XLA's dequantise-then-matmul is the right tool there
@@ -71,6 +76,7 @@ class KernelStatus:
     available: bool
     reason: str                  # why not, or where the library was loaded from
     library: Optional[str] = None
+    isa: Optional[str] = None    # the build: "avx512" or "avx2"
 
 
 def _cpuinfo(field: str) -> Optional[str]:
@@ -112,11 +118,12 @@ def _cache_dir() -> Path:
     return cache_root() / "kernels"
 
 
-def _build(cxx: str, flags: set) -> Path:
-    """The cached library for this source/jaxlib/compiler/CPU, compiled now if missing. Raises
-    RuntimeError with the compiler's message on failure."""
+def _build(cxx: str, flags: set, isa: str) -> Path:
+    """The cached library for this source/jaxlib/compiler/CPU/build, compiled now if missing.
+    Raises RuntimeError with the compiler's message on failure."""
     src = b"\0".join(p.read_bytes() for p in SOURCES + HEADERS)
-    key = hashlib.sha256(b"\0".join([src, importlib.metadata.version("jaxlib").encode(), cxx.encode(), " ".join(FLAGS).encode(),
+    cxxflags = FLAGS + ISA_CXXFLAGS[isa]
+    key = hashlib.sha256(b"\0".join([src, importlib.metadata.version("jaxlib").encode(), cxx.encode(), " ".join(cxxflags).encode(),
                                      " ".join(sorted(flags)).encode()])).hexdigest()[:16]
     out = _cache_dir() / f"marjax-cpu-{key}.so"
     if out.exists():
@@ -124,7 +131,7 @@ def _build(cxx: str, flags: set) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)     # then an atomic rename: safe
     os.close(fd)                                                  # against concurrent builds
-    cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", tmp]
+    cmd = [cxx, *cxxflags, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", tmp]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
@@ -140,27 +147,44 @@ def _build(cxx: str, flags: set) -> Path:
 def status() -> KernelStatus:
     """Whether the kernels are registered with XLA in this process (building them on the first
     call), and why not. Cached: set MARJAX_CPU_KERNELS before the first call."""
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+    switch = os.environ.get(ENV_SWITCH, "1").strip().lower()
+    if switch in ("0", "false", "no", "off"):
         return KernelStatus(False, f"turned off by {ENV_SWITCH}={os.environ[ENV_SWITCH]}")
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return KernelStatus(False, f"the kernels are x86-64 (AVX-512); this CPU is {platform.machine()}")
+        return KernelStatus(False, f"the kernels are x86-64 (AVX-512 or AVX2); this CPU is {platform.machine()}")
     flags = cpu_flags()
-    missing = [f for f in CPU_FLAGS if flags is None or f not in flags]
-    if missing:
-        return KernelStatus(False, f"this CPU lacks {', '.join(missing)} (or /proc/cpuinfo is unreadable)")
+    isa = select_isa(flags, forced=switch if switch in ISA_FLAGS else None)
+    if isa is None:
+        want = " or ".join("+".join(f) for f in ISA_FLAGS.values())
+        return KernelStatus(False, f"this CPU lacks {want} (or /proc/cpuinfo is unreadable)")
     cxx = _compiler()
     if cxx is None:
         return KernelStatus(False, "no C++ compiler found ($CXX, g++, c++, clang++)")
     try:
-        lib_path = _build(cxx, flags)
+        lib_path = _build(cxx, flags, isa)
         lib = ctypes.cdll.LoadLibrary(str(lib_path))
+        lib.marjax_kernels_isa.restype = ctypes.c_char_p
+        built = lib.marjax_kernels_isa().decode()
+        if built != isa:   # the compiler's -march=native disagrees with /proc/cpuinfo
+            raise RuntimeError(f"{lib_path} is the {built} build, expected {isa}")
         for name, symbol in _TARGETS.values():
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
         warnings.warn(f"marjax CPU kernels unavailable, using XLA's dequantising matmul instead: {e}",
                       RuntimeWarning, stacklevel=2)
         return KernelStatus(False, f"build or load failed: {e}")
-    return KernelStatus(True, f"loaded {lib_path}", str(lib_path))
+    return KernelStatus(True, f"loaded {lib_path} ({isa} build)", str(lib_path), isa)
+
+
+def select_isa(flags: Optional[set], forced: Optional[str] = None) -> Optional[str]:
+    """The best build this CPU's flags allow ("avx512", "avx2"), or `forced` where the CPU has its
+    flags; None where it has neither (or the flags are unknown)."""
+    if flags is None:
+        return None
+    for isa in ([forced] if forced else ISA_FLAGS):
+        if all(f in flags for f in ISA_FLAGS[isa]):
+            return isa
+    return None
 
 
 def available() -> bool:

@@ -13,6 +13,7 @@
 // merged at the end (as flash-decoding does). Head sizes of 16-128 with up to 6 (d <= 64) or 3
 // (d = 128) query heads a group take `chunk_fast` (scores 16 keys at a time, V sums in registers):
 // 30 SmolLM2 layers at 8k context, 79 -> 34 ms (2.4x) in one run, the generic `chunk` before it.
+// The AVX2 build (parallel.h's MARJAX_AVX512 = 0) has the generic `chunk` only, 8 lanes wide.
 
 #include <immintrin.h>
 
@@ -33,6 +34,8 @@ namespace {
 constexpr int64_t kKeyChunk = 256;
 // K/V floats read below which one thread runs the call (a short context costs less than a hand-off)
 constexpr int64_t kMinParallelFloats = int64_t{1} << 18;
+
+#if MARJAX_AVX512
 
 // e^x for x <= 0 (scores minus their max): 2^(x log2 e) split into 2^n 2^f, |f| <= 1/2, with 2^f
 // by its degree-6 Taylor polynomial (relative error about 1e-7)
@@ -189,6 +192,94 @@ static ChunkFast fast_chunk_for(int64_t r, int64_t d) {
 #undef MARJAX_FAST
   return nullptr;
 }
+
+#else   // AVX2 + FMA: the generic chunk, 8 lanes wide; no register path
+
+using ChunkFast = void (*)(const float*, const float*, const float*, int64_t, int64_t, int64_t, float, float*, float*);
+static ChunkFast fast_chunk_for(int64_t, int64_t) { return nullptr; }
+
+static inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// e^x for x <= 0 as exp_nonpos above, with 2^n built in the exponent bits (no VSCALEFPS): x is
+// clamped at -87 so that n >= -126 stays a normal float (e^-87 ~ 1.6e-38 where e^x underflows to
+// 0 in float32 arithmetic: at most that much weight on a key scored 87 below the max)
+static inline __m256 exp_nonpos8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.4426950408889634f));
+  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(t, n);
+  __m256 p = _mm256_set1_ps(1.5403530393381606e-4f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284770e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821580e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.24022650695910071f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.69314718055994531f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// Scores sc[0, nk) -> e^(score - max) in place; part[0] = the max, part[1] = the sum of e^(.)
+static inline void softmax_in_place(float* sc, int64_t nk, float* part) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t s = 0; s < nk; ++s) m = std::max(m, sc[s]);
+  const int64_t full = nk / 8 * 8;
+  __m256 sum = _mm256_setzero_ps();
+  for (int64_t s = 0; s < full; s += 8) {
+    const __m256 p = exp_nonpos8(_mm256_sub_ps(_mm256_loadu_ps(sc + s), _mm256_set1_ps(m)));
+    _mm256_storeu_ps(sc + s, p);
+    sum = _mm256_add_ps(sum, p);
+  }
+  float tot = hsum8(sum);
+  if (full < nk) {   // the last < 8 scores through one padded vector
+    alignas(32) float buf[8];
+    std::fill(buf, buf + 8, m);
+    std::copy(sc + full, sc + nk, buf);
+    _mm256_store_ps(buf, exp_nonpos8(_mm256_sub_ps(_mm256_load_ps(buf), _mm256_set1_ps(m))));
+    for (int64_t s = full; s < nk; ++s) sc[s] = buf[s - full], tot += buf[s - full];
+  }
+  part[0] = m;
+  part[1] = tot;
+}
+
+// as the AVX-512 `chunk`: keys [s0, s1) of one KV head for its r query heads; d's last d % 8
+// dims in scalars
+static void chunk(const float* q, const float* k, const float* v, int64_t stride, int64_t s0, int64_t s1, int64_t r,
+                  int64_t d, float scale, float* sc, float* part) {
+  const int64_t nk = s1 - s0, d8 = d / 8 * 8;
+  for (int64_t j = 0; j < r; ++j) {
+    const float* qj = q + j * d;
+    float* scj = sc + j * kKeyChunk;
+    for (int64_t s = 0; s < nk; ++s) {
+      const float* ks = k + (s0 + s) * stride;
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t e = 0; e < d8; e += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qj + e), _mm256_loadu_ps(ks + e), acc);
+      float t = hsum8(acc);
+      for (int64_t e = d8; e < d; ++e) t += qj[e] * ks[e];
+      scj[s] = t * scale;
+    }
+    float* pj = part + j * (d + 2);
+    softmax_in_place(scj, nk, pj);
+    std::fill(pj + 2, pj + 2 + d, 0.f);
+  }
+  for (int64_t s = 0; s < nk; ++s) {
+    const float* vs = v + (s0 + s) * stride;
+    for (int64_t j = 0; j < r; ++j) {
+      float* acc = part + j * (d + 2) + 2;
+      const float p = sc[j * kKeyChunk + s];
+      const __m256 pv = _mm256_set1_ps(p);
+      for (int64_t e = 0; e < d8; e += 8)
+        _mm256_storeu_ps(acc + e, _mm256_fmadd_ps(pv, _mm256_loadu_ps(vs + e), _mm256_loadu_ps(acc + e)));
+      for (int64_t e = d8; e < d; ++e) acc[e] += p * vs[e];
+    }
+  }
+}
+
+#endif  // MARJAX_AVX512
 
 ffi::Error AttnDecode(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                       ffi::Buffer<ffi::S32> n, ffi::ResultBuffer<ffi::F32> out) {

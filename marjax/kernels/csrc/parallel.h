@@ -11,6 +11,17 @@
 
 #include "xla/ffi/api/ffi.h"
 
+// The instruction set the kernels compile for, from the compiler's target (-march=native, or
+// cpu_kernels.py's forced AVX2 build): AVX-512 F/BW/VNNI loops where the CPU has them, else AVX2
+// + FMA + F16C loops (AMD Zen 2/3, Intel before Ice Lake, most cloud VMs without AVX-512).
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define MARJAX_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define MARJAX_AVX512 0
+#else
+#error "marjax's CPU kernels need AVX2, FMA and F16C (or AVX-512 F/BW/VNNI)"
+#endif
+
 namespace marjax {
 
 struct Progress {

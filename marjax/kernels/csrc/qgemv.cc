@@ -17,8 +17,10 @@
 // Why: in a one-token decode step every weight is read once; XLA:CPU's fused dequantising
 // matrix-vector loop runs single-threaded at about 6 GB/s of int8 (measured). (On the dev VM a
 // q4 SmolLM2, 92 MB, stays in its 300 MB L3 between tokens, so these loops are bound by their
-// instructions as much as by memory.) AVX-512 (F, BW, VNNI) and F16C; bf16, and int8 in groups
-// other than 32, keep float32 activations, so the result equals the float32 product with the
+// instructions as much as by memory.) Two builds (parallel.h's MARJAX_AVX512): AVX-512 (F, BW,
+// VNNI) and F16C, or AVX2, FMA and F16C (VPMADDWD on int16 activations for int8 and q4, the same
+// int16 rounding, exact int32 group sums either way); bf16, and int8 in groups other than 32, keep
+// float32 activations, so the result equals the float32 product with the
 // dequantised matrix up to summation order. Output rows are split over XLA's intra-op thread pool
 // (parallel.h).
 
@@ -27,6 +29,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -45,6 +48,45 @@ constexpr int kPrefetch = 4096;
 // 110 K weights, ~7 us) cost more to hand off than to compute (SmolLM2 q4 decode 73 -> 81 tok/s
 // in alternating runs with them kept on the calling thread)
 constexpr int64_t kMinParallelWork = int64_t{1} << 18;
+
+// f(std::integral_constant<int, M>, r0) for the activation rows [r0, r0 + M) of m, kRowTile at a
+// time: M is the tiles' compile-time height (they keep R * M accumulators in registers)
+template <typename F>
+static void row_blocks(int64_t m, F f) {
+  for (int64_t r0 = 0; r0 < m; r0 += kRowTile) {
+    switch (m - r0 >= kRowTile ? kRowTile : m - r0) {
+      case 1: f(std::integral_constant<int, 1>{}, r0); break;
+      case 2: f(std::integral_constant<int, 2>{}, r0); break;
+      case 3: f(std::integral_constant<int, 3>{}, r0); break;
+      default: f(std::integral_constant<int, 4>{}, r0); break;
+    }
+  }
+}
+
+// tile(std::integral_constant<int, R>, o) over the output rows [o0, o1) for M activation rows: R
+// rows a tile (8 for one activation row, 4 for two, else 2: R * M accumulators in registers), then
+// pairs, then single rows
+template <int M, typename Tile>
+static inline void tiled_rows(int64_t o0, int64_t o1, Tile tile) {
+  constexpr int R = M == 1 ? 8 : (M <= 2 ? 4 : 2);
+  int64_t o = o0;
+  for (; o + R <= o1; o += R) tile(std::integral_constant<int, R>{}, o);
+  for (; o + 2 <= o1; o += 2) tile(std::integral_constant<int, 2>{}, o);
+  for (; o < o1; ++o) tile(std::integral_constant<int, 1>{}, o);
+}
+
+// One group of 32 float32 activations as int16, q[k] = round(v[k] / scale) with scale = max |v| /
+// 32767 (each value off by at most half a step); returns the scale. The q4 and int8 kernels both
+// round their activations here (quantize_x16, quantize_x16_split).
+static inline float round_group16(const float* v, int* q) {
+  float amax = 0.f;
+  for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(v[k]));
+  const float scale = amax > 0.f ? amax / 32767.f : 1.f;
+  for (int k = 0; k < 32; ++k) q[k] = static_cast<int>(std::nearbyint(v[k] / scale));   // in [-32767, 32767]
+  return scale;
+}
+
+#if MARJAX_AVX512
 
 // 16 weights from `w` (masked) as float32
 static inline __m512 load_w(const int8_t* w, __mmask16 msk) {
@@ -102,32 +144,6 @@ static void rows_m(const W* w, const uint16_t* sc, const float* x, float* y, int
   int64_t o = o0;
   for (; o + R <= o1; o += R) tile<W, R, M>(w, sc, x, y, in, out, group, o);
   for (; o < o1; ++o) tile<W, 1, M>(w, sc, x, y, in, out, group, o);
-}
-
-// f(std::integral_constant<int, M>, r0) for the activation rows [r0, r0 + M) of m, kRowTile at a
-// time: M is the tiles' compile-time height (they keep R * M accumulators in registers)
-template <typename F>
-static void row_blocks(int64_t m, F f) {
-  for (int64_t r0 = 0; r0 < m; r0 += kRowTile) {
-    switch (m - r0 >= kRowTile ? kRowTile : m - r0) {
-      case 1: f(std::integral_constant<int, 1>{}, r0); break;
-      case 2: f(std::integral_constant<int, 2>{}, r0); break;
-      case 3: f(std::integral_constant<int, 3>{}, r0); break;
-      default: f(std::integral_constant<int, 4>{}, r0); break;
-    }
-  }
-}
-
-// tile(std::integral_constant<int, R>, o) over the output rows [o0, o1) for M activation rows: R
-// rows a tile (8 for one activation row, 4 for two, else 2: R * M accumulators in registers), then
-// pairs, then single rows
-template <int M, typename Tile>
-static inline void tiled_rows(int64_t o0, int64_t o1, Tile tile) {
-  constexpr int R = M == 1 ? 8 : (M <= 2 ? 4 : 2);
-  int64_t o = o0;
-  for (; o + R <= o1; o += R) tile(std::integral_constant<int, R>{}, o);
-  for (; o + 2 <= o1; o += 2) tile(std::integral_constant<int, 2>{}, o);
-  for (; o < o1; ++o) tile(std::integral_constant<int, 1>{}, o);
 }
 
 // 4-bit weights: R output rows against M activation rows, four groups of 32 (64 bytes) per
@@ -207,17 +223,6 @@ static void q4_rows(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, co
                                       out, o);
     });
   });
-}
-
-// One group of 32 float32 activations as int16, q[k] = round(v[k] / scale) with scale = max |v| /
-// 32767 (each value off by at most half a step); returns the scale. The q4 and int8 kernels both
-// round their activations here (quantize_x16, quantize_x16_split).
-static inline float round_group16(const float* v, int* q) {
-  float amax = 0.f;
-  for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(v[k]));
-  const float scale = amax > 0.f ? amax / 32767.f : 1.f;
-  for (int k = 0; k < 32; ++k) q[k] = static_cast<int>(std::nearbyint(v[k] / scale));   // in [-32767, 32767]
-  return scale;
 }
 
 // x (m, in) float32 -> int16 per group of 32 (scale = max |x| / 32767: each value off by at most
@@ -343,6 +348,222 @@ static void rows(const W* w, const uint16_t* sc, const float* x, float* y, int64
   });
 }
 
+// the activations of one call as q4_tile and q8_tile read them
+struct Q4Acts {
+  std::vector<int8_t> xq;
+  std::vector<float> xsc, xs;
+};
+static Q4Acts prepare_q4(const float* x, int64_t m, int64_t in) {
+  Q4Acts a{{}, std::vector<float>(m * (in / 32)), std::vector<float>(m * (in / 32))};
+  quantize_x16(x, m, in, a.xq, a.xsc, a.xs);
+  return a;
+}
+static void q4_rows(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, const Q4Acts& a, float* y, int64_t m,
+                    int64_t in, int64_t out, int64_t o0, int64_t o1) {
+  q4_rows(w, sc, zr, a.xq.data(), a.xsc.data(), a.xs.data(), y, m, in, out, o0, o1);
+}
+struct Q8Acts {
+  std::vector<int8_t> xh;
+  std::vector<uint8_t> xl;
+  std::vector<int32_t> xb;
+  std::vector<float> xsc;
+};
+static Q8Acts prepare_q8(const float* x, int64_t m, int64_t in) {
+  Q8Acts a;
+  quantize_x16_split(x, m, in, a.xh, a.xl, a.xb, a.xsc);
+  return a;
+}
+static void q8_rows(const int8_t* w, const uint16_t* sc, const Q8Acts& a, float* y, int64_t m, int64_t in, int64_t out,
+                    int64_t o0, int64_t o1) {
+  q8_rows(w, sc, a.xh.data(), a.xl.data(), a.xb.data(), a.xsc.data(), y, m, in, out, o0, o1);
+}
+
+
+#else   // AVX2 + FMA + F16C: 8-wide float32, VPMADDWD (int16 x int16 pairs into int32) for int8 and q4
+
+// The sum of a vector's 8 lanes
+static inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// 8 weights from `w` as float32, and one
+static inline __m256 load_w8(const int8_t* w) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w))));
+}
+static inline __m256 load_w8(const uint16_t* w) {   // bfloat16: the high half of a float32
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))), 16));
+}
+static inline float w_scalar(int8_t w) { return static_cast<float>(w); }
+static inline float w_scalar(uint16_t w) { return _mm_cvtss_f32(_mm_castsi128_ps(_mm_cvtsi32_si128(static_cast<int>(w) << 16))); }
+
+// float32 activations (bf16, and int8 in groups other than 32): R output rows against M activation
+// rows, each group's 8-wide partial sums scaled into the accumulators; contraction tails (group
+// not a multiple of 8) summed in scalars
+template <typename W, int R, int M>
+static inline void tile(const W* w, const uint16_t* sc, const float* x, float* y, int64_t in, int64_t out,
+                        int64_t group, int64_t o) {
+  const int64_t ng = in / group, full = group / 8 * 8;
+  __m256 acc[R][M];
+  float tacc[R][M];
+  for (int i = 0; i < R; ++i)
+    for (int r = 0; r < M; ++r) acc[i][r] = _mm256_setzero_ps(), tacc[i][r] = 0.f;
+  for (int64_t g = 0; g < ng; ++g) {
+    __m256 gs[R][M];
+    float ts[R][M];
+    for (int i = 0; i < R; ++i)
+      for (int r = 0; r < M; ++r) gs[i][r] = _mm256_setzero_ps(), ts[i][r] = 0.f;
+    const int64_t base = g * group;
+    for (int64_t k = 0; k < full; k += 8) {
+      __m256 xv[M];
+      for (int r = 0; r < M; ++r) xv[r] = _mm256_loadu_ps(x + r * in + base + k);
+      for (int i = 0; i < R; ++i) {
+        const W* wk = w + (o + i) * in + base + k;
+        if (((k * sizeof(W)) & 63) == 0) _mm_prefetch(reinterpret_cast<const char*>(wk) + kPrefetch, _MM_HINT_T0);
+        const __m256 wv = load_w8(wk);
+        for (int r = 0; r < M; ++r) gs[i][r] = _mm256_fmadd_ps(wv, xv[r], gs[i][r]);
+      }
+    }
+    for (int64_t k = full; k < group; ++k)
+      for (int i = 0; i < R; ++i)
+        for (int r = 0; r < M; ++r) ts[i][r] += w_scalar(w[(o + i) * in + base + k]) * x[r * in + base + k];
+    for (int i = 0; i < R; ++i) {
+      const float s = sc == nullptr ? 1.f : _cvtsh_ss(sc[(o + i) * ng + g]);
+      for (int r = 0; r < M; ++r) {
+        acc[i][r] = _mm256_fmadd_ps(_mm256_set1_ps(s), gs[i][r], acc[i][r]);
+        tacc[i][r] += s * ts[i][r];
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int r = 0; r < M; ++r) y[r * out + o + i] = hsum8(acc[i][r]) + tacc[i][r];
+}
+
+template <typename W>
+static void rows(const W* w, const uint16_t* sc, const float* x, float* y, int64_t m, int64_t in, int64_t out,
+                 int64_t group, int64_t o0, int64_t o1) {
+  row_blocks(m, [&](auto mc, int64_t r0) {
+    constexpr int M = decltype(mc)::value;
+    tiled_rows<M>(o0, o1, [&](auto rc, int64_t o) {
+      tile<W, decltype(rc)::value, M>(w, sc, x + r0 * in, y + r0 * out, in, out, group, o);
+    });
+  });
+}
+
+// x (m, in) float32 -> int16 per group of 32 (round_group16) in natural order, the groups' scales
+// and (for q4's zero term) their float32 sums; `in` a multiple of 32
+struct Acts16 {
+  std::vector<int16_t> xq;
+  std::vector<float> xsc, xs;
+};
+static Acts16 quantize_acts16(const float* x, int64_t m, int64_t in) {
+  const int64_t ng = in / 32;
+  Acts16 a{std::vector<int16_t>(m * in), std::vector<float>(m * ng), std::vector<float>(m * ng)};
+  int q[32];
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t g = 0; g < ng; ++g) {
+      const float* v = x + r * in + g * 32;
+      float sum = 0.f;
+      for (int k = 0; k < 32; ++k) sum += v[k];
+      a.xsc[r * ng + g] = round_group16(v, q);
+      a.xs[r * ng + g] = sum;
+      for (int k = 0; k < 32; ++k) a.xq[r * in + g * 32 + k] = static_cast<int16_t>(q[k]);
+    }
+  return a;
+}
+using Q4Acts = Acts16;
+using Q8Acts = Acts16;
+static Q4Acts prepare_q4(const float* x, int64_t m, int64_t in) { return quantize_acts16(x, m, in); }
+static Q8Acts prepare_q8(const float* x, int64_t m, int64_t in) { return quantize_acts16(x, m, in); }
+
+// One group of 32 weights as two vectors of 16 int16 (weights 0-15, 16-31), against the group's
+// int16 activations: 8 int32 lanes of exact partial sums (VPMADDWD; |sum| < 2^24, exact as float32)
+static inline __m256i dot_group(__m256i w0, __m256i w1, const int16_t* xg) {
+  return _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg))),
+                          _mm256_madd_epi16(w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + 16))));
+}
+
+// The (weight scale x activation scale) of groups [g0, g0 + n) for R rows and M activation rows,
+// n <= 8, into comb[i][r][0, 8) (zeros past n), and the zero term sum_g zero * (sum of x) into zacc
+template <int R, int M>
+static inline void group_scales(const uint16_t* sc, const uint16_t* zr, const Acts16& a, int64_t ng, int64_t o,
+                                int64_t g0, int64_t n, int64_t r0, float (*comb)[M][8], float (*zacc)[M]) {
+  for (int i = 0; i < R; ++i) {
+    alignas(16) uint16_t s16[8] = {0}, z16[8] = {0};
+    std::copy(sc + (o + i) * ng + g0, sc + (o + i) * ng + g0 + n, s16);
+    if (zr != nullptr) std::copy(zr + (o + i) * ng + g0, zr + (o + i) * ng + g0 + n, z16);
+    const __m256 sv = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(s16)));
+    const __m256 zv = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(z16)));
+    for (int r = 0; r < M; ++r) {
+      alignas(32) float xsc[8] = {0}, xs[8] = {0};
+      std::copy(a.xsc.data() + (r0 + r) * ng + g0, a.xsc.data() + (r0 + r) * ng + g0 + n, xsc);
+      std::copy(a.xs.data() + (r0 + r) * ng + g0, a.xs.data() + (r0 + r) * ng + g0 + n, xs);
+      _mm256_storeu_ps(comb[i][r], _mm256_mul_ps(sv, _mm256_load_ps(xsc)));
+      if (zr != nullptr) zacc[i][r] += hsum8(_mm256_mul_ps(zv, _mm256_load_ps(xs)));
+    }
+  }
+}
+
+// 4-bit weights (a group's 16 bytes: q_j low nibble, q_{j+16} high) or int8 weights in groups of
+// 32: R output rows against M activation rows [r0, r0 + M), one group an iteration, scales fetched
+// 8 groups at a time. For q4 the zero term is added from the exact float32 group sums of x.
+template <bool Q4, int R, int M>
+static inline void int_tile(const void* wv, const uint16_t* sc, const uint16_t* zr, const Acts16& a, int64_t r0,
+                            float* y, int64_t in, int64_t out, int64_t o) {
+  const int64_t ng = in / 32, wrow = Q4 ? in / 2 : in;   // bytes a weight row
+  const uint8_t* w = static_cast<const uint8_t*>(wv);
+  const __m256i low4 = _mm256_set1_epi16(0x0F);
+  __m256 acc[R][M];
+  float zacc[R][M], comb[R][M][8];
+  for (int i = 0; i < R; ++i)
+    for (int r = 0; r < M; ++r) acc[i][r] = _mm256_setzero_ps(), zacc[i][r] = 0.f;
+  for (int64_t g0 = 0; g0 < ng; g0 += 8) {
+    const int64_t n = std::min<int64_t>(8, ng - g0);
+    group_scales<R, M>(sc, Q4 ? zr : nullptr, a, ng, o, g0, n, r0, comb, zacc);
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t g = g0 + j;
+      for (int i = 0; i < R; ++i) {
+        const uint8_t* wg = w + (o + i) * wrow + g * (Q4 ? 16 : 32);
+        _mm_prefetch(reinterpret_cast<const char*>(wg) + kPrefetch, _MM_HINT_T0);
+        __m256i w0, w1;
+        if constexpr (Q4) {
+          const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg)));
+          w0 = _mm256_and_si256(b, low4), w1 = _mm256_srli_epi16(b, 4);
+        } else {
+          w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg)));
+          w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg + 16)));
+        }
+        for (int r = 0; r < M; ++r) {
+          const __m256i d = dot_group(w0, w1, a.xq.data() + (r0 + r) * in + g * 32);
+          acc[i][r] = _mm256_fmadd_ps(_mm256_set1_ps(comb[i][r][j]), _mm256_cvtepi32_ps(d), acc[i][r]);
+        }
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int r = 0; r < M; ++r) y[(r0 + r) * out + o + i] = hsum8(acc[i][r]) + zacc[i][r];
+}
+
+template <bool Q4>
+static void int_rows(const void* w, const uint16_t* sc, const uint16_t* zr, const Acts16& a, float* y, int64_t m,
+                     int64_t in, int64_t out, int64_t o0, int64_t o1) {
+  row_blocks(m, [&](auto mc, int64_t r0) {
+    constexpr int M = decltype(mc)::value;
+    tiled_rows<M>(o0, o1, [&](auto rc, int64_t o) { int_tile<Q4, decltype(rc)::value, M>(w, sc, zr, a, r0, y, in, out, o); });
+  });
+}
+static void q4_rows(const uint8_t* w, const uint16_t* sc, const uint16_t* zr, const Q4Acts& a, float* y, int64_t m,
+                    int64_t in, int64_t out, int64_t o0, int64_t o1) {
+  int_rows<true>(w, sc, zr, a, y, m, in, out, o0, o1);
+}
+static void q8_rows(const int8_t* w, const uint16_t* sc, const Q8Acts& a, float* y, int64_t m, int64_t in, int64_t out,
+                    int64_t o0, int64_t o1) {
+  int_rows<false>(w, sc, nullptr, a, y, m, in, out, o0, o1);
+}
+
+#endif  // MARJAX_AVX512
+
 // One product of a call: its weights (and scales, zeros), its output (m, out) and group count.
 struct Mat {
   const void* w;
@@ -405,7 +626,7 @@ static ffi::Error unpack(ffi::Buffer<ffi::F32>& x, ffi::RemainingArgs& args, ffi
 }
 
 // int8 (operands w, scale) or bfloat16 (w): float32 activations through the same row loop, but
-// int8 in groups of 32 through q8_tile
+// int8 in groups of 32 through the int16-activation loop (q8_rows)
 template <ffi::DataType T, typename W>
 static ffi::Error FloatActMatmul(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::RemainingArgs& args,
                                  ffi::RemainingRets& rets, const char* name) {
@@ -414,20 +635,12 @@ static ffi::Error FloatActMatmul(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x
   const int64_t m = x.dimensions()[0], in = x.dimensions()[1];
   const float* xp = x.typed_data();
   if constexpr (T == ffi::S8) {
-    // groups of 32 (QWeight's default): VNNI on int16 activations (q8_tile); other groupings keep
-    // float32 activations
+    // groups of 32 (QWeight's default): int16 activations (q8_rows); other groupings keep float32
     if (in % 32 == 0 && std::all_of(mats.begin(), mats.end(), [&](const Mat& a) { return a.ng * 32 == in; })) {
-      std::vector<int8_t> xh;
-      std::vector<uint8_t> xl;
-      std::vector<int32_t> xb;
-      std::vector<float> xsc;
-      quantize_x16_split(xp, m, in, xh, xl, xb, xsc);
-      const int8_t* xhp = xh.data();
-      const uint8_t* xlp = xl.data();
-      const int32_t* xbp = xb.data();
-      const float* xscp = xsc.data();
+      const Q8Acts acts = prepare_q8(xp, m, in);
+      const Q8Acts* ap = &acts;   // lives until every claimed chunk is done (parallel_rows)
       parallel_mats(pool, mats, m, in, [=](const Mat& a, int64_t o0, int64_t o1) {
-        q8_rows(static_cast<const int8_t*>(a.w), a.sc, xhp, xlp, xbp, xscp, a.y, m, in, a.out, o0, o1);
+        q8_rows(static_cast<const int8_t*>(a.w), a.sc, *ap, a.y, m, in, a.out, o0, o1);
       });
       return ffi::Error::Success();
     }
@@ -453,13 +666,10 @@ ffi::Error Q4Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remainin
   for (const Mat& a : mats)
     if (in % 32 != 0 || a.ng != ng)
       return ffi::Error::InvalidArgument("marjax_q4_matmul: in must be a multiple of 32, scale and zero (out, in / 32, 1)");
-  std::vector<int8_t> xq;
-  std::vector<float> xsc(m * ng), xs(m * ng);
-  quantize_x16(x.typed_data(), m, in, xq, xsc, xs);
-  const int8_t* xqp = xq.data();
-  const float *xscp = xsc.data(), *xsp = xs.data();
+  const Q4Acts acts = prepare_q4(x.typed_data(), m, in);
+  const Q4Acts* ap = &acts;
   parallel_mats(pool, mats, m, in, [=](const Mat& a, int64_t o0, int64_t o1) {
-    q4_rows(static_cast<const uint8_t*>(a.w), a.sc, a.zr, xqp, xscp, xsp, a.y, m, in, a.out, o0, o1);
+    q4_rows(static_cast<const uint8_t*>(a.w), a.sc, a.zr, *ap, a.y, m, in, a.out, o0, o1);
   });
   return ffi::Error::Success();
 }
@@ -473,3 +683,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MarjaxQ4Matmul, Q4Matmul,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().RemainingArgs().RemainingRets());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MarjaxBf16Matmul, Bf16Matmul,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().RemainingArgs().RemainingRets());
+
+// which build this library is (cpu_kernels.status names it): "avx512" (F, BW, VNNI) or "avx2"
+extern "C" const char* marjax_kernels_isa() { return MARJAX_AVX512 ? "avx512" : "avx2"; }
