@@ -485,22 +485,34 @@ static inline __m256i dot_group(__m256i w0, __m256i w1, const int16_t* xg) {
 }
 
 // The (weight scale x activation scale) of groups [g0, g0 + n) for R rows and M activation rows,
-// n <= 8, into comb[i][r][0, 8) (zeros past n), and the zero term sum_g zero * (sum of x) into zacc
+// n <= 8, into comb[i][r][0, 8) (zeros past n), and the zero term's zero * (sum of x) lanes into
+// zacc (q4). A full block of 8 loads directly; the last, partial one through zero-padded copies.
 template <int R, int M>
 static inline void group_scales(const uint16_t* sc, const uint16_t* zr, const Acts16& a, int64_t ng, int64_t o,
-                                int64_t g0, int64_t n, int64_t r0, float (*comb)[M][8], float (*zacc)[M]) {
+                                int64_t g0, int64_t n, int64_t r0, float (*comb)[M][8], __m256 (*zacc)[M]) {
+  auto half8 = [n](const uint16_t* p) {   // 8 float16 values as float32, zeros past n
+    if (n == 8) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    alignas(16) uint16_t buf[8] = {0};
+    for (int64_t j = 0; j < n; ++j) buf[j] = p[j];
+    return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(buf)));
+  };
+  auto float8 = [n](const float* p) {
+    if (n == 8) return _mm256_loadu_ps(p);
+    alignas(32) float buf[8] = {0};
+    for (int64_t j = 0; j < n; ++j) buf[j] = p[j];
+    return _mm256_load_ps(buf);
+  };
+  __m256 xsc[M], xs[M];
+  for (int r = 0; r < M; ++r) {
+    xsc[r] = float8(a.xsc.data() + (r0 + r) * ng + g0);
+    if (zr != nullptr) xs[r] = float8(a.xs.data() + (r0 + r) * ng + g0);
+  }
   for (int i = 0; i < R; ++i) {
-    alignas(16) uint16_t s16[8] = {0}, z16[8] = {0};
-    std::copy(sc + (o + i) * ng + g0, sc + (o + i) * ng + g0 + n, s16);
-    if (zr != nullptr) std::copy(zr + (o + i) * ng + g0, zr + (o + i) * ng + g0 + n, z16);
-    const __m256 sv = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(s16)));
-    const __m256 zv = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(z16)));
-    for (int r = 0; r < M; ++r) {
-      alignas(32) float xsc[8] = {0}, xs[8] = {0};
-      std::copy(a.xsc.data() + (r0 + r) * ng + g0, a.xsc.data() + (r0 + r) * ng + g0 + n, xsc);
-      std::copy(a.xs.data() + (r0 + r) * ng + g0, a.xs.data() + (r0 + r) * ng + g0 + n, xs);
-      _mm256_storeu_ps(comb[i][r], _mm256_mul_ps(sv, _mm256_load_ps(xsc)));
-      if (zr != nullptr) zacc[i][r] += hsum8(_mm256_mul_ps(zv, _mm256_load_ps(xs)));
+    const __m256 sv = half8(sc + (o + i) * ng + g0);
+    for (int r = 0; r < M; ++r) _mm256_storeu_ps(comb[i][r], _mm256_mul_ps(sv, xsc[r]));
+    if (zr != nullptr) {
+      const __m256 zv = half8(zr + (o + i) * ng + g0);
+      for (int r = 0; r < M; ++r) zacc[i][r] = _mm256_fmadd_ps(zv, xs[r], zacc[i][r]);
     }
   }
 }
@@ -514,10 +526,10 @@ static inline void int_tile(const void* wv, const uint16_t* sc, const uint16_t* 
   const int64_t ng = in / 32, wrow = Q4 ? in / 2 : in;   // bytes a weight row
   const uint8_t* w = static_cast<const uint8_t*>(wv);
   const __m256i low4 = _mm256_set1_epi16(0x0F);
-  __m256 acc[R][M];
-  float zacc[R][M], comb[R][M][8];
+  __m256 acc[R][M], zacc[R][M];
+  float comb[R][M][8];
   for (int i = 0; i < R; ++i)
-    for (int r = 0; r < M; ++r) acc[i][r] = _mm256_setzero_ps(), zacc[i][r] = 0.f;
+    for (int r = 0; r < M; ++r) acc[i][r] = _mm256_setzero_ps(), zacc[i][r] = _mm256_setzero_ps();
   for (int64_t g0 = 0; g0 < ng; g0 += 8) {
     const int64_t n = std::min<int64_t>(8, ng - g0);
     group_scales<R, M>(sc, Q4 ? zr : nullptr, a, ng, o, g0, n, r0, comb, zacc);
@@ -542,7 +554,7 @@ static inline void int_tile(const void* wv, const uint16_t* sc, const uint16_t* 
     }
   }
   for (int i = 0; i < R; ++i)
-    for (int r = 0; r < M; ++r) y[(r0 + r) * out + o + i] = hsum8(acc[i][r]) + zacc[i][r];
+    for (int r = 0; r < M; ++r) y[(r0 + r) * out + o + i] = hsum8(acc[i][r]) + hsum8(zacc[i][r]);
 }
 
 template <bool Q4>
