@@ -35,6 +35,10 @@ constexpr int64_t kKeyChunk = 256;
 // K/V floats read below which one thread runs the call (a short context costs less than a hand-off)
 constexpr int64_t kMinParallelFloats = int64_t{1} << 18;
 
+// 2^f for |f| <= 1/2 by its degree-6 Taylor polynomial, Horner order: ln2^k / k!, k = 6 .. 0
+constexpr float kExp2Poly[7] = {1.5403530393381606e-4f, 1.3333558146428443e-3f, 9.6181291076284770e-3f,
+                                5.5504108664821580e-2f, 0.24022650695910071f,   0.69314718055994531f, 1.f};
+
 #if MARJAX_AVX512
 
 // e^x for x <= 0 (scores minus their max): 2^(x log2 e) split into 2^n 2^f, |f| <= 1/2, with 2^f
@@ -44,13 +48,8 @@ static inline __m512 exp_nonpos(__m512 x) {
   const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);   // ln2^k / k!, k = 6 .. 0
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284770e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022650695910071f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69314718055994531f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  __m512 p = _mm512_set1_ps(kExp2Poly[0]);
+  for (int c = 1; c < 7; ++c) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[c]));
   return _mm512_scalef_ps(p, n);
 }
 
@@ -74,40 +73,20 @@ static inline void softmax_in_place(float* sc, int64_t nk, float* part) {
   part[1] = _mm512_reduce_add_ps(sum);
 }
 
-// Keys [s0, s1) of one KV head for its r query heads q (r, d): part (r, d + 2) gets, per query
-// head, the chunk's max score, its sum of e^(score - max) and the e^(score - max)-weighted sum of
-// v rows. `stride` is the distance between consecutive keys (g * d floats); sc scratch (r, kKeyChunk).
-static void chunk(const float* q, const float* k, const float* v, int64_t stride, int64_t s0, int64_t s1, int64_t r,
-                  int64_t d, float scale, float* sc, float* part) {
-  const int64_t nk = s1 - s0;
-  for (int64_t j = 0; j < r; ++j) {
-    const float* qj = q + j * d;
-    float* scj = sc + j * kKeyChunk;
-    for (int64_t s = 0; s < nk; ++s) {
-      const float* ks = k + (s0 + s) * stride;
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t e = 0; e < d; e += 16) {
-        const __mmask16 m = tail(d - e);
-        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, qj + e), _mm512_maskz_loadu_ps(m, ks + e), acc);
-      }
-      scj[s] = _mm512_reduce_add_ps(acc) * scale;
-    }
-    float* pj = part + j * (d + 2);
-    softmax_in_place(scj, nk, pj);
-    std::fill(pj + 2, pj + 2 + d, 0.f);
+// q . k over d floats (masked tail), and acc[0, d) += p * v[0, d)
+static inline float dot_row(const float* q, const float* k, int64_t d) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t e = 0; e < d; e += 16) {
+    const __mmask16 m = tail(d - e);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + e), _mm512_maskz_loadu_ps(m, k + e), acc);
   }
-  // the weighted v sums: each v row read once for the r query heads; the r * d / 16 accumulators
-  // are independent chains (one chain per head and 16 dims was latency-bound, measured)
-  for (int64_t s = 0; s < nk; ++s) {
-    const float* vs = v + (s0 + s) * stride;
-    for (int64_t e = 0; e < d; e += 16) {
-      const __mmask16 m = tail(d - e);
-      const __m512 vv = _mm512_maskz_loadu_ps(m, vs + e);
-      for (int64_t j = 0; j < r; ++j) {
-        float* acc = part + j * (d + 2) + 2 + e;
-        _mm512_mask_storeu_ps(acc, m, _mm512_fmadd_ps(_mm512_set1_ps(sc[j * kKeyChunk + s]), vv, _mm512_maskz_loadu_ps(m, acc)));
-      }
-    }
+  return _mm512_reduce_add_ps(acc);
+}
+static inline void axpy_row(float p, const float* v, float* acc, int64_t d) {
+  const __m512 pv = _mm512_set1_ps(p);
+  for (int64_t e = 0; e < d; e += 16) {
+    const __mmask16 m = tail(d - e);
+    _mm512_mask_storeu_ps(acc + e, m, _mm512_fmadd_ps(pv, _mm512_maskz_loadu_ps(m, v + e), _mm512_maskz_loadu_ps(m, acc + e)));
   }
 }
 
@@ -212,13 +191,8 @@ static inline __m256 exp_nonpos8(__m256 x) {
   const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.4426950408889634f));
   const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(t, n);
-  __m256 p = _mm256_set1_ps(1.5403530393381606e-4f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284770e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821580e-2f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.24022650695910071f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.69314718055994531f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+  __m256 p = _mm256_set1_ps(kExp2Poly[0]);
+  for (int c = 1; c < 7; ++c) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Poly[c]));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
@@ -246,40 +220,42 @@ static inline void softmax_in_place(float* sc, int64_t nk, float* part) {
   part[1] = tot;
 }
 
-// as the AVX-512 `chunk`: keys [s0, s1) of one KV head for its r query heads; d's last d % 8
-// dims in scalars
+// q . k over d floats (the last d % 8 in scalars), and acc[0, d) += p * v[0, d)
+static inline float dot_row(const float* q, const float* k, int64_t d) {
+  const int64_t d8 = d / 8 * 8;
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t e = 0; e < d8; e += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + e), _mm256_loadu_ps(k + e), acc);
+  float t = hsum8(acc);
+  for (int64_t e = d8; e < d; ++e) t += q[e] * k[e];
+  return t;
+}
+static inline void axpy_row(float p, const float* v, float* acc, int64_t d) {
+  const int64_t d8 = d / 8 * 8;
+  const __m256 pv = _mm256_set1_ps(p);
+  for (int64_t e = 0; e < d8; e += 8) _mm256_storeu_ps(acc + e, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + e), _mm256_loadu_ps(acc + e)));
+  for (int64_t e = d8; e < d; ++e) acc[e] += p * v[e];
+}
+
+#endif  // MARJAX_AVX512
+
+// Keys [s0, s1) of one KV head for its r query heads q (r, d): part (r, d + 2) gets, per query
+// head, the chunk's max score, its sum of e^(score - max) and the e^(score - max)-weighted sum of
+// v rows. `stride` is the distance between consecutive keys (g * d floats); sc scratch (r, kKeyChunk).
+// (Either build: dot_row, axpy_row and softmax_in_place are the build's.)
 static void chunk(const float* q, const float* k, const float* v, int64_t stride, int64_t s0, int64_t s1, int64_t r,
                   int64_t d, float scale, float* sc, float* part) {
-  const int64_t nk = s1 - s0, d8 = d / 8 * 8;
+  const int64_t nk = s1 - s0;
   for (int64_t j = 0; j < r; ++j) {
-    const float* qj = q + j * d;
     float* scj = sc + j * kKeyChunk;
-    for (int64_t s = 0; s < nk; ++s) {
-      const float* ks = k + (s0 + s) * stride;
-      __m256 acc = _mm256_setzero_ps();
-      for (int64_t e = 0; e < d8; e += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qj + e), _mm256_loadu_ps(ks + e), acc);
-      float t = hsum8(acc);
-      for (int64_t e = d8; e < d; ++e) t += qj[e] * ks[e];
-      scj[s] = t * scale;
-    }
+    for (int64_t s = 0; s < nk; ++s) scj[s] = dot_row(q + j * d, k + (s0 + s) * stride, d) * scale;
     float* pj = part + j * (d + 2);
     softmax_in_place(scj, nk, pj);
     std::fill(pj + 2, pj + 2 + d, 0.f);
   }
-  for (int64_t s = 0; s < nk; ++s) {
-    const float* vs = v + (s0 + s) * stride;
-    for (int64_t j = 0; j < r; ++j) {
-      float* acc = part + j * (d + 2) + 2;
-      const float p = sc[j * kKeyChunk + s];
-      const __m256 pv = _mm256_set1_ps(p);
-      for (int64_t e = 0; e < d8; e += 8)
-        _mm256_storeu_ps(acc + e, _mm256_fmadd_ps(pv, _mm256_loadu_ps(vs + e), _mm256_loadu_ps(acc + e)));
-      for (int64_t e = d8; e < d; ++e) acc[e] += p * vs[e];
-    }
-  }
+  // the weighted v sums: each v row read from memory once for the r query heads (then from L1)
+  for (int64_t s = 0; s < nk; ++s)
+    for (int64_t j = 0; j < r; ++j) axpy_row(sc[j * kKeyChunk + s], v + (s0 + s) * stride, part + j * (d + 2) + 2, d);
 }
-
-#endif  // MARJAX_AVX512
 
 ffi::Error AttnDecode(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                       ffi::Buffer<ffi::S32> n, ffi::ResultBuffer<ffi::F32> out) {

@@ -78,11 +78,15 @@ static inline void tiled_rows(int64_t o0, int64_t o1, Tile tile) {
 // One group of 32 float32 activations as int16, q[k] = round(v[k] / scale) with scale = max |v| /
 // 32767 (each value off by at most half a step); returns the scale. The q4 and int8 kernels both
 // round their activations here (quantize_x16, quantize_x16_split).
-static inline float round_group16(const float* v, int* q) {
+static inline float round_group16(const float* v, int* q, float* sum = nullptr) {
   float amax = 0.f;
   for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(v[k]));
   const float scale = amax > 0.f ? amax / 32767.f : 1.f;
   for (int k = 0; k < 32; ++k) q[k] = static_cast<int>(std::nearbyint(v[k] / scale));   // in [-32767, 32767]
+  if (sum != nullptr) {   // the group's float32 sum, in order (q4's zero term)
+    *sum = 0.f;
+    for (int k = 0; k < 32; ++k) *sum += v[k];
+  }
   return scale;
 }
 
@@ -237,16 +241,13 @@ static void quantize_x16(const float* x, int64_t m, int64_t in, std::vector<int8
   for (int64_t r = 0; r < m; ++r)
     for (int64_t g = 0; g < ng; ++g) {
       const float* v = x + r * in + g * 32;
-      float sum = 0.f;
-      for (int k = 0; k < 32; ++k) sum += v[k];
-      xsc[r * ng + g] = round_group16(v, q);
+      xsc[r * ng + g] = round_group16(v, q, &xs[r * ng + g]);
       int8_t* dst = xq.data() + r * xstride + g / 4 * 256 + (g % 4) * 16;
       for (int k = 0; k < 32; ++k) {
         const int at = (k < 16 ? k : 64 + k - 16);
         dst[at] = static_cast<int8_t>(q[k] >> 8);              // arithmetic shift: floor(q / 256)
         dst[at + 128] = static_cast<int8_t>(static_cast<uint8_t>(q[k] & 255));
       }
-      xs[r * ng + g] = sum;
     }
 }
 
@@ -463,11 +464,7 @@ static Acts16 quantize_acts16(const float* x, int64_t m, int64_t in) {
   int q[32];
   for (int64_t r = 0; r < m; ++r)
     for (int64_t g = 0; g < ng; ++g) {
-      const float* v = x + r * in + g * 32;
-      float sum = 0.f;
-      for (int k = 0; k < 32; ++k) sum += v[k];
-      a.xsc[r * ng + g] = round_group16(v, q);
-      a.xs[r * ng + g] = sum;
+      a.xsc[r * ng + g] = round_group16(x + r * in + g * 32, q, &a.xs[r * ng + g]);
       for (int k = 0; k < 32; ++k) a.xq[r * in + g * 32 + k] = static_cast<int16_t>(q[k]);
     }
   return a;
