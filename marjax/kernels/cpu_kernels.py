@@ -150,12 +150,17 @@ def status() -> KernelStatus:
     switch = os.environ.get(ENV_SWITCH, "1").strip().lower()
     if switch in ("0", "false", "no", "off"):
         return KernelStatus(False, f"turned off by {ENV_SWITCH}={os.environ[ENV_SWITCH]}")
+    if switch not in ("", "1", "true", "yes", "on", "auto", *ISA_FLAGS):
+        warnings.warn(f"{ENV_SWITCH}={os.environ[ENV_SWITCH]!r} is not 0, 1 or a build ({', '.join(ISA_FLAGS)}): "
+                      "the CPU kernels stay off", RuntimeWarning, stacklevel=2)
+        return KernelStatus(False, f"unknown {ENV_SWITCH}={os.environ[ENV_SWITCH]!r} (0, 1, {', '.join(ISA_FLAGS)})")
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return KernelStatus(False, f"the kernels are x86-64 (AVX-512 or AVX2); this CPU is {platform.machine()}")
     flags = cpu_flags()
-    isa = select_isa(flags, forced=switch if switch in ISA_FLAGS else None)
+    forced = switch if switch in ISA_FLAGS else None
+    isa = select_isa(flags, forced=forced)
     if isa is None:
-        want = " or ".join("+".join(f) for f in ISA_FLAGS.values())
+        want = " or ".join("+".join(ISA_FLAGS[i]) for i in ([forced] if forced else ISA_FLAGS))
         return KernelStatus(False, f"this CPU lacks {want} (or /proc/cpuinfo is unreadable)")
     cxx = _compiler()
     if cxx is None:

@@ -307,6 +307,14 @@ def test_status_off_switch_and_failed_build(monkeypatch, tmp_path):
     monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
     st = cpu_kernels.status.__wrapped__()
     assert not st.available and cpu_kernels.ENV_SWITCH in st.reason
+    monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "avx")                # a typo: off, with a warning
+    with pytest.warns(RuntimeWarning, match="not 0, 1 or a build"):
+        st = cpu_kernels.status.__wrapped__()
+    assert not st.available and "unknown" in st.reason
+    if "avx512f" not in (cpu_kernels.cpu_flags() or set()):           # a build this CPU cannot run
+        monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "avx512")
+        st = cpu_kernels.status.__wrapped__()
+        assert not st.available and "lacks avx512f" in st.reason and "avx2" not in st.reason
     monkeypatch.delenv(cpu_kernels.ENV_SWITCH)
     monkeypatch.setenv(cpu_kernels.ENV_CACHE, str(tmp_path))      # nothing cached: it must compile
     monkeypatch.setenv("CXX", "false")
