@@ -118,6 +118,11 @@ def _cache_dir() -> Path:
     return cache_root() / "kernels"
 
 
+def _compile_command(cxx: str, cxxflags, out) -> list:
+    """The compiler command line that builds the kernel library from SOURCES into `out`."""
+    return [cxx, *cxxflags, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", str(out)]
+
+
 def _build(cxx: str, flags: set, isa: str) -> Path:
     """The cached library for this source/jaxlib/compiler/CPU/build, compiled now if missing.
     Raises RuntimeError with the compiler's message on failure."""
@@ -131,7 +136,7 @@ def _build(cxx: str, flags: set, isa: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)     # then an atomic rename: safe
     os.close(fd)                                                  # against concurrent builds
-    cmd = [cxx, *cxxflags, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", tmp]
+    cmd = _compile_command(cxx, cxxflags, tmp)
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if r.returncode != 0:

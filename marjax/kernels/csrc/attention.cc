@@ -28,6 +28,9 @@
 
 namespace ffi = xla::ffi;
 using marjax::parallel_rows;
+#if !MARJAX_AVX512
+using marjax::hsum8;
+#endif
 
 namespace {
 
@@ -176,12 +179,6 @@ static ChunkFast fast_chunk_for(int64_t r, int64_t d) {
 
 using ChunkFast = void (*)(const float*, const float*, const float*, int64_t, int64_t, int64_t, float, float*, float*);
 static ChunkFast fast_chunk_for(int64_t, int64_t) { return nullptr; }
-
-static inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
 
 // e^x for x <= 0 as exp_nonpos above, with 2^n built in the exponent bits (no VSCALEFPS): x is
 // clamped at -87 so that n >= -126 stays a normal float (e^-87 ~ 1.6e-38 where e^x underflows to

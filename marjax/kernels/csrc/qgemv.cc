@@ -29,7 +29,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -39,6 +38,9 @@
 
 namespace ffi = xla::ffi;
 using marjax::parallel_rows;
+#if !MARJAX_AVX512
+using marjax::hsum8;
+#endif
 
 namespace {
 
@@ -77,7 +79,7 @@ static inline void tiled_rows(int64_t o0, int64_t o1, Tile tile) {
 
 // One group of 32 float32 activations as int16, q[k] = round(v[k] / scale) with scale = max |v| /
 // 32767 (each value off by at most half a step); returns the scale. The q4 and int8 kernels both
-// round their activations here (quantize_x16, quantize_x16_split).
+// round their activations here (quantize_x16, quantize_x16_split; the AVX2 build's quantize_acts16).
 static inline float round_group16(const float* v, int* q, float* sum = nullptr) {
   float amax = 0.f;
   for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(v[k]));
@@ -382,13 +384,6 @@ static void q8_rows(const int8_t* w, const uint16_t* sc, const Q8Acts& a, float*
 
 #else   // AVX2 + FMA + F16C: 8-wide float32, VPMADDWD (int16 x int16 pairs into int32) for int8 and q4
 
-// The sum of a vector's 8 lanes
-static inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
 // 8 weights from `w` as float32, and one
 static inline __m256 load_w8(const int8_t* w) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w))));
@@ -453,26 +448,26 @@ static void rows(const W* w, const uint16_t* sc, const float* x, float* y, int64
 }
 
 // x (m, in) float32 -> int16 per group of 32 (round_group16) in natural order, the groups' scales
-// and (for q4's zero term) their float32 sums; `in` a multiple of 32
+// and, with `sums` (q4's zero term), their float32 sums; `in` a multiple of 32
 struct Acts16 {
   std::vector<int16_t> xq;
   std::vector<float> xsc, xs;
 };
-static Acts16 quantize_acts16(const float* x, int64_t m, int64_t in) {
+static Acts16 quantize_acts16(const float* x, int64_t m, int64_t in, bool sums) {
   const int64_t ng = in / 32;
-  Acts16 a{std::vector<int16_t>(m * in), std::vector<float>(m * ng), std::vector<float>(m * ng)};
+  Acts16 a{std::vector<int16_t>(m * in), std::vector<float>(m * ng), std::vector<float>(sums ? m * ng : 0)};
   int q[32];
   for (int64_t r = 0; r < m; ++r)
     for (int64_t g = 0; g < ng; ++g) {
-      a.xsc[r * ng + g] = round_group16(x + r * in + g * 32, q, &a.xs[r * ng + g]);
+      a.xsc[r * ng + g] = round_group16(x + r * in + g * 32, q, sums ? &a.xs[r * ng + g] : nullptr);
       for (int k = 0; k < 32; ++k) a.xq[r * in + g * 32 + k] = static_cast<int16_t>(q[k]);
     }
   return a;
 }
 using Q4Acts = Acts16;
 using Q8Acts = Acts16;
-static Q4Acts prepare_q4(const float* x, int64_t m, int64_t in) { return quantize_acts16(x, m, in); }
-static Q8Acts prepare_q8(const float* x, int64_t m, int64_t in) { return quantize_acts16(x, m, in); }
+static Q4Acts prepare_q4(const float* x, int64_t m, int64_t in) { return quantize_acts16(x, m, in, true); }
+static Q8Acts prepare_q8(const float* x, int64_t m, int64_t in) { return quantize_acts16(x, m, in, false); }
 
 // One group of 32 weights as two vectors of 16 int16 (weights 0-15, 16-31), against the group's
 // int16 activations: 8 int32 lanes of exact partial sums (VPMADDWD; |sum| < 2^24, exact as float32)
