@@ -30,7 +30,7 @@ class SSMConfig:
     state_dim: int = 16        # N
     conv_kernel: int = 4
     chunk_size: int = 64
-    impl: str = "auto"         # reference | chunked | chunk_scan | associative | hybrid | pallas | auto
+    impl: str = "auto"         # reference | chunked | chunk_scan | associative | hybrid | pallas | native | auto
 
     @property
     def d_inner(self) -> int:
@@ -45,8 +45,8 @@ class SSMConfig:
             _require(getattr(self, name) > 0, f"SSMConfig.{name} must be > 0, got {getattr(self, name)}")
         _require(self.chunk_size & (self.chunk_size - 1) == 0,
                  f"SSMConfig.chunk_size must be a power of two, got {self.chunk_size}")
-        _require(self.impl in ("reference", "chunked", "chunk_scan", "associative", "hybrid", "pallas", "auto"),
-                 f"SSMConfig.impl must be one of reference/chunked/chunk_scan/associative/hybrid/pallas/auto, "
+        _require(self.impl in ("reference", "chunked", "chunk_scan", "associative", "hybrid", "pallas", "native", "auto"),
+                 f"SSMConfig.impl must be one of reference/chunked/chunk_scan/associative/hybrid/pallas/native/auto, "
                  f"got {self.impl!r}")
         return self
 

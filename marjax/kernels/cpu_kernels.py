@@ -10,6 +10,7 @@ activations) keeps XLA's own ops.
         y = cpu_kernels.bf16_matmul(x, w)            # w (out, in) bfloat16
         q, k, v = cpu_kernels.matmuls("q4", x, [(wq, sq, zq), (wk, sk, zk), (wv, sv, zv)])   # one call
         o = cpu_kernels.attn_decode(q, k, v, n)      # q (b, h, d), cache k, v (b, S, g, d), n (b,) valid keys
+        y, h = cpu_kernels.ssd_scan(x, log_a, B, C, h0)  # the SSD recurrence over a sequence (prefill)
 
 Why a native kernel: one decode token reads every weight once, so decoding is bound by how fast
 the matrix-vector products stream their weights. XLA:CPU fuses a dequantising producer into the
@@ -18,7 +19,10 @@ the kernel uses both cores and AVX-512 (or AVX2) and streams int8 at memory spee
 Pallas cannot express such a loop here (it runs only interpreted on the CPU); an FFI custom call can.
 The attention kernel exists because XLA:CPU's batched dot copies each layer's whole K and V buffer
 into a head-major layout on every decode step, and scores every slot of the buffer; the kernel reads
-the valid prefix in place.
+the valid prefix in place. The SSD scan kernel (csrc/ssd.cc; marjax.ssm's impl "native") runs the
+recurrence over a whole sequence with each (batch, head) state in cache: XLA's lax.scan of it
+round-trips the state through memory every token, and the chunked form's small batched products
+run far from the matmul peak on an AVX2 CPU (`marjax bench ssd`).
 
 The kernels are compiled on first use with the machine's C++ compiler (`$CXX`, else g++, c++ or
 clang++; -O3 -march=native) against the FFI headers jaxlib ships, into
@@ -50,11 +54,16 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+try:
+    import fcntl          # the build lock (POSIX; the kernels are built on Linux x86-64 only)
+except ImportError:       # pragma: no cover
+    fcntl = None
+
 __all__ = ["MAX_ROWS", "KernelStatus", "status", "available", "cpu_flags", "cpu_model", "select_isa", "ISA_FLAGS", "cache_root", "matmuls", "q8_matmul", "q4_matmul", "bf16_matmul",
-           "attn_decode"]
+           "attn_decode", "ssd_scan"]
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = (CSRC / "qgemv.cc", CSRC / "attention.cc")   # one library
+SOURCES = (CSRC / "qgemv.cc", CSRC / "attention.cc", CSRC / "ssd.cc")   # one library
 HEADERS = (CSRC / "parallel.h",)
 ENV_SWITCH = "MARJAX_CPU_KERNELS"
 ENV_CACHE = "MARJAX_CACHE_DIR"
@@ -68,7 +77,8 @@ FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 MAX_ROWS = 16
 _VMAP = "sequential"   # under jax.vmap: one call per batch element (the kernels take 2-D operands)
 _TARGETS = {"q8": ("marjax_q8_matmul", "MarjaxQ8Matmul"), "q4": ("marjax_q4_matmul", "MarjaxQ4Matmul"),
-            "bf16": ("marjax_bf16_matmul", "MarjaxBf16Matmul"), "attn": ("marjax_attn_decode", "MarjaxAttnDecode")}
+            "bf16": ("marjax_bf16_matmul", "MarjaxBf16Matmul"), "attn": ("marjax_attn_decode", "MarjaxAttnDecode"),
+            "ssd": ("marjax_ssd_scan", "MarjaxSsdScan")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,17 +144,24 @@ def _build(cxx: str, flags: set, isa: str) -> Path:
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)     # then an atomic rename: safe
-    os.close(fd)                                                  # against concurrent builds
-    cmd = _compile_command(cxx, cxxflags, tmp)
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if r.returncode != 0:
-            raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    # one build at a time: a second process (a pytest-xdist worker) waits for the first's library
+    # instead of compiling it again beside it; the atomic rename keeps a reader from a half-written file
+    with open(out.with_suffix(".lock"), "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if out.exists():
+            return out
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        cmd = _compile_command(cxx, cxxflags, tmp)
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if r.returncode != 0:
+                raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
+            os.replace(tmp, out)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return out
 
 
@@ -287,3 +304,19 @@ def attn_decode(q: Float[Array, "b h d"], k: Float[Array, "b s g d"], v: Float[A
                          f"{n.dtype} {n.shape}")
     out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
     return jax.ffi.ffi_call(_TARGETS["attn"][0], out, vmap_method=_VMAP)(q, k, v, n.astype(jnp.int32))
+
+
+def ssd_scan(x: Float[Array, "b l h p"], log_a: Float[Array, "b l h"], B: Float[Array, "b l h n"],
+             C: Float[Array, "b l h n"], h0: Float[Array, "b h p n"]) -> tuple:
+    """The SSD recurrence h_t = exp(log_a_t) h_{t-1} + x_t B_t^T, y_t = h_t C_t over the whole
+    sequence, from state h0, in float32 -> (y (b, l, h, p), final state (b, h, p, n)). No
+    derivative (marjax.ssm's impl "native" pairs it with the chunked form's)."""
+    _require_available()
+    if x.ndim != 4 or log_a.shape != x.shape[:3] or B.ndim != 4 or B.shape[:3] != x.shape[:3] or C.shape != B.shape \
+            or h0.shape != (x.shape[0], x.shape[2], x.shape[3], B.shape[3]):
+        raise ValueError(f"expected x (b, l, h, p), log_a (b, l, h), B and C (b, l, h, n), h0 (b, h, p, n), got "
+                         f"{x.shape}, {log_a.shape}, {B.shape}, {C.shape}, {h0.shape}")
+    if any(a.dtype != jnp.float32 for a in (x, log_a, B, C, h0)):
+        raise ValueError(f"expected float32 operands, got {[str(a.dtype) for a in (x, log_a, B, C, h0)]}")
+    out = (jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct(h0.shape, jnp.float32))
+    return tuple(jax.ffi.ffi_call(_TARGETS["ssd"][0], out, vmap_method=_VMAP)(x, log_a, B, C, h0))

@@ -20,16 +20,18 @@ import json
 import statistics
 import sys
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from marjax.errors import MarjaxError
+from marjax.kernels import cpu_kernels
 from marjax.ssm import associative as assoc_mod
-from marjax.ssm.api import DEFAULT_CHUNK, IMPLS, auto_choice, effective_chunk, ssd
+from marjax.ssm.api import AUTO_TABLE, DEFAULT_CHUNK, IMPLS, auto_choice, effective_chunk, ssd
 
-__all__ = ["main", "scan_baseline", "minimal_baseline", "bench_length"]
+__all__ = ["main", "scan_baseline", "minimal_baseline", "bench_length", "auto_native_from"]
 
 BASELINES = ("scan", "minimal")
 MINIMAL_BLOCK = 64
@@ -48,6 +50,18 @@ def scan_baseline(x, log_a, B, C):
     _, ys = lax.scan(step, jnp.zeros((b, h, p, B.shape[-1]), x.dtype),
                      (time_major(x), time_major(log_a), time_major(B), time_major(C)))
     return jnp.moveaxis(ys, 0, 1)
+
+
+def auto_native_from() -> Optional[int]:
+    """The length above which impl="auto" runs "native" on the CPU (AUTO_TABLE), None if never."""
+    below = 0
+    for max_len, impl, _ in AUTO_TABLE["cpu"]:
+        if impl == "native":
+            return below
+        if max_len is None:
+            return None
+        below = max_len
+    return None
 
 
 def _segsum(a):
@@ -177,6 +191,11 @@ def main(argv=None) -> int:
     device = f"{dev.platform}:{getattr(dev, 'device_kind', '')}"
     print(f"# ssd benchmark, backend {jax.default_backend()}, device {device}, b={a.batch} h={a.heads} "
           f"p={a.head_dim} n={a.state} {a.dtype}, median of {a.repeats} interleaved rounds")
+    # built (or loaded) before any timing, so a first build is no impl's compile time
+    kernels = cpu_kernels.status() if on_cpu else None
+    if kernels is not None:
+        print(f"# marjax CPU kernels (impl native; auto above {auto_native_from()} tokens): "
+              f"{kernels.reason if kernels.available else 'unavailable, ' + kernels.reason}")
     print("# speedup = faster baseline's time / impl time (> 1: faster), median (min in parentheses); "
           "compile s apart; MiB = XLA temp+output")
     print("| L | impl | fwd speedup | fwd+bwd speedup | fwd CPU-time speedup | fwd+bwd CPU-time speedup | "
@@ -233,7 +252,9 @@ def main(argv=None) -> int:
         sys.stdout.flush()
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"backend": jax.default_backend(), "device": device, "records": records}, f, indent=1)
+            json.dump({"backend": jax.default_backend(), "device": device, "records": records,
+                       "cpu_kernels": None if kernels is None else {"available": kernels.available, "isa": kernels.isa,
+                                                                   "reason": kernels.reason}}, f, indent=1)
         print(f"wrote {a.json}")
     return 0
 

@@ -394,3 +394,68 @@ def test_the_other_build_compiles_and_agrees(tmp_path):
         dis = subprocess.run(["objdump", "-d", str(tmp_path / "k.so")], capture_output=True, text=True)
         if dis.returncode == 0:
             assert "vpdpbusd" in dis.stdout
+
+
+def _np_ssd(x, log_a, B, C, h0):
+    """The SSD recurrence token by token in float64 numpy: y (b, l, h, p), final state (b, h, p, n)."""
+    x, log_a, B, C, S = (np.asarray(a, np.float64) for a in (x, log_a, B, C, h0))
+    y = np.zeros(x.shape)
+    for t in range(x.shape[1]):
+        S = np.exp(log_a[:, t])[..., None, None] * S + x[:, t, :, :, None] * B[:, t, :, None, :]
+        y[:, t] = np.einsum("bhpn,bhn->bhp", S, C[:, t])
+    return y, S
+
+
+def _ssd_inputs(b, l, h, p, n, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(b, l, h, p)).astype(np.float32),
+            -np.log1p(np.exp(rng.normal(size=(b, l, h)))).astype(np.float32),     # -softplus: log decays < 0
+            (rng.normal(size=(b, l, h, n)) / np.sqrt(n)).astype(np.float32),
+            rng.normal(size=(b, l, h, n)).astype(np.float32),
+            rng.normal(size=(b, h, p, n)).astype(np.float32))
+
+
+# (b, l, h, p, n): 8-wide state rows in groups of 4 and single rows (p = 6), rows of no multiple of
+# 8 (the scalar loop), one token, and more (batch, head) pairs than cores
+SSD_CASES = [(2, 50, 3, 6, 64), (1, 9, 2, 5, 13), (1, 1, 1, 1, 8), (3, 33, 4, 8, 16)]
+
+
+@pytest.mark.parametrize("b,l,h,p,n", SSD_CASES)
+def test_ssd_scan_matches_numpy(b, l, h, p, n):
+    args = _ssd_inputs(b, l, h, p, n, seed=l + n)
+    y, s = jax.jit(cpu_kernels.ssd_scan)(*map(jnp.asarray, args))
+    y_want, s_want = _np_ssd(*args)
+    assert y.shape == (b, l, h, p) and s.shape == (b, h, p, n)
+    np.testing.assert_allclose(np.asarray(y), y_want, rtol=1e-5, atol=1e-5 * np.max(np.abs(y_want)))
+    np.testing.assert_allclose(np.asarray(s), s_want, rtol=1e-5, atol=1e-5 * np.max(np.abs(s_want)))
+
+
+def test_ssd_scan_argument_errors():
+    x, a, B, C, h0 = map(jnp.asarray, _ssd_inputs(1, 4, 2, 3, 8))
+    with pytest.raises(ValueError, match="h0"):
+        cpu_kernels.ssd_scan(x, a, B, C, h0[..., :4])
+    with pytest.raises(ValueError, match="float32"):
+        cpu_kernels.ssd_scan(x.astype(jnp.bfloat16), a, B, C, h0)
+
+
+def test_auto_ssd_routes_long_sequences_to_the_kernel():
+    """impl="auto" on the CPU: the chunk scan up to 256 tokens (the pipeline's results), the kernel
+    above for values; its gradient is the chunk scan's; a program lowered for TPU holds no kernel."""
+    from marjax import ssm
+    assert ssm.auto_choice("cpu", 256) == ("chunk_scan", 32) and ssm.auto_choice("cpu", 257) == ("native", 32)
+    x, a, B, C, h0 = map(jnp.asarray, _ssd_inputs(1, 300, 2, 8, 16, seed=5))
+    f = lambda *z: ssm.ssd(*z, initial_state=h0, impl="auto", return_final_state=True)   # noqa: E731
+    assert "marjax_ssd_scan" in jax.jit(f).lower(x, a, B, C).as_text()
+    assert "marjax_ssd_scan" not in jax.jit(f).lower(x[:, :256], a[:, :256], B[:, :256], C[:, :256]).as_text()
+    y, s = jax.jit(f)(x, a, B, C)
+    y_want, s_want = _np_ssd(x, a, B, C, h0)
+    np.testing.assert_allclose(np.asarray(y), y_want, rtol=1e-4, atol=1e-4 * np.max(np.abs(y_want)))
+    np.testing.assert_allclose(np.asarray(s), s_want, rtol=1e-4, atol=1e-4 * np.max(np.abs(s_want)))
+    loss = lambda impl: (lambda *z: jnp.sum(jnp.sin(ssm.ssd(*z, initial_state=h0, impl=impl, chunk_size=32))))  # noqa: E731
+    g = jax.jit(jax.grad(loss("native"), argnums=(0, 1, 2, 3)))(x, a, B, C)
+    g_want = jax.jit(jax.grad(loss("reference"), argnums=(0, 1, 2, 3)))(x, a, B, C)
+    for got, want in zip(g, g_want):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(want))))
+    spec = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    exp = jax.export.export(jax.jit(lambda x: ssm.ssd(x, a, B, C, impl="native")), platforms=["tpu"])(spec)
+    assert "marjax_ssd_scan" not in exp.mlir_module()

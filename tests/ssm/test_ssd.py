@@ -20,8 +20,9 @@ IMPL_CASES = [
     ("hybrid", {"chunk_size": 16}),
     ("pallas", {"chunk_size": 16}),
     ("auto", {"chunk_size": 16}),
+    ("native", {"chunk_size": 16}),    # the CPU kernel where built (tests/kernels), else the chunk scan
 ]
-IDS = ["chunked-scan", "chunked-assoc", "chunked-q4", "chunk_scan", "associative", "hybrid", "pallas", "auto"]
+IDS = ["chunked-scan", "chunked-assoc", "chunked-q4", "chunk_scan", "associative", "hybrid", "pallas", "auto", "native"]
 
 
 def make_inputs(b=2, l=37, h=3, p=8, n=4, dtype=jnp.float32, seed=0, decay_scale=1.0):
@@ -106,7 +107,7 @@ def test_chunk_scan_unroll_matches_reference(f32_case, unroll):
         close(got, want, 1e-4)
 
 
-@pytest.mark.parametrize("impl,kw", [IMPL_CASES[0], IMPL_CASES[6]], ids=["chunked", "pallas"])
+@pytest.mark.parametrize("impl,kw", [IMPL_CASES[0], IMPL_CASES[6], IMPL_CASES[8]], ids=["chunked", "pallas", "native"])
 def test_bf16_matches_reference(impl, kw):
     inp = make_inputs(l=21, dtype=jnp.bfloat16, seed=1)
     y_ref, s_ref = run(inp, "reference")
@@ -128,7 +129,7 @@ def test_bf16_close_to_f32_oracle():
     close(s16, s32, 5e-2)
 
 
-@pytest.mark.parametrize("impl", ["chunked", "chunk_scan", "reference", "pallas"])
+@pytest.mark.parametrize("impl", ["chunked", "chunk_scan", "reference", "pallas", "native"])
 def test_state_carry_two_calls_equal_one(impl):
     inp = make_inputs(l=37, seed=3)
     y_all, s_all = run(inp, impl)
@@ -145,7 +146,7 @@ def test_strong_decays_stay_accurate():
     # log decays down to about -20 per token: cumsum-difference segsums would lose precision here
     inp = make_inputs(l=40, seed=4, decay_scale=8.0)
     y_ref, s_ref = run(inp, "reference")
-    for impl, kw in (IMPL_CASES[0], IMPL_CASES[3], IMPL_CASES[4], IMPL_CASES[6]):
+    for impl, kw in (IMPL_CASES[0], IMPL_CASES[3], IMPL_CASES[4], IMPL_CASES[6], IMPL_CASES[8]):
         y, s = run(inp, impl, **kw)
         close(y, y_ref, 1e-4)
         close(s, s_ref, 1e-4)
@@ -162,7 +163,7 @@ def test_materialize_mixer_matches_reference():
     close(y_mix, y_ref, 1e-5)
 
 
-@pytest.mark.parametrize("impl", ["chunked", "chunk_scan", "pallas", "auto"])
+@pytest.mark.parametrize("impl", ["chunked", "chunk_scan", "pallas", "auto", "native"])
 def test_vmap_and_jit(impl):
     inp = make_inputs(b=1, l=13, seed=6)
     args = [jnp.stack([inp[k], 0.5 * inp[k]]) for k in ("x", "log_a", "B", "C")]

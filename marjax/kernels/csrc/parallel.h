@@ -24,14 +24,13 @@
 
 namespace marjax {
 
-#if !MARJAX_AVX512
-// the sum of a vector's 8 lanes (the AVX2 build's reduction, qgemv.cc and attention.cc)
+// the sum of a vector's 8 lanes (the AVX2 build's reduction in qgemv.cc and attention.cc; ssd.cc's
+// 8-wide loops in both builds)
 inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
-#endif
 
 struct Progress {
   std::atomic<int64_t> next{0};
