@@ -324,6 +324,33 @@ def test_status_off_switch_and_failed_build(monkeypatch, tmp_path):
     assert not list((tmp_path / "kernels").glob("*.so"))          # no half-written library left
 
 
+def test_concurrent_builds_compile_once(monkeypatch, tmp_path):
+    """Two processes (here threads) that find no cached library: one compiles, the other waits for
+    its file lock and loads the result instead of compiling it again beside it."""
+    import subprocess
+    import threading
+    import time
+    calls = []
+
+    def fake_compiler(cmd, **kw):          # a slow compile that writes the output file
+        calls.append(cmd)
+        time.sleep(0.5)
+        with open(cmd[-1], "wb") as f:
+            f.write(b"lib")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setenv(cpu_kernels.ENV_CACHE, str(tmp_path))
+    monkeypatch.setattr(cpu_kernels.subprocess, "run", fake_compiler)
+    out = []
+    threads = [threading.Thread(target=lambda: out.append(cpu_kernels._build("c++", {"avx2"}, "avx2")))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(out) == 2 and out[0] == out[1] and out[0].read_bytes() == b"lib"
+
+
 def test_cpu_model_and_flags_read_proc_cpuinfo(monkeypatch, tmp_path):
     """cpu_flags / cpu_model against an independent regex read of /proc/cpuinfo, and their
     fallbacks where the file is unreadable."""
