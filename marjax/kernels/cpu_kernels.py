@@ -310,7 +310,7 @@ def ssd_scan(x: Float[Array, "b l h p"], log_a: Float[Array, "b l h"], B: Float[
              C: Float[Array, "b l h n"], h0: Float[Array, "b h p n"]) -> tuple:
     """The SSD recurrence h_t = exp(log_a_t) h_{t-1} + x_t B_t^T, y_t = h_t C_t over the whole
     sequence, from state h0, in float32 -> (y (b, l, h, p), final state (b, h, p, n)). No
-    derivative (marjax.ssm's impl "native" pairs it with the chunked form's)."""
+    derivative (marjax.ssm's impl "native" pairs it with the chunk scan's vjp)."""
     _require_available()
     if x.ndim != 4 or log_a.shape != x.shape[:3] or B.ndim != 4 or B.shape[:3] != x.shape[:3] or C.shape != B.shape \
             or h0.shape != (x.shape[0], x.shape[2], x.shape[3], B.shape[3]):
