@@ -31,7 +31,7 @@ from marjax.kernels import cpu_kernels
 from marjax.ssm import associative as assoc_mod
 from marjax.ssm.api import AUTO_TABLE, DEFAULT_CHUNK, IMPLS, auto_choice, effective_chunk, ssd
 
-__all__ = ["main", "scan_baseline", "minimal_baseline", "bench_length", "auto_native_from"]
+__all__ = ["main", "scan_baseline", "minimal_baseline", "bench_length"]
 
 BASELINES = ("scan", "minimal")
 MINIMAL_BLOCK = 64
@@ -52,7 +52,7 @@ def scan_baseline(x, log_a, B, C):
     return jnp.moveaxis(ys, 0, 1)
 
 
-def auto_native_from() -> Optional[int]:
+def _auto_native_from() -> Optional[int]:
     """The length above which impl="auto" runs "native" on the CPU (AUTO_TABLE), None if never."""
     below = 0
     for max_len, impl, _ in AUTO_TABLE["cpu"]:
@@ -194,7 +194,7 @@ def main(argv=None) -> int:
     # built (or loaded) before any timing, so a first build is no impl's compile time
     kernels = cpu_kernels.status() if on_cpu else None
     if kernels is not None:
-        print(f"# marjax CPU kernels (impl native; auto above {auto_native_from()} tokens): "
+        print(f"# marjax CPU kernels (impl native; auto above {_auto_native_from()} tokens): "
               f"{kernels.reason if kernels.available else 'unavailable, ' + kernels.reason}")
     print("# speedup = faster baseline's time / impl time (> 1: faster), median (min in parentheses); "
           "compile s apart; MiB = XLA temp+output")

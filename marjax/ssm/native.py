@@ -12,38 +12,25 @@ rounding, not bit for bit with the chunk scan. Reverse mode only: jax.jvp of it 
 """
 from __future__ import annotations
 
-import functools
-
 import jax.numpy as jnp
-from jax import custom_vjp, lax, vjp
+from jax import lax
 from jaxtyping import Array, Float
 
 from marjax.kernels import cpu_kernels
 from marjax.ssm.chunked import ssd_chunk_scan
+from marjax.ssm.hybrid import values_and_vjp
 
 
-def _chunk_scan(chunk_size: int):
-    return lambda x, log_a, B, C, h0: ssd_chunk_scan(x, log_a, B, C, h0, chunk_size)
-
-
-@functools.partial(custom_vjp, nondiff_argnums=(5, 6))
-def ssd_native(x: Float[Array, "b l h p"], log_a: Float[Array, "b l h"], B: Float[Array, "b l h n"],
-               C: Float[Array, "b l h n"], h0: Float[Array, "b h p n"], chunk_size: int, inter_chunk: str = "scan"):
-    """-> (y float32 (b, l, h, p), final state float32 (b, h, p, n)); chunk_size is the chunk
-    scan's (under differentiation, off the CPU); inter_chunk is unused."""
+def _values(x: Float[Array, "b l h p"], log_a: Float[Array, "b l h"], B: Float[Array, "b l h n"],
+            C: Float[Array, "b l h n"], h0: Float[Array, "b h p n"], chunk_size: int, inter_chunk: str = "scan"):
+    """The kernel on the CPU, the chunk scan elsewhere and where the kernel is not built."""
     args = tuple(a.astype(jnp.float32) for a in (x, log_a, B, C, h0))
+    chunk_scan = lambda *a: ssd_chunk_scan(*a, chunk_size)   # noqa: E731
     if not cpu_kernels.available():
-        return _chunk_scan(chunk_size)(*args)
-    return lax.platform_dependent(*args, cpu=cpu_kernels.ssd_scan, default=_chunk_scan(chunk_size))
+        return chunk_scan(*args)
+    return lax.platform_dependent(*args, cpu=cpu_kernels.ssd_scan, default=chunk_scan)
 
 
-def _fwd(x, log_a, B, C, h0, chunk_size, inter_chunk):
-    # the vjp closure (a Partial pytree of the chunk scan's residuals) is the residual
-    return vjp(_chunk_scan(chunk_size), x, log_a, B, C, h0)
-
-
-def _bwd(chunk_size, inter_chunk, vjp_fn, cts):
-    return vjp_fn(cts)
-
-
-ssd_native.defvjp(_fwd, _bwd)
+# -> (y float32 (b, l, h, p), final state float32 (b, h, p, n)); chunk_size is the chunk scan's
+# (under differentiation, off the CPU); inter_chunk is unused
+ssd_native = values_and_vjp(_values, ssd_chunk_scan)

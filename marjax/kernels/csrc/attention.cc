@@ -28,9 +28,7 @@
 
 namespace ffi = xla::ffi;
 using marjax::parallel_rows;
-#if !MARJAX_AVX512
 using marjax::hsum8;
-#endif
 
 namespace {
 
