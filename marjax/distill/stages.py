@@ -48,15 +48,25 @@ def _orient_loss(teacher_cfg, student_cfg, distill_cfg):
     return loss_fn
 
 
+def _last_block(params: LMParams):
+    """The last layer's BlockParams, in either layout."""
+    if is_unrolled(params):
+        return params.blocks[-1]
+    return jax.tree.map(lambda a: a[-1], params.blocks)
+
+
 def _align_loss(teacher_cfg, student_cfg, distill_cfg):
     def loss_fn(student: LMParams, teacher: LMParams, batch, rng):
-        teacher = stack_layers(jax.lax.stop_gradient(teacher))   # vmapped over layers (in either layout)
-        student = stack_layers(student)
+        teacher = jax.lax.stop_gradient(teacher)
+        student = stack_layers(student)     # vmapped over layers (a traced stack in the unrolled layout)
         ids = batch["inputs"]
         pos = _positions(ids)
         _, aux = forward(teacher, ids, teacher_cfg, taps=("prenorm",), head=False)
         x_in = aux["prenorm"][:, 0]                                           # (L, b, l, d) block inputs
-        y_t = jax.vmap(lambda p, x: block(p, x, teacher_cfg, pos)[0])(teacher.blocks, x_in)
+        # teacher block l's output is block l+1's input: the forward already holds every target but
+        # the last layer's, so only that block runs again (not all L of them)
+        y_last = block(_last_block(teacher), x_in[-1], teacher_cfg, pos)[0]
+        y_t = jnp.concatenate([x_in[1:], y_last[None]], axis=0)
         y_s = jax.vmap(lambda p, x: block(p, x, student_cfg, pos)[0])(student.blocks, x_in)
         s, c = losses.hidden_alignment_loss(y_s, y_t, batch["mask"])
         return s, c, {"align": (s, c)}

@@ -156,19 +156,23 @@ def fused_adamw(learning_rate: Callable, *, b1: float, b2: float, eps: float, we
     scalar clip / norm where optax computes g / norm * clip per element. Equal to float32
     rounding, not bit for bit (XLA may also contract the fused expressions differently).
     On the 158M-parameter SmolLM2 student an update takes about 0.6x the chain's time
-    (`marjax bench step`, row "adamw update"). One count replaces the chain's three."""
+    (`marjax bench step`, row "adamw update"). One count replaces the chain's three.
+
+    `tx.update(grads, state, params, grad_norm=n)`: n is the global norm of `grads`, already
+    computed by the caller (the train step has it), so clipping does not sum the gradients again;
+    other extra args are ignored (optax.GradientTransformationExtraArgs)."""
     def init(params):
         zeros = lambda: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
         return AdamWState(count=jnp.zeros([], jnp.int32), mu=zeros(), nu=zeros())
 
-    def update(grads, state, params=None):
+    def update(grads, state, params=None, *, grad_norm=None, **extra_args):
         if params is None:
             raise ConfigError("fused_adamw needs the params (weight decay): tx.update(grads, state, params)")
         count = optax.safe_increment(state.count)
         bc1, bc2 = 1 - b1 ** count, 1 - b2 ** count
         step_size = -1 * learning_rate(state.count)   # the schedule sees the count before this update
         if clip_norm > 0:   # a scalar factor, not optax's per-element select of g / norm * clip
-            g_norm = optax.global_norm(grads)
+            g_norm = optax.global_norm(grads) if grad_norm is None else grad_norm
             scale = jnp.where(g_norm < clip_norm, 1.0, clip_norm / g_norm)
         decays = decay_mask(params)
 
@@ -187,4 +191,4 @@ def fused_adamw(learning_rate: Callable, *, b1: float, b2: float, eps: float, we
         pick = lambda i: jax.tree.map(lambda o: o[i], out, is_leaf=lambda x: type(x) is _LeafUpdate)  # noqa: E731
         return pick(0), AdamWState(count=count, mu=pick(1), nu=pick(2))
 
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformationExtraArgs(init, update)

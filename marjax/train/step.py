@@ -149,6 +149,18 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
+    def mean_loss(params, teacher, mb, key):
+        # one micro-batch: the mean's gradient directly (the 1/count scales the backward's first
+        # cotangent) instead of a pass over every gradient to divide it afterwards
+        loss_sum, (count, metrics) = micro_loss(params, teacher, mb, key)
+        return loss_sum / jnp.maximum(jax.lax.stop_gradient(count), 1e-9), (loss_sum, count, metrics)
+
+    mean_grad_fn = jax.value_and_grad(mean_loss, has_aux=True)
+    # the step's grad norm goes to optimizers that take extra args (fused_adamw clips with it
+    # instead of summing every gradient again inside the update's lax.cond)
+    norm_kw = (lambda norm: {"grad_norm": norm}) if isinstance(optimizer, optax.GradientTransformationExtraArgs) \
+        else (lambda norm: {})
+
     def step(state: TrainState, teacher, batch, skips=None):
         teacher = jax.lax.stop_gradient(teacher)
         rng, step_key = jax.random.split(state.rng)
@@ -167,8 +179,9 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
 
         first = jax.tree.map(lambda x: x[0], batch)
         if accum_steps == 1:   # no scan: it would zero-fill and add a params-sized accumulator
-            (loss_sum, (count, metrics)), g_sum = grad_fn(state.params, teacher, first,
-                                                          jax.random.fold_in(step_key, 0))
+            (_, (loss_sum, count, metrics)), grads = mean_grad_fn(state.params, teacher, first,
+                                                                  jax.random.fold_in(step_key, 0))
+            grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
         else:
             _, (_, m_shape) = jax.eval_shape(micro_loss, state.params, teacher, first, step_key)
             zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), t)  # noqa: E731
@@ -176,16 +189,15 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
             g0 = jax.lax.with_sharding_constraint(g0, shardings.state.params)   # accumulate sharded like params
             init = (g0, jnp.float32(0), jnp.float32(0), zeros(m_shape))
             (g_sum, loss_sum, count, metrics), _ = jax.lax.scan(body, init, (batch, jnp.arange(accum_steps)))
+            # d(sum loss)/d(params) over all micro-batches, divided by the total count: one big batch.
+            grads = jax.tree.map(lambda g, p: (g / jnp.maximum(count, 1e-9)).astype(p.dtype), g_sum, state.params)
 
-        # d(sum loss)/d(params) over all micro-batches, divided by the total count: one big batch.
-        safe = jnp.maximum(count, 1e-9)
-        grads = jax.tree.map(lambda g, p: (g / safe).astype(p.dtype), g_sum, state.params)
-        loss = jnp.where(count > 0, loss_sum / safe, 0.0)
+        loss = jnp.where(count > 0, loss_sum / jnp.maximum(count, 1e-9), 0.0)
         grad_norm = optax.global_norm(trainable_leaves(grads, mask))
 
         def update(params_opt):
             params, opt_state = params_opt
-            updates, opt_state = optimizer.update(grads, opt_state, params)
+            updates, opt_state = optimizer.update(grads, opt_state, params, **norm_kw(grad_norm))
             return optax.apply_updates(params, updates), opt_state
 
         # decided before the update (module doc): the moments are finite given the norm bound,

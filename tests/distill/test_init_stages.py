@@ -82,6 +82,49 @@ def test_stage1_losses_fall(stage):
         np.testing.assert_array_equal(sp.blocks.mlp.up, tp.blocks.mlp.up)
 
 
+@pytest.mark.parametrize("unrolled", [False, True])
+def test_align_loss_matches_a_layer_by_layer_loop(unrolled):
+    """The align stage's targets (the teacher's block outputs, read off its forward) against each
+    teacher block run again, one layer after the other; loss and gradient, in both teacher layouts."""
+    from marjax.distill.losses import hidden_alignment_loss
+    from marjax.models.lm import block, unroll_layers
+    tcfg, tp = _teacher()
+    scfg, sp = init_from_attention(tp, tcfg)
+    sp = dataclasses.replace(sp, blocks=jax.tree.map(   # students that differ from the teacher
+        lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(7), a.shape, a.dtype), sp.blocks))
+    batch = _batch(tcfg, b=2, l=12)
+    batch["mask"] = batch["mask"].at[1, 8:].set(0.0)
+    ids = batch["inputs"]
+    pos = jnp.broadcast_to(jnp.arange(ids.shape[1])[None], ids.shape)
+    n_layers = tcfg.n_layers
+
+    def loop_loss(p):
+        x = jnp.take(tp.embed, ids, axis=0)
+        y_s, y_t = [], []
+        for i in range(n_layers):
+            t_layer = jax.tree.map(lambda a: a[i], tp.blocks)
+            s_layer = jax.tree.map(lambda a: a[i], p.blocks)
+            y_s.append(block(s_layer, x, scfg, pos)[0])
+            x = block(t_layer, x, tcfg, pos)[0]
+            y_t.append(x)
+        s, c = hidden_alignment_loss(jnp.stack(y_s), jnp.stack(y_t), batch["mask"])
+        return s / c
+
+    loss_fn = make_loss("align", tcfg, scfg, DistillConfig())
+    teacher = unroll_layers(tp) if unrolled else tp
+
+    def stage_loss(p):
+        s, c, _ = loss_fn(p, teacher, batch, None)
+        return s / c
+
+    want, g_want = jax.value_and_grad(loop_loss)(sp)
+    got, g_got = jax.jit(jax.value_and_grad(stage_loss))(sp)
+    assert float(want) > 1e-3   # the students differ from the teacher: a loss to match
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_got.blocks.mixer), jax.tree.leaves(g_want.blocks.mixer)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
+
+
 def test_stage_config_errors():
     tcfg, tp = _teacher()
     scfg, _ = init_from_attention(tp, tcfg)

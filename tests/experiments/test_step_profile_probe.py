@@ -57,10 +57,13 @@ def test_summarize_shares_rates_and_host_time():
     events = [{"ph": "X", "name": "ynn_fusion.1", "dur": 4000.0}, {"ph": "X", "name": "ynn_fusion.1", "dur": 4000.0},
               {"ph": "X", "name": "wrapped_broadcast.4", "dur": 2000.0},
               {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 1e6},          # runtime wrapper: dropped
+              {"ph": "X", "name": "cond.97", "dur": 7e5},                          # a conditional's span: dropped
+              {"ph": "X", "name": "cond_fusion.3", "dur": 0.0},                    # a fusion named cond_: kept
               {"ph": "X", "name": "PjitFunction(jit(step))", "dur": 500.0},       # not in the HLO: host
               {"ph": "i", "name": "dot.6", "dur": 9e9}]                            # not a complete event
     tot, cnt = P.op_times(events)
     assert "ThunkExecutor::Execute" not in tot and "dot.6" not in tot and cnt["ynn_fusion.1"] == 2
+    assert "cond.97" not in tot and "cond_fusion.3" in tot
     res = P.summarize(tot, cnt, P.hlo_ops(HLO), steps=2, top=5)
     assert res["kinds"]["products"]["share"] == pytest.approx(0.8)
     assert res["kinds"]["zero-fill"]["ms_per_step"] == pytest.approx(1.0)

@@ -67,3 +67,22 @@ def test_fused_adamw_needs_params():
     p = {"w": jnp.ones((2, 2))}
     with pytest.raises(ConfigError, match="needs the params"):
         tx.update(p, tx.init(p))
+
+
+def test_fused_adamw_clips_with_a_given_grad_norm():
+    """The train step hands its grad norm to the update (no second sum over the gradients):
+    the same update as the norm computed inside, and a different one for a different norm."""
+    tc = TrainConfig(lr=1e-2, warmup=0, steps=3, clip_norm=0.5, weight_decay=0.1)
+    params = init_params(jax.random.PRNGKey(0), preset("tiny-ssm"))
+    tx = make_optimizer(tc, params)
+    grads = jax.tree.map(lambda x: jnp.ones_like(x), params)
+    norm = optax.global_norm(grads)
+    state = tx.init(params)
+    inside, _ = jax.jit(tx.update)(grads, state, params)
+    given, _ = jax.jit(lambda g, s, p, n: tx.update(g, s, p, grad_norm=n))(grads, state, params, norm)
+    other, _ = jax.jit(lambda g, s, p, n: tx.update(g, s, p, grad_norm=n))(grads, state, params, 4 * norm)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), inside, given)
+    # clipping scales g by clip / norm; Adam's first step normalises that away, except against eps
+    # and the decay term, so a 4x larger norm moves the decayed leaves' updates measurably
+    diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), inside, other)
+    assert max(jax.tree.leaves(diffs)) > 0
