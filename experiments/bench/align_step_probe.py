@@ -23,7 +23,6 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 
-import marjax.app.bench_step as bench_step  # noqa: E402
 from marjax.app.bench_step import _batch, train_step_runner  # noqa: E402
 from marjax.app.benchkit import header_line, machine_info  # noqa: E402
 from marjax.app.pipeline import PIPELINES  # noqa: E402
@@ -51,13 +50,9 @@ def before_align_loss(teacher_cfg, student_cfg, distill_cfg):
 
 
 def runner(which: str, t_cfg, t_params, s_cfg, s_params, batch, pc):
-    make = stages.make_loss if which == "now" else (lambda st, t, s, d: before_align_loss(t, s, d))
-    bench_step.make_loss = make          # train_step_runner builds the step from this name
     distill = dataclasses.replace(pc.distill, trainable="mixer")
-    try:
-        return train_step_runner("align", t_cfg, t_params, s_cfg, s_params, batch, pc.train, distill)
-    finally:
-        bench_step.make_loss = stages.make_loss
+    loss_fn = None if which == "now" else before_align_loss(t_cfg, s_cfg, distill)   # None: the stage's own
+    return train_step_runner("align", t_cfg, t_params, s_cfg, s_params, batch, pc.train, distill, loss_fn=loss_fn)
 
 
 def main() -> None:

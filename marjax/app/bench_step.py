@@ -106,11 +106,12 @@ def _baseline_flops(terms: dict, t_cfg: ModelConfig, s_cfg: ModelConfig) -> dict
 
 
 def train_step_runner(stage: str, t_cfg: ModelConfig, t_params, s_cfg: ModelConfig, s_params, batch: dict,
-                      train_cfg: TrainConfig, distill_cfg):
+                      train_cfg: TrainConfig, distill_cfg, loss_fn=None):
     """The real train step of `stage` as the trainer builds it, in train_cfg.layer_layout:
     (run, compile seconds, student params, placed teacher params). run() applies one step to the
     donated state and returns the loss; the student and teacher come back in the step's layout (for
-    the baselines timed beside it). `run.compiled` is the compiled step (its HLO, for the probes)."""
+    the baselines timed beside it). `run.compiled` is the compiled step (its HLO, for the probes).
+    `loss_fn` (default: the stage's `make_loss`) replaces the loss, for probes that time another."""
     mesh = make_mesh(train_cfg.mesh)
     mask = trainable_mask(s_params, distill_cfg.trainable)
     s_params, mask, t_params = RunLayout(train_cfg.layer_layout, mesh, None, train_cfg.teacher_layout).inputs(
@@ -119,7 +120,8 @@ def train_step_runner(stage: str, t_cfg: ModelConfig, t_params, s_cfg: ModelConf
     state = init_state(shard_params(s_params, mesh, copy=True), tx, train_cfg.seed, mesh)
     teacher = shard_params(t_params, mesh)
     sh = make_step_shardings(state, teacher, batch, mesh)
-    step = make_train_step(make_loss(stage, t_cfg, s_cfg, distill_cfg), tx, mesh, sh, accum_steps(train_cfg),
+    loss_fn = make_loss(stage, t_cfg, s_cfg, distill_cfg) if loss_fn is None else loss_fn
+    step = make_train_step(loss_fn, tx, mesh, sh, accum_steps(train_cfg),
                            trainable=mask, compute_dtype=train_cfg.compute_dtype,
                            param_bound=param_bound(train_cfg), max_skips=0)   # gated as marjax.train.loop runs it
     dev_batch = jax.device_put(batch, sh.batch)

@@ -106,6 +106,11 @@ def cast_floating(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
+def _per_count(total, count):
+    """A (sum, count) pair's mean; 0 / 0 reads 0 (a batch with no counted token)."""
+    return total / jnp.maximum(count, 1e-9)
+
+
 def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, mesh: Mesh,
                     shardings: StepShardings, accum_steps: int = 1, *, trainable=None,
                     compute_dtype: Optional[str] = None, donate: bool = True,
@@ -153,13 +158,12 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
         # one micro-batch: the mean's gradient directly (the 1/count scales the backward's first
         # cotangent) instead of a pass over every gradient to divide it afterwards
         loss_sum, (count, metrics) = micro_loss(params, teacher, mb, key)
-        return loss_sum / jnp.maximum(jax.lax.stop_gradient(count), 1e-9), (loss_sum, count, metrics)
+        return _per_count(loss_sum, jax.lax.stop_gradient(count)), (loss_sum, count, metrics)
 
     mean_grad_fn = jax.value_and_grad(mean_loss, has_aux=True)
     # the step's grad norm goes to optimizers that take extra args (fused_adamw clips with it
     # instead of summing every gradient again inside the update's lax.cond)
-    norm_kw = (lambda norm: {"grad_norm": norm}) if isinstance(optimizer, optax.GradientTransformationExtraArgs) \
-        else (lambda norm: {})
+    pass_norm = isinstance(optimizer, optax.GradientTransformationExtraArgs)
 
     def step(state: TrainState, teacher, batch, skips=None):
         teacher = jax.lax.stop_gradient(teacher)
@@ -190,14 +194,15 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
             init = (g0, jnp.float32(0), jnp.float32(0), zeros(m_shape))
             (g_sum, loss_sum, count, metrics), _ = jax.lax.scan(body, init, (batch, jnp.arange(accum_steps)))
             # d(sum loss)/d(params) over all micro-batches, divided by the total count: one big batch.
-            grads = jax.tree.map(lambda g, p: (g / jnp.maximum(count, 1e-9)).astype(p.dtype), g_sum, state.params)
+            grads = jax.tree.map(lambda g, p: _per_count(g, count).astype(p.dtype), g_sum, state.params)
 
-        loss = jnp.where(count > 0, loss_sum / jnp.maximum(count, 1e-9), 0.0)
+        loss = jnp.where(count > 0, _per_count(loss_sum, count), 0.0)
         grad_norm = optax.global_norm(trainable_leaves(grads, mask))
 
         def update(params_opt):
             params, opt_state = params_opt
-            updates, opt_state = optimizer.update(grads, opt_state, params, **norm_kw(grad_norm))
+            extra = {"grad_norm": grad_norm} if pass_norm else {}
+            updates, opt_state = optimizer.update(grads, opt_state, params, **extra)
             return optax.apply_updates(params, updates), opt_state
 
         # decided before the update (module doc): the moments are finite given the norm bound,
