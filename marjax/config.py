@@ -270,6 +270,10 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     save_every: int = 50
+    save_interval_s: float = 0.0     # a save_every step saves only when this many seconds of training passed
+                                     # since the last save (or the start): a run of short stages is not
+                                     # paced by its disk (a SmolLM2 kd state is 1.7 GB, 10-20 s to write
+                                     # on the CPU VM). The last step always saves. 0: every save_every step
     keep: int = 2
     compute_dtype: str = "float32"   # bfloat16: student forward/backward in bf16, f32 master params
     mesh: MeshConfig = field(default_factory=MeshConfig)

@@ -128,6 +128,9 @@ def _check_tcfg(train_cfg: TrainConfig) -> int:
         v = getattr(train_cfg, name, 1)
         if not isinstance(v, int) or v < 1:
             raise ConfigError(f"TrainConfig.{name} must be an integer >= 1, got {v!r}")
+    interval = getattr(train_cfg, "save_interval_s", 0.0)
+    if not isinstance(interval, (int, float)) or not math.isfinite(interval) or interval < 0:
+        raise ConfigError(f"TrainConfig.save_interval_s must be a number >= 0 (seconds), got {interval!r}")
     if getattr(train_cfg, "nonfinite", "stop") not in ("stop", "skip"):
         raise ConfigError(f"TrainConfig.nonfinite must be 'stop' or 'skip', got {train_cfg.nonfinite!r}")
     check_layout(getattr(train_cfg, "layer_layout", "stacked"))
@@ -263,8 +266,15 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, train_cf
     # TrainConfig.max_skips non-finite updates in a row are allowed under "skip", none under "stop"
     limit = train_cfg.max_skips if policy == "skip" else 0
 
+    t_saved = t_run
+    interval = float(getattr(train_cfg, "save_interval_s", 0.0))
+
     def saves_at(s: int) -> bool:
-        return s % train_cfg.save_every == 0 or s == train_cfg.steps
+        """Whether update s is checkpointed: the last one always, a save_every one once
+        save_interval_s seconds have passed since the last save. Decided once per update."""
+        if s == train_cfg.steps:
+            return True
+        return s % train_cfg.save_every == 0 and time.perf_counter() - t_saved >= interval
 
     def log(s: int, i: int, with_eval: bool = False) -> dict:
         """The record for update s (0-based index i: its learning rate)."""
@@ -275,9 +285,10 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, train_cf
         _append(metrics_path, rec)
         return rec
 
-    def settle(s: int, res, n_tok: int) -> None:
+    def settle(s: int, res, n_tok: int, save_now: bool = False) -> None:
         """Read update s's results (the one host sync per update, made once update s + 1 is
-        queued behind it, or at once before a save): count, log, skip or stop."""
+        queued behind it, or at once before a save: save_now, which also evaluates): count,
+        log, skip or stop."""
         nonlocal tokens_total, skips, last_grad_norm, iv
         res = jax.device_get(res)
         tokens_total += n_tok              # consumed, trained on or skipped
@@ -299,7 +310,6 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, train_cf
             skips = 0
             iv.add(res, n_tok)
             last_grad_norm = _f(res["grad_norm"])
-        save_now = saves_at(s)
         if (s % train_cfg.log_every == 0 or save_now or s == 1) and iv.count:
             history.append(log(s, s - 1, with_eval=save_now))
             iv = _Interval()
@@ -354,11 +364,11 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, train_cf
             pending = (s, res, n_tok * n_proc)
             save_now = saves_at(s)
             if save_now or not ahead:
-                settle(*pending)
+                settle(*pending, save_now=save_now)
                 pending = None
             if save_now:
                 _save(ck, s, state, data_iter, meta, _ckpt_metrics(history, best_metric), metrics_path, lay)
-                last_saved = s
+                last_saved, t_saved = s, time.perf_counter()
     finally:
         if bar is not None:
             bar.close()

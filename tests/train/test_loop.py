@@ -273,6 +273,23 @@ def test_dispatch_ahead_refuses_other_values(tmp_path):
 
 
 @pytest.mark.parametrize("ahead", ["on", "off"])
+def test_save_interval_skips_cadence_saves_that_come_too_soon(tmp_path, ahead):
+    """save_every=2 saves 2, 4, 6; with a save interval no run this short reaches, only the last
+    step saves, and the run ends where the other does (saving changes nothing)."""
+    runs = {}
+    for interval in (0.0, 1e6):
+        out = tmp_path / str(interval)
+        runs[interval], _ = train(ce_loss(CFG), _params(), None, grain_iter(4),
+                                  tcfg(save_every=2, keep=5, save_interval_s=interval, dispatch_ahead=ahead), out,
+                                  model_meta=META, progress=False)
+        assert _steps(out) == ([2, 4, 6] if interval == 0 else [6])
+    _assert_trees_close(runs[0.0], runs[1e6], rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="save_interval_s must be a number >= 0"):
+        train(ce_loss(CFG), _params(), None, grain_iter(4), tcfg(save_interval_s=-1.0), tmp_path / "bad",
+              model_meta=META, progress=False)
+
+
+@pytest.mark.parametrize("ahead", ["on", "off"])
 def test_logged_throughput_matches_the_clock(tmp_path, ahead):
     """tokens_per_s of each log interval agrees with the tokens over the records' own clock: a
     device computation while logging (the lr schedule once was) waits behind the update queued
