@@ -71,6 +71,26 @@ def load(path: str):
     return pc.validate(), variants, [int(p) for p in perturbations]
 
 
+def write_tables(out: Path, pc, variants, perts, runs: dict) -> None:
+    """kd_sensitivity.{json,md} from the runs so far (a variant's missing perturbations are left out)."""
+    rows = []
+    for v in variants:
+        ps = [runs[f"{v['name']}/{s}"]["ppl"] for s in perts if f"{v['name']}/{s}" in runs]
+        if not ps:
+            continue
+        rows.append({"variant": v["name"], "lr_mult": v.get("lr_mult", 1.0), "warmup": v.get("warmup"),
+                     "ppl": ps, "median": statistics.median(ps), "max_over_min": max(ps) / min(ps)})
+    res = {"config": json.loads(json.dumps(dataclasses.asdict(pc), default=str)), "variants": variants,
+           "perturbations": perts, "rows": rows, "backend": jax.default_backend(), "jax_version": jax.__version__}
+    (out / "kd_sensitivity.json").write_text(json.dumps(res, indent=1))
+    lines = ["| kd variant | lr x | warmup | dense SSM ppl per perturbation | median | max / min |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['lr_mult']} | {r['warmup'] or 'recipe'} | "
+                     f"{', '.join(f'{p:.1f}' for p in r['ppl'])} | {r['median']:.1f} | {r['max_over_min']:.3f} |")
+    (out / "kd_sensitivity.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="experiments/configs/kd_sensitivity.toml")
@@ -111,21 +131,9 @@ def main(argv=None) -> int:
                          "wall_s": time.time() - t}
             print(key, runs[key], flush=True)
             runs_path.write_text(json.dumps(runs, indent=1))
+            write_tables(out, pc, variants, perts, runs)
 
-    rows = []
-    for v in variants:
-        ps = [runs[f"{v['name']}/{s}"]["ppl"] for s in perts if f"{v['name']}/{s}" in runs]
-        rows.append({"variant": v["name"], "lr_mult": v.get("lr_mult", 1.0), "warmup": v.get("warmup"),
-                     "ppl": ps, "median": statistics.median(ps), "max_over_min": max(ps) / min(ps)})
-    res = {"config": json.loads(json.dumps(dataclasses.asdict(pc), default=str)), "variants": variants,
-           "perturbations": perts, "rows": rows, "backend": jax.default_backend(), "jax_version": jax.__version__}
-    (out / "kd_sensitivity.json").write_text(json.dumps(res, indent=1))
-    lines = ["| kd variant | lr x | warmup | dense SSM ppl per perturbation | median | max / min |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['variant']} | {r['lr_mult']} | {r['warmup'] or 'recipe'} | "
-                     f"{', '.join(f'{p:.1f}' for p in r['ppl'])} | {r['median']:.1f} | {r['max_over_min']:.3f} |")
-    (out / "kd_sensitivity.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_tables(out, pc, variants, perts, runs)
     return 0
 
 
