@@ -274,7 +274,14 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, train_cf
         save_interval_s seconds have passed since the last save. Decided once per update."""
         if s == train_cfg.steps:
             return True
-        return s % train_cfg.save_every == 0 and time.perf_counter() - t_saved >= interval
+        if s % train_cfg.save_every:
+            return False
+        due = time.perf_counter() - t_saved >= interval
+        if interval > 0 and n_proc > 1:
+            # the processes' clocks disagree near the line, and a save is collective: process 0 decides
+            from jax.experimental import multihost_utils  # late import: multi-process runs only
+            due = bool(multihost_utils.broadcast_one_to_all(np.asarray(due)))
+        return due
 
     def log(s: int, i: int, with_eval: bool = False) -> dict:
         """The record for update s (0-based index i: its learning rate)."""

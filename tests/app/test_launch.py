@@ -75,6 +75,19 @@ def _curve(out: Path):
 
 
 @pytest.mark.slow
+def test_two_processes_agree_on_a_timed_save(tmp_path):
+    """train.save_interval_s in a 2-process run: process 0's clock decides (a broadcast), so both
+    skip the step-2 save together and both save step 4; a process alone in the save would hang."""
+    env = _env()
+    _marjax(["convert", "--model", "tiny", "--out", str(tmp_path / "ssm")], env)
+    _marjax(["launch", "--processes", "2", "--log-dir", str(tmp_path / "logs"), "--", "marjax", "distill", *KD,
+             f"run.student={tmp_path / 'ssm'}", "train.micro_batch=2", "train.batch_tokens=64",
+             "train.save_interval_s=1e6", f"run.out={tmp_path / 'two'}"], env, timeout=600)
+    assert sorted(int(p.name) for p in (tmp_path / "two").iterdir() if p.name.isdigit()) == [4]
+    assert [r["step"] for r in _curve(tmp_path / "two")] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
 def test_two_processes_equal_one_process_and_resume_exactly(tmp_path):
     env = _env()
     _marjax(["convert", "--model", "tiny", "--out", str(tmp_path / "ssm")], env)
