@@ -23,7 +23,6 @@ import json
 import statistics
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import jax
@@ -34,7 +33,7 @@ import marjax
 from marjax.app import hostmem
 from marjax.app.pipeline import PIPELINES, _rc
 from marjax.app.recipe import dense_student
-from marjax.app.runner import _set, load_for_run, run_stage
+from marjax.app.runner import apply_sections, load_for_run, read_toml, run_stage
 from marjax.errors import ConfigError
 from marjax.eval.perplexity import text_perplexity
 from marjax.train.data import heldout_text
@@ -56,14 +55,12 @@ def perturb(params, seed: int):
 
 
 def load(path: str):
-    data = tomllib.loads(Path(path).read_text())
+    data = read_toml(path)
     variants = data.pop("variant", [])
     if not variants:
         raise ConfigError(f"{path}: no [[variant]] tables")
     perturbations = data.pop("perturbations", [0, 1, 2])
-    pc = PIPELINES["smollm2"]
-    for section, values in data.items():   # the same rules as `marjax pipeline --config`
-        pc = _set(pc, [section], values)
+    pc = apply_sections(PIPELINES["smollm2"], data)   # the same rules as `marjax pipeline --config`
     for v in variants:
         unknown = set(v) - {"name", "lr_mult", "warmup"}
         if unknown or "name" not in v:

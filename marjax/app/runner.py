@@ -34,8 +34,8 @@ from marjax.train.loop import train
 from marjax.train.mesh import make_mesh
 from marjax.train.memory import check_fits
 
-__all__ = ["RunConfig", "RunSection", "load_config", "load_run_config", "apply_overrides", "run_stage", "make_data",
-           "pretrain_loss", "load_for_run"]
+__all__ = ["RunConfig", "RunSection", "load_config", "load_run_config", "apply_overrides", "apply_sections",
+           "read_toml", "run_stage", "make_data", "pretrain_loss", "load_for_run"]
 
 
 @dataclass(frozen=True)
@@ -109,20 +109,29 @@ def apply_overrides(cfg, overrides):
     return cfg
 
 
+def read_toml(path) -> dict:
+    """A TOML file's tables; a missing file or invalid TOML is a ConfigError that names it."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {p} is not valid TOML: {e}") from e
+
+
+def apply_sections(cfg, data: dict):
+    """`cfg` (a frozen dataclass) updated from parsed TOML (sections = fields); unknown keys are
+    errors that name the key."""
+    for section, values in data.items():
+        cfg = _set(cfg, [section], values)
+    return cfg
+
+
 def load_config(base, path: Optional[str] = None, overrides=()):
     """`base` (a frozen dataclass) updated from a TOML file (sections = fields) and then from
     `section.key=value` overrides; unknown keys are errors that name the key."""
-    cfg = base
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {p} is not valid TOML: {e}") from e
-        for section, values in data.items():
-            cfg = _set(cfg, [section], values)
+    cfg = apply_sections(base, read_toml(path)) if path else base
     return apply_overrides(cfg, overrides)
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from marjax.app.pipeline import PIPELINES, PipelineConfig
-from marjax.app.runner import load_config
+from marjax.app.runner import apply_sections, load_config, read_toml
 from marjax.cli import main
 from marjax.errors import ConfigError
 
@@ -49,3 +49,21 @@ def test_pipeline_config_file_and_overrides(tmp_path):
         load_config(PIPELINES["tiny"], None, ["atmn.reset_grad=sometimes"]).validate()
     with pytest.raises(ConfigError, match="sbds.steps"):
         load_config(PIPELINES["tiny"], None, ["sbds.steps=0"]).validate()
+
+
+def test_read_toml_and_apply_sections(tmp_path):
+    """The two halves of load_config that scripts with tables of their own (experiments/) call."""
+    f = tmp_path / "p.toml"
+    f.write_text('[atmn]\nT = 3\n[[variant]]\nname = "x"\n')
+    data = read_toml(f)
+    assert data == {"atmn": {"T": 3}, "variant": [{"name": "x"}]}
+    del data["variant"]
+    pc = apply_sections(PIPELINES["tiny"], data)
+    assert pc.atmn.T == 3 and pc.atmn.tau == PIPELINES["tiny"].atmn.tau
+    with pytest.raises(ConfigError, match="unknown config key 'variant'"):
+        apply_sections(PIPELINES["tiny"], {"variant": [{"name": "x"}]})
+    with pytest.raises(ConfigError, match="config file not found"):
+        read_toml(tmp_path / "missing.toml")
+    f.write_text("[atmn\n")
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        read_toml(f)
