@@ -30,6 +30,7 @@ from marjax.eval.suite import evaluate
 from marjax.eval.perplexity import text_perplexity
 from marjax.eval.scoring import encode_text
 from marjax.models.lm import forward
+from marjax.train.checkpoint import BackgroundSaves
 from marjax.train.data import heldout_text
 
 __all__ = ["main", "PipelineConfig", "PIPELINES", "run_pipeline", "evaluate_models"]
@@ -121,36 +122,41 @@ def run_pipeline(pc: PipelineConfig, out: str = "results/pipeline", data_dir: st
     timings, histories = {}, {}
     t0 = time.time()
 
-    teacher = load_for_run(pc.teacher, pc.train)
-    if pc.pretrain.steps:  # tiny: train the teacher itself first
-        rc = _rc(pc, "pretrain", outp, resume)
+    # each stage's last save is written in the background while the next stage sets up and
+    # compiles (the sbds one during the evaluation); leaving the block waits for them
+    with BackgroundSaves() as saves:
+        teacher = load_for_run(pc.teacher, pc.train)
+        if pc.pretrain.steps:  # tiny: train the teacher itself first
+            rc = _rc(pc, "pretrain", outp, resume)
+            t = time.time()
+            params, histories["pretrain"] = run_stage("pretrain", None, teacher.config, teacher.params, rc,
+                                                      rc.run.out, tokenizer=teacher.tokenizer, progress=progress,
+                                                      saves=saves)
+            teacher = marjax.Model(teacher.config, params, teacher.tokenizer, rc.run.out)
+            timings["pretrain"] = time.time() - t
+
+        student_cfg, student_params = dense_student(teacher, _rc(pc, "orient", outp, resume), pc.recipe)
+        models = {"teacher": teacher}
+        for stage in ("orient", "align", "kd"):
+            rc = _rc(pc, stage, outp, resume)
+            t = time.time()
+            student_params, histories[stage] = run_stage(stage, teacher, student_cfg, student_params, rc,
+                                                         rc.run.out, progress=progress, saves=saves)
+            timings[stage] = time.time() - t
+        ssm = marjax.Model(student_cfg, student_params, teacher.tokenizer, str(outp / "kd"))
+        models["ssm"] = ssm
+
+        rc = _rc(pc, "sbds", outp, resume)
+        pcfg, pparams = spiking_student(ssm, rc, pc.recipe)
         t = time.time()
-        params, histories["pretrain"] = run_stage("pretrain", None, teacher.config, teacher.params, rc,
-                                                  rc.run.out, tokenizer=teacher.tokenizer, progress=progress)
-        teacher = marjax.Model(teacher.config, params, teacher.tokenizer, rc.run.out)
-        timings["pretrain"] = time.time() - t
+        pparams, histories["sbds"] = run_stage("sbds", ssm, pcfg, pparams, rc, rc.run.out, progress=progress, saves=saves)
+        timings["sbds"] = time.time() - t
+        models["spiking"] = marjax.Model(pcfg, pparams, teacher.tokenizer, str(outp / "sbds"))
 
-    student_cfg, student_params = dense_student(teacher, _rc(pc, "orient", outp, resume), pc.recipe)
-    models = {"teacher": teacher}
-    for stage in ("orient", "align", "kd"):
-        rc = _rc(pc, stage, outp, resume)
         t = time.time()
-        student_params, histories[stage] = run_stage(stage, teacher, student_cfg, student_params, rc, rc.run.out, progress=progress)
-        timings[stage] = time.time() - t
-    ssm = marjax.Model(student_cfg, student_params, teacher.tokenizer, str(outp / "kd"))
-    models["ssm"] = ssm
-
-    rc = _rc(pc, "sbds", outp, resume)
-    pcfg, pparams = spiking_student(ssm, rc, pc.recipe)
-    t = time.time()
-    pparams, histories["sbds"] = run_stage("sbds", ssm, pcfg, pparams, rc, rc.run.out, progress=progress)
-    timings["sbds"] = time.time() - t
-    models["spiking"] = marjax.Model(pcfg, pparams, teacher.tokenizer, str(outp / "sbds"))
-
-    t = time.time()
-    text = heldout_text(pc.data or None, tokenizer=teacher.tokenizer)
-    results = evaluate_models(models, text, pc.eval_tokens, pc.eval_window, data_dir, outp, progress=progress)
-    timings["eval"] = time.time() - t
+        text = heldout_text(pc.data or None, tokenizer=teacher.tokenizer)
+        results = evaluate_models(models, text, pc.eval_tokens, pc.eval_window, data_dir, outp, progress=progress)
+        timings["eval"] = time.time() - t
     m = results["models"]
     results.update(label=label, config=json.loads(json.dumps(dataclasses.asdict(pc), default=str)),
                    timings_s=timings, total_s=time.time() - t0,

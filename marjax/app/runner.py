@@ -168,9 +168,10 @@ def pretrain_loss(cfg: ModelConfig):
 
 
 def run_stage(stage: str, teacher_model, student_cfg: ModelConfig, student_params, rc: RunConfig,
-              out_dir: str, *, data_iter=None, tokenizer=None, progress: bool = True):
+              out_dir: str, *, data_iter=None, tokenizer=None, progress: bool = True, saves=None):
     """Train one stage; returns (student params, history). `teacher_model` is a marjax Model
-    (for 'pretrain' it may be None: the student trains on the data alone)."""
+    (for 'pretrain' it may be None: the student trains on the data alone). saves: a
+    marjax.train.checkpoint.BackgroundSaves that takes the stage's last save (marjax.train.loop.train)."""
     if stage == "pretrain":
         loss_fn, teacher_params, teacher_cfg = pretrain_loss(student_cfg), None, None
         trainable = "all"
@@ -192,7 +193,7 @@ def run_stage(stage: str, teacher_model, student_cfg: ModelConfig, student_param
         raise ConfigError(f"teacher/student vocab mismatch: {teacher_cfg.vocab_size} vs {student_cfg.vocab_size}")
     return train(loss_fn, student_params, teacher_params, data_iter, rc.train, out_dir,
                  trainable=trainable_mask(student_params, trainable), model_meta=meta,
-                 resume=rc.run.resume, progress=progress,
+                 resume=rc.run.resume, progress=progress, saves=saves,
                  async_save=not heap_kept())   # under the heap tunables an async save's copy fragments the heap
 
 

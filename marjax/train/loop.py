@@ -58,7 +58,7 @@ import numpy as np
 
 from marjax.config import TrainConfig
 from marjax.errors import CheckpointError, ConfigError, DataError, MarjaxError
-from marjax.train.checkpoint import PAUSE_ENV, PAUSE_MARKER, Checkpointer, check_compatible, pause_target
+from marjax.train.checkpoint import PAUSE_ENV, PAUSE_MARKER, BackgroundSaves, Checkpointer, check_compatible, pause_target
 from marjax.train.layout import RunLayout, check_layout, check_teacher_layout
 from marjax.train.mesh import ShardingRules, make_mesh, replicated, shard_params
 from marjax.train.optim import accum_steps as _accum_steps, lr_schedule, make_optimizer, param_bound
@@ -204,7 +204,7 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, train_cf
           trainable=None, model_meta: Optional[dict] = None, eval_fn: Optional[Callable] = None,
           resume: bool = False, progress: bool = True, mesh=None, rules: Optional[ShardingRules] = None,
           compute_dtype: Optional[str] = None, best_metric: Optional[str] = None, best_mode: str = "min",
-          async_save: bool = True):
+          async_save: bool = True, saves: Optional[BackgroundSaves] = None):
     """Train the student for train_cfg.steps updates; returns (params, history).
 
     trainable: pytree of bools like the params (None: all). model_meta: JSON-able dict saved with
@@ -214,6 +214,9 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, train_cf
       "loss") instead of the latest ones.
     compute_dtype: "bfloat16" runs the student in bf16 (float32 master params and optimizer);
       default TrainConfig.compute_dtype if that field exists, else float32.
+    saves: a marjax.train.checkpoint.BackgroundSaves: the last update's save is handed to it and
+      train returns while it is written (single-process runs; the caller waits on `saves` before
+      reading the checkpoint). train waits for a save already in flight there before its own first.
     history: the log records (dicts with step, loss, ...), including earlier ones on resume.
     """
     n_micro = _check_tcfg(train_cfg)
@@ -268,6 +271,23 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, train_cf
 
     t_saved = t_run
     interval = float(getattr(train_cfg, "save_interval_s", 0.0))
+    # a save is collective across processes: a background one would interleave with the next
+    # stage's collectives, so multi-process runs keep their last save in line
+    background = saves if n_proc == 1 else None
+    handed_off = False                     # the Checkpointer now belongs to `background`
+
+    def save(s: int) -> None:
+        """Checkpoint update s: in line, or (the last update, `background`) handed off."""
+        nonlocal handed_off
+        if saves is not None:
+            saves.wait()                   # the save before (an earlier stage's) is on disk first
+        if background is not None and s == train_cfg.steps:
+            write = _save(ck, s, state, data_iter, meta, _ckpt_metrics(history, best_metric), metrics_path, lay,
+                          deferred=True)
+            background.submit(lambda: _write_and_close(write, ck), what=f"step {s} in {out}")
+            handed_off = True
+        else:
+            _save(ck, s, state, data_iter, meta, _ckpt_metrics(history, best_metric), metrics_path, lay)
 
     def saves_at(s: int) -> bool:
         """Whether update s is checkpointed: the last one always, a save_every one once
@@ -348,7 +368,7 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, train_cf
                 if iv.count:                       # log the steps since the last record
                     history.append(log(i, i - 1))
                 if i > start and last_saved != i:
-                    _save(ck, i, state, data_iter, meta, _ckpt_metrics(history, best_metric), metrics_path, lay)
+                    save(i)
                 break
             batch = stack_micro_batches(micro)
             if step_fn is None:
@@ -374,12 +394,13 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, train_cf
                 settle(*pending, save_now=save_now)
                 pending = None
             if save_now:
-                _save(ck, s, state, data_iter, meta, _ckpt_metrics(history, best_metric), metrics_path, lay)
+                save(s)
                 last_saved, t_saved = s, time.perf_counter()
     finally:
         if bar is not None:
             bar.close()
-        ck.close()     # waits for the async save in flight
+        if not handed_off:
+            ck.close()     # waits for the async save in flight
     return lay.to_caller(state.params), history
 
 
@@ -427,14 +448,35 @@ def _ckpt_metrics(history: list, best_metric: Optional[str]) -> Optional[dict]:
 
 
 def _save(ck: Checkpointer, step: int, state, data_iter, meta: dict, metrics, metrics_path: Path,
-          lay: RunLayout) -> None:
+          lay: RunLayout, deferred: bool = False):
+    """Save update `step`; deferred: check and snapshot now (state, data position), return the
+    write as a function to call later (from another thread)."""
     # a safety net behind the step's own check: a NaN/inf never reaches a checkpoint
     bad = nonfinite_leaves((state.params, state.opt_state))
     if bad:
         _append(metrics_path, {"step": step, "status": "diverged", "event": "nonfinite_state", "leaves": bad[:5]})
         ck.wait()
         raise TrainingDiverged(step, ck.latest_step(), str(ck.directory), "n/a", f"n/a (state leaves {bad[:5]})")
-    ck.save(step, lay.to_disk(state), _data_state(data_iter), meta, metrics=metrics)
+    disk_state, data_state = lay.to_disk(state), _data_state(data_iter)
+    write = lambda: ck.save(step, disk_state, data_state, meta, metrics=metrics)  # noqa: E731
+    if deferred:
+        return write
+    write()
+    return None
+
+
+def _write_and_close(write: Callable, ck: Checkpointer) -> None:
+    """A handed-off last save: write it, then close the Checkpointer (which also finishes any
+    earlier asynchronous save) whatever happened; the first failure is the one raised."""
+    try:
+        write()
+    except BaseException:
+        try:
+            ck.close()
+        except Exception:  # noqa: BLE001 - the write's failure is the one to report
+            pass
+        raise
+    ck.close()
 
 
 def _append(path: Path, rec: dict) -> None:

@@ -3,6 +3,8 @@ trainable masks, bf16 compute."""
 import dataclasses
 import itertools
 import json
+import threading
+import time
 import warnings
 
 import grain
@@ -15,7 +17,7 @@ import pytest
 from marjax.config import MeshConfig, TrainConfig, preset
 from marjax.errors import CheckpointError, ConfigError
 from marjax.models.lm import forward, init_params
-from marjax.train.checkpoint import Checkpointer, load_model_dir
+from marjax.train.checkpoint import BackgroundSaves, Checkpointer, load_model_dir
 from marjax.train.loop import TrainingDiverged, read_metrics, train
 from marjax.train.mesh import make_mesh, shard_params
 from marjax.train.optim import accum_steps, lr_schedule, make_optimizer
@@ -453,3 +455,74 @@ def test_unrolled_layout_refusals(tmp_path):
     with pytest.raises(ConfigError, match="trains LMParams"):
         train(lambda s, t, b, r: (jnp.sum(s["w"]), 1.0, {}), {"w": jnp.ones(3)}, None, grain_iter(4),
               tcfg(layer_layout="unrolled"), tmp_path, model_meta=META, progress=False)
+
+
+def test_the_last_save_is_written_in_the_background(tmp_path, monkeypatch):
+    """With `saves`, train returns while its last save is still being written (held here on an
+    event), its mid-run save done in line; a second train waits for that save before its own
+    first one; once waited on, the checkpoint holds the returned params and resumes as finished."""
+    log, release = [], threading.Event()
+    real_save = Checkpointer.save
+
+    def save(self, step, *a, **kw):
+        log.append(("start", self.directory.name, step))
+        if (self.directory.name, step) == ("a", 6):
+            release.wait(timeout=20)       # in line, train would sit here 20 s and return after it
+        real_save(self, step, *a, **kw)
+        log.append(("end", self.directory.name, step))
+
+    monkeypatch.setattr(Checkpointer, "save", save)
+    with BackgroundSaves() as saves:
+        params, _ = train(ce_loss(CFG), _params(), None, grain_iter(4), tcfg(), tmp_path / "a",
+                          model_meta=META, progress=False, saves=saves)
+        assert saves.in_flight and ("end", "a", 6) not in log and ("end", "a", 3) in log
+        threading.Timer(1.0, release.set).start()
+        train(ce_loss(CFG), _params(), None, grain_iter(4), tcfg(), tmp_path / "b", model_meta=META,
+              progress=False, saves=saves)
+        assert log.index(("end", "a", 6)) < log.index(("start", "b", 3))
+    assert _steps(tmp_path / "a") == [3, 6]
+    _, saved, _ = load_model_dir(tmp_path / "a")
+    _assert_trees_close(saved, params, rtol=0, atol=0)
+    again, _ = train(ce_loss(CFG), _params(), None, grain_iter(4), tcfg(), tmp_path / "a", model_meta=META,
+                     progress=False, resume=True)
+    _assert_trees_close(again, params, rtol=0, atol=0)
+
+
+def test_a_failed_background_save_is_raised_by_wait(tmp_path, monkeypatch):
+    real_save = Checkpointer.save
+
+    def save(self, step, *a, **kw):
+        if step == 6:
+            raise OSError(28, "No space left on device")
+        real_save(self, step, *a, **kw)
+
+    monkeypatch.setattr(Checkpointer, "save", save)
+    saves = BackgroundSaves()
+    train(ce_loss(CFG), _params(), None, grain_iter(4), tcfg(), tmp_path, model_meta=META, progress=False,
+          saves=saves)
+    with pytest.raises(CheckpointError, match="background save of step 6 .*No space left"):
+        saves.wait()
+    saves.wait()                            # reported once
+    assert _steps(tmp_path) == [3]
+
+
+def test_background_saves_order_and_exit():
+    """submit waits for the save before; leaving a block on an exception keeps that exception
+    and warns about a failed save."""
+    order, saves = [], BackgroundSaves()
+    saves.submit(lambda: (time.sleep(0.3), order.append(1)), what="one")
+    saves.submit(lambda: order.append(2), what="two")
+    saves.wait()
+    assert order == [1, 2] and not saves.in_flight
+
+    def fail():
+        raise OSError("disk gone")
+
+    with pytest.warns(UserWarning, match="background save of two failed: OSError: disk gone"):
+        with pytest.raises(KeyError, match="the body's own"):
+            with BackgroundSaves() as s:
+                s.submit(fail, what="two")
+                raise KeyError("the body's own")
+    with pytest.raises(CheckpointError, match="disk gone"):
+        with BackgroundSaves() as s:
+            s.submit(fail, what="two")
