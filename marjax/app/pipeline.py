@@ -178,10 +178,12 @@ def evaluate_models(models: dict, text: str, max_tokens: int, window: int, data_
     for name, m in models.items():
         logits_fn = lambda x, m=m: np.asarray(marjax.logits(m, x))  # noqa: E731
         entry = {"ppl": text_perplexity(logits_fn, m.tokenizer, text, window=window, max_tokens=max_tokens)}
-        seg = jax.numpy.asarray([encode_text(m.tokenizer, text)[:window]], jax.numpy.int32)
-        _, aux = jax.jit(forward, static_argnames=("cfg", "taps", "head"))(m.params, seg, cfg=m.config,
-                                                                         taps=("spikes",), head=False)
-        firing = jax.tree.map(np.asarray, aux.get("spikes")) if m.config.is_spiking else None
+        firing = None
+        if m.config.is_spiking:      # the dense models have no spikes to count: no forward for them
+            seg = jax.numpy.asarray([encode_text(m.tokenizer, text)[:window]], jax.numpy.int32)
+            _, aux = jax.jit(forward, static_argnames=("cfg", "taps", "head"))(m.params, seg, cfg=m.config,
+                                                                             taps=("spikes",), head=False)
+            firing = jax.tree.map(np.asarray, aux.get("spikes"))
         if firing:
             entry["firing_rate"] = float(np.mean([np.mean(v["nonzero"]) for v in firing.values()]))
             entry["firing_per_site"] = {s: float(np.mean(v["nonzero"])) for s, v in firing.items()}

@@ -9,6 +9,7 @@ embeddings and the head are copied.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +72,9 @@ def init_from_attention(teacher: LMParams, teacher_cfg: ModelConfig, student_cfg
     return student_cfg, dataclasses.replace(teacher, blocks=blocks)
 
 
+# jitted: one compile of the whole fit instead of op-by-op dispatch (SmolLM2: 4.8 s against 8.5 s
+# for the first call on the CPU VM, the same bits)
+@functools.partial(jax.jit, static_argnames=("student_cfg", "teacher_cfg", "min_scale"))
 def fit_mixer_scale(student: LMParams, student_cfg: ModelConfig, teacher: LMParams, teacher_cfg: ModelConfig, ids,
                     min_scale: float = 1e-4) -> LMParams:
     """One-shot matrix orientation: per layer and head, scale C by the least-squares factor
