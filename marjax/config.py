@@ -274,6 +274,11 @@ class TrainConfig:
                                      # since the last save (or the start): a run of short stages is not
                                      # paced by its disk (a SmolLM2 kd state is 1.7 GB, 10-20 s to write
                                      # on the CPU VM). The last step always saves. 0: every save_every step
+    final_opt_state: bool = True     # the last step's checkpoint holds the optimizer state (what continuing
+                                     # the run past its last step needs); False: params, step, rng and data
+                                     # position only (a third of an Adam state's bytes), for a run that ends
+                                     # there: the pipeline's stages (each next one starts a fresh optimizer).
+                                     # Resuming such a run to a larger steps is refused
     keep: int = 2
     compute_dtype: str = "float32"   # bfloat16: student forward/backward in bf16, f32 master params
     mesh: MeshConfig = field(default_factory=MeshConfig)

@@ -83,12 +83,15 @@ PIPELINE_DISTILL = DistillConfig(rate_weight=1.0, rate_target=0.1, token_grad_cl
 # 10 minutes: a mid-stage save of the SmolLM2 state (1.7 GB) held the run up 9-22 s a stage,
 # about 1 of the pipeline's 18 minutes, to spare a crash at most half of a 1-9 minute stage.
 PIPELINE_SAVE_INTERVAL_S = 600.0
+# A stage's last checkpoint holds params, step and data position, no Adam moments (TrainConfig.
+# final_opt_state): the next stage starts a fresh optimizer, so the moments (2/3 of a kd or sbds
+# state, 1.1 GB on SmolLM2) were written for nothing; --resume skips a finished stage all the same.
 
 PIPELINES = {
     "smollm2": PipelineConfig(
         teacher="smollm2-135m-instruct", eval_tokens=4096, eval_window=128,
         train=TrainConfig(seq_len=64, micro_batch=4, batch_tokens=256, lr=3e-4, log_every=1, keep=1,
-                          save_interval_s=PIPELINE_SAVE_INTERVAL_S),
+                          save_interval_s=PIPELINE_SAVE_INTERVAL_S, final_opt_state=False),
         # 300 steps of 256 tokens (76,800: 2x issue 15's 38,400). kd 100 (was 50) makes a better
         # dense SSM, which the spiking student needs more SBDS steps (150, was 100) and a lighter
         # firing-rate term to follow. kd 150 makes a better SSM still, but SBDS 150 then leaves its
@@ -98,7 +101,7 @@ PIPELINES = {
     "tiny": PipelineConfig(
         teacher="tiny", eval_tokens=4096, eval_window=128,
         train=TrainConfig(seq_len=64, micro_batch=8, batch_tokens=512, lr=3e-3, log_every=10, keep=1,
-                          save_interval_s=PIPELINE_SAVE_INTERVAL_S),
+                          save_interval_s=PIPELINE_SAVE_INTERVAL_S, final_opt_state=False),
         # T = 1 and 240 SBDS steps: at this size the dense parts alone cost ~0.245x the teacher, and
         # only one micro-step gets the student under 0.30x at <= 1.10x its SSM (T=2, 80 steps: 1.074x
         # at 0.373x; T=1, 240 steps: 1.032x at 0.286x; experiments/README.md, "The default pipeline")

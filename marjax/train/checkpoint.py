@@ -274,9 +274,11 @@ class Checkpointer:
         return self.mgr.best_step() if self.best_metric else None
 
     # -- save / restore
-    def save(self, step: int, state, data_state: Optional[dict], meta: dict, metrics: Optional[dict] = None) -> None:
+    def save(self, step: int, state, data_state: Optional[dict], meta: dict, metrics: Optional[dict] = None,
+             opt_state: bool = True) -> None:
         """Save the train state (params separately from opt_state/step/rng), the data iterator
-        state and the metadata at `step`; updates marjax_checkpoint.json."""
+        state and the metadata at `step`; updates marjax_checkpoint.json. opt_state=False leaves
+        the optimizer state out (the end of a run nothing continues: `has_opt_state`)."""
         ocp = self._ocp
         if self.read_only:
             raise CheckpointError(f"checkpoint directory {self.directory} was opened read-only")
@@ -284,7 +286,9 @@ class Checkpointer:
             raise CheckpointError(f"best_metric {self.best_metric!r} missing from the save metrics "
                                   f"{sorted(metrics or {})}")
         meta = dict(_normalise_meta(meta), latest_step=int(step))
-        train = {"opt_state": tree_to_dict(state.opt_state), "step": state.step, "rng": state.rng}
+        train = {"step": state.step, "rng": state.rng}
+        if opt_state:
+            train["opt_state"] = tree_to_dict(state.opt_state)
         args = ocp.args.Composite(params=ocp.args.StandardSave(tree_to_dict(state.params)),
                                   train=ocp.args.StandardSave(train),
                                   data=ocp.args.JsonSave(data_state if data_state is not None else {}),
@@ -330,6 +334,10 @@ class Checkpointer:
         t_params = tree_to_dict(target.params)
         t_train = {"opt_state": tree_to_dict(target.opt_state), "step": target.step, "rng": target.rng}
         saved = self._item_metadata(step)
+        if "opt_state" not in saved["train"]:
+            raise CheckpointError(f"checkpoint {self.directory / str(step)} holds no optimizer state (saved with "
+                                  "TrainConfig.final_opt_state=False at the end of a run): only its params can be "
+                                  "read (restore_params, load_model_dir)")
         _check_against(saved["params"], t_params, "params")
         _check_against(saved["train"], t_train, "optimizer state")
         with self._reading(step):
@@ -344,6 +352,10 @@ class Checkpointer:
                            opt_state=dict_to_tree(got["train"]["opt_state"], target.opt_state, "optimizer state"),
                            rng=got["train"]["rng"])
         return state, (got["data"] or None), got["meta"]
+
+    def has_opt_state(self, step: Optional[int] = None) -> bool:
+        """Whether step (default: latest) holds the optimizer state (Checkpointer.save opt_state)."""
+        return "opt_state" in self._item_metadata(self._resolve_step(step))["train"]
 
     def restore_params(self, target_params, step: Optional[int] = None):
         """Only the params item (no optimizer state is read)."""

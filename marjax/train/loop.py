@@ -131,6 +131,8 @@ def _check_tcfg(train_cfg: TrainConfig) -> int:
     interval = getattr(train_cfg, "save_interval_s", 0.0)
     if not isinstance(interval, (int, float)) or not math.isfinite(interval) or interval < 0:
         raise ConfigError(f"TrainConfig.save_interval_s must be a number >= 0 (seconds), got {interval!r}")
+    if not isinstance(getattr(train_cfg, "final_opt_state", True), bool):
+        raise ConfigError(f"TrainConfig.final_opt_state must be true or false, got {train_cfg.final_opt_state!r}")
     if getattr(train_cfg, "nonfinite", "stop") not in ("stop", "skip"):
         raise ConfigError(f"TrainConfig.nonfinite must be 'stop' or 'skip', got {train_cfg.nonfinite!r}")
     check_layout(getattr(train_cfg, "layer_layout", "stacked"))
@@ -249,10 +251,13 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, train_cf
 
     ck = Checkpointer(out, keep=train_cfg.keep, best_metric=best_metric, best_mode=best_mode, async_save=async_save)
     try:
-        state, history = _start(ck, state, data_iter, meta, resume, out, lay)
+        state, history, finished = _start(ck, state, data_iter, meta, resume, out, lay, train_cfg.steps)
     except BaseException:
         ck.close()
         raise
+    if finished is not None:               # resumed at a last step saved without optimizer state
+        ck.close()
+        return finished, history
     start = int(jax.device_get(state.step))
     if start >= train_cfg.steps:
         ck.close()
@@ -281,13 +286,15 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, train_cf
         nonlocal handed_off
         if saves is not None:
             saves.wait()                   # the save before (an earlier stage's) is on disk first
+        opt = s < train_cfg.steps or getattr(train_cfg, "final_opt_state", True)
         if background is not None and s == train_cfg.steps:
             write = _save(ck, s, state, data_iter, meta, _ckpt_metrics(history, best_metric), metrics_path, lay,
-                          deferred=True)
+                          deferred=True, opt_state=opt)
             background.submit(lambda: _write_and_close(write, ck), what=f"step {s} in {out}")
             handed_off = True
         else:
-            _save(ck, s, state, data_iter, meta, _ckpt_metrics(history, best_metric), metrics_path, lay)
+            _save(ck, s, state, data_iter, meta, _ckpt_metrics(history, best_metric), metrics_path, lay,
+                  opt_state=opt)
 
     def saves_at(s: int) -> bool:
         """Whether update s is checkpointed: the last one always, a save_every one once
@@ -404,16 +411,28 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, train_cf
     return lay.to_caller(state.params), history
 
 
-def _start(ck: Checkpointer, state, data_iter, meta: dict, resume: bool, out: Path, lay: RunLayout):
-    """(state, history) to continue from: restored from the latest checkpoint when resuming,
-    else the fresh state (and stale checkpoints in out_dir are deleted); `lay` converts between the
-    run's layout and the stacked one on disk."""
+def _start(ck: Checkpointer, state, data_iter, meta: dict, resume: bool, out: Path, lay: RunLayout, steps: int):
+    """(state, history, finished) to continue from: restored from the latest checkpoint when
+    resuming, else the fresh state (and stale checkpoints in out_dir are deleted); `lay` converts
+    between the run's layout and the stacked one on disk. finished: the params (stacked, as the
+    caller gets them) when the latest checkpoint is a last step saved without optimizer state
+    (TrainConfig.final_opt_state=False) at or past `steps`; resuming one short of `steps` is refused."""
+    finished = None
     history: list = []
     kept: list = []                      # the log records to keep (history plus skip events)
     latest = ck.latest_step()
     if resume and latest is not None:
         saved_meta = ck.restore_meta(latest)
         check_compatible(saved_meta, expected_stage=meta["stage"], expected_model=meta.get("model_config"))
+        if not ck.has_opt_state(latest):
+            if latest < steps:
+                raise CheckpointError(f"{out}: checkpoint step {latest} ends an earlier run and was saved without "
+                                      f"optimizer state (TrainConfig.final_opt_state=False), so it cannot be "
+                                      f"continued to step {steps}; start afresh (resume=False), or load its "
+                                      "params (load_model_dir) as a new run's initial params")
+            finished = ck.restore_params(lay.disk_target(state).params, latest)
+            kept = [r for r in read_metrics(out) if r.get("step", 0) <= latest]
+            return state, [r for r in kept if "status" not in r], finished
         state, data_state, _ = ck.restore(lay.disk_target(state), latest)
         state = lay.from_disk(state)
         if data_state and callable(getattr(data_iter, "set_state", None)):
@@ -430,7 +449,7 @@ def _start(ck: Checkpointer, state, data_iter, meta: dict, resume: bool, out: Pa
     elif resume:
         warnings.warn(f"resume=True but {out} has no checkpoint; starting from step 0", stacklevel=3)
     _rewrite_metrics(out / METRICS_FILE, kept)
-    return state, history
+    return state, history, finished
 
 
 def _f(x) -> float:
@@ -448,7 +467,7 @@ def _ckpt_metrics(history: list, best_metric: Optional[str]) -> Optional[dict]:
 
 
 def _save(ck: Checkpointer, step: int, state, data_iter, meta: dict, metrics, metrics_path: Path,
-          lay: RunLayout, deferred: bool = False):
+          lay: RunLayout, deferred: bool = False, opt_state: bool = True):
     """Save update `step`; deferred: check and snapshot now (state, data position), return the
     write as a function to call later (from another thread)."""
     # a safety net behind the step's own check: a NaN/inf never reaches a checkpoint
@@ -458,7 +477,7 @@ def _save(ck: Checkpointer, step: int, state, data_iter, meta: dict, metrics, me
         ck.wait()
         raise TrainingDiverged(step, ck.latest_step(), str(ck.directory), "n/a", f"n/a (state leaves {bad[:5]})")
     disk_state, data_state = lay.to_disk(state), _data_state(data_iter)
-    write = lambda: ck.save(step, disk_state, data_state, meta, metrics=metrics)  # noqa: E731
+    write = lambda: ck.save(step, disk_state, data_state, meta, metrics=metrics, opt_state=opt_state)  # noqa: E731
     if deferred:
         return write
     write()

@@ -8,6 +8,7 @@ from marjax.app.pipeline import PIPELINES, PipelineConfig
 from marjax.app.runner import apply_sections, load_config, read_toml
 from marjax.cli import main
 from marjax.errors import ConfigError
+from marjax.train.checkpoint import Checkpointer
 
 
 def test_tiny_pipeline_end_to_end(tmp_path):
@@ -31,6 +32,16 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     for stage in ("pretrain", "kd", "sbds"):
         hist = [json.loads(l) for l in (out / stage / "metrics.jsonl").read_text().splitlines()]
         assert hist[-1]["loss"] < hist[0]["loss"], stage
+    # every stage's last checkpoint (written in the background) is on disk, without Adam moments
+    for stage, steps in res["steps"].items():
+        with Checkpointer(out / stage, read_only=True, async_save=False) as ck:
+            assert ck.latest_step() == steps and not ck.has_opt_state(), stage
+    # --resume finds every stage finished: nothing retrains, the same models evaluate the same
+    mtimes = {st: (out / st / "metrics.jsonl").stat().st_mtime_ns for st in res["steps"]}
+    assert main(["pipeline", "--preset", "tiny", "--out", str(out), "--quiet", "sbds.steps=60", "--resume"]) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    assert {n: again["models"][n]["ppl"]["token_ppl"] for n in ppl} == ppl
+    assert {st: (out / st / "metrics.jsonl").stat().st_mtime_ns for st in res["steps"]} == mtimes
 
 
 def test_pipeline_config_file_and_overrides(tmp_path):

@@ -526,3 +526,33 @@ def test_background_saves_order_and_exit():
     with pytest.raises(CheckpointError, match="disk gone"):
         with BackgroundSaves() as s:
             s.submit(fail, what="two")
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_last_save_without_optimizer_state(tmp_path, background):
+    """final_opt_state=False: the mid-run checkpoint keeps the Adam moments, the last one holds
+    the params alone (and is the smaller); they load and resume as finished, bit for bit; resuming
+    it to more steps, or restoring its full state, is refused with the reason."""
+    saves = BackgroundSaves() if background else None
+    params, _ = train(ce_loss(CFG), _params(), None, grain_iter(4), tcfg(final_opt_state=False), tmp_path,
+                      model_meta=META, progress=False, saves=saves)
+    if saves is not None:
+        saves.wait()
+    with Checkpointer(tmp_path) as ck:
+        assert ck.all_steps() == [3, 6] and ck.has_opt_state(3) and not ck.has_opt_state(6)
+        with pytest.raises(CheckpointError, match="holds no optimizer state"):
+            ck.restore(init_state(params, make_optimizer(tcfg(), params), 0, make_mesh(MeshConfig())), 6)
+    size = lambda s: sum(f.stat().st_size for f in (tmp_path / str(s)).rglob("*") if f.is_file())  # noqa: E731
+    assert size(6) < 0.6 * size(3)
+    _, saved, _ = load_model_dir(tmp_path)
+    _assert_trees_close(saved, params, rtol=0, atol=0)
+    again, hist = train(ce_loss(CFG), _params(), None, grain_iter(4), tcfg(final_opt_state=False), tmp_path,
+                        model_meta=META, progress=False, resume=True)
+    _assert_trees_close(again, params, rtol=0, atol=0)
+    assert hist and hist[-1]["step"] == 6
+    with pytest.raises(CheckpointError, match="step 6 ends an earlier run .* cannot be continued to step 8"):
+        train(ce_loss(CFG), _params(), None, grain_iter(4), tcfg(steps=8, final_opt_state=False), tmp_path,
+              model_meta=META, progress=False, resume=True)
+    with pytest.raises(ConfigError, match="final_opt_state must be true or false"):
+        train(ce_loss(CFG), _params(), None, grain_iter(4), tcfg(final_opt_state="no"), tmp_path / "bad",
+              model_meta=META, progress=False)
