@@ -7,7 +7,8 @@ A run directory:
                                    "latest_step", "tokenizer_source"?, ...}
       metrics.jsonl               (written by the loop)
       <step>/params               student params          (Orbax StandardSave)
-      <step>/train                {opt_state, step, rng}  (Orbax StandardSave)
+      <step>/train                {opt_state, step, rng}  (Orbax StandardSave; no opt_state in a
+                                  last step saved with TrainConfig.final_opt_state=False)
       <step>/data                 data iterator state     (JSON; {} for plain iterators)
       <step>/meta                 the metadata above      (JSON)
 
@@ -18,6 +19,7 @@ target sharding, so a checkpoint saved on 8 devices restores onto 1 (or any mesh
 
     ck = Checkpointer(out_dir, keep=2)
     ck.save(step, state, data_state, meta); ck.wait(); ck.close()
+    with BackgroundSaves() as saves: saves.submit(lambda: ..., what="step 6")   # a save off the main thread
     state, data_state, meta = ck.restore(abstract_state(state))
     cfg, params, tokenizer = load_model_dir(out_dir)
 
