@@ -34,6 +34,10 @@ divergence stop and exact resume.
 - Test hook (tests/reliability only): env MARJAX_TEST_PAUSE="step:N" makes the loop, once update
   N is dispatched, write out_dir/.marjax_test_paused and sleep (so a test can SIGKILL it there);
   "save:N" does the same inside the async save of step N (see marjax.train.checkpoint).
+- The last update's checkpoint: with TrainConfig.final_opt_state=False it holds no optimizer state
+  (a run nothing continues; resuming it is "finished", resuming it to more steps is refused);
+  with `saves=` (marjax.train.checkpoint.BackgroundSaves, single-process) it is written in a
+  background thread and train returns at once (marjax pipeline: the next stage starts meanwhile).
 - TrainConfig.layer_layout "unrolled" trains the layers as a tuple (marjax.train.layout); the
   checkpoints, eval_fn and the returned params see them stacked, as in a "stacked" run.
   TrainConfig.teacher_layout sets an LMParams teacher's layout in the step ("auto": unrolled on CPU).
