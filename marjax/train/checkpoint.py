@@ -471,10 +471,10 @@ class BackgroundSaves:
 
     `marjax pipeline` hands each stage's final save here (`train(..., saves=)`) and starts the next
     stage, so the write overlaps that stage's setup and compile instead of holding the run up: on
-    the 2-core VM a save costs about 7-12 s of kernel time per GB (the page cache's fresh pages),
-    8-22 s per SmolLM2 stage. The save itself is the ordinary synchronous one, run in the thread
-    on the final state, which the thread keeps alive until it is written. At most one is in flight: `submit` first waits for the one before, and so
-    does `train` before its own first save. `wait()` joins and raises the first failure as a
+    the 2-core VM a save costs about 7-13 s of kernel time per GB (the page cache's fresh pages),
+    8-25 s per SmolLM2 stage. The save itself is the ordinary synchronous one, run in the thread
+    on the final state, which the thread keeps alive until it is written. At most one is in
+    flight: `submit` first waits for the one before, and so does `train` before its own first save. `wait()` joins and raises the first failure as a
     CheckpointError; leaving a `with` block waits too (a failure there does not hide an exception
     already on its way out: it is chained as a warning).
 

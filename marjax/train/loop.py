@@ -291,14 +291,13 @@ def train(loss_fn: Callable, student_params, teacher_params, data_iter, train_cf
         if saves is not None:
             saves.wait()                   # the save before (an earlier stage's) is on disk first
         opt = s < train_cfg.steps or getattr(train_cfg, "final_opt_state", True)
+        write = _save(ck, s, state, data_iter, meta, _ckpt_metrics(history, best_metric), metrics_path, lay,
+                      opt_state=opt)
         if background is not None and s == train_cfg.steps:
-            write = _save(ck, s, state, data_iter, meta, _ckpt_metrics(history, best_metric), metrics_path, lay,
-                          deferred=True, opt_state=opt)
             background.submit(lambda: _write_and_close(write, ck), what=f"step {s} in {out}")
             handed_off = True
         else:
-            _save(ck, s, state, data_iter, meta, _ckpt_metrics(history, best_metric), metrics_path, lay,
-                  opt_state=opt)
+            write()
 
     def saves_at(s: int) -> bool:
         """Whether update s is checkpointed: the last one always, a save_every one once
@@ -435,8 +434,7 @@ def _start(ck: Checkpointer, state, data_iter, meta: dict, resume: bool, out: Pa
                                       f"continued to step {steps}; start afresh (resume=False), or load its "
                                       "params (load_model_dir) as a new run's initial params")
             finished = ck.restore_params(lay.disk_target(state).params, latest)
-            kept = [r for r in read_metrics(out) if r.get("step", 0) <= latest]
-            return state, [r for r in kept if "status" not in r], finished
+            return state, _records_to(out, latest)[1], finished
         state, data_state, _ = ck.restore(lay.disk_target(state), latest)
         state = lay.from_disk(state)
         if data_state and callable(getattr(data_iter, "set_state", None)):
@@ -444,8 +442,7 @@ def _start(ck: Checkpointer, state, data_iter, meta: dict, resume: bool, out: Pa
         else:
             warnings.warn("resuming with a data iterator that has no saved state (no get_state/set_state): "
                           "the data order is not replayed", stacklevel=3)
-        kept = [r for r in read_metrics(out) if r.get("step", 0) <= latest]
-        history = [r for r in kept if "status" not in r]
+        kept, history = _records_to(out, latest)
     elif latest is not None:
         warnings.warn(f"{out} holds checkpoints {ck.all_steps()} from an earlier run; starting fresh (resume=False) "
                       "and deleting them", stacklevel=3)
@@ -454,6 +451,12 @@ def _start(ck: Checkpointer, state, data_iter, meta: dict, resume: bool, out: Pa
         warnings.warn(f"resume=True but {out} has no checkpoint; starting from step 0", stacklevel=3)
     _rewrite_metrics(out / METRICS_FILE, kept)
     return state, history, finished
+
+
+def _records_to(out: Path, step: int) -> tuple[list, list]:
+    """(every log record up to `step`, the history among them: no skip/diverged events)."""
+    kept = [r for r in read_metrics(out) if r.get("step", 0) <= step]
+    return kept, [r for r in kept if "status" not in r]
 
 
 def _f(x) -> float:
@@ -471,9 +474,9 @@ def _ckpt_metrics(history: list, best_metric: Optional[str]) -> Optional[dict]:
 
 
 def _save(ck: Checkpointer, step: int, state, data_iter, meta: dict, metrics, metrics_path: Path,
-          lay: RunLayout, deferred: bool = False, opt_state: bool = True):
-    """Save update `step`; deferred: check and snapshot now (state, data position), return the
-    write as a function to call later (from another thread)."""
+          lay: RunLayout, opt_state: bool = True) -> Callable[[], None]:
+    """Check update `step`'s state and snapshot it (state, data position) now; returns the write,
+    to call at once or later from another thread (a BackgroundSaves)."""
     # a safety net behind the step's own check: a NaN/inf never reaches a checkpoint
     bad = nonfinite_leaves((state.params, state.opt_state))
     if bad:
@@ -481,11 +484,7 @@ def _save(ck: Checkpointer, step: int, state, data_iter, meta: dict, metrics, me
         ck.wait()
         raise TrainingDiverged(step, ck.latest_step(), str(ck.directory), "n/a", f"n/a (state leaves {bad[:5]})")
     disk_state, data_state = lay.to_disk(state), _data_state(data_iter)
-    write = lambda: ck.save(step, disk_state, data_state, meta, metrics=metrics, opt_state=opt_state)  # noqa: E731
-    if deferred:
-        return write
-    write()
-    return None
+    return lambda: ck.save(step, disk_state, data_state, meta, metrics=metrics, opt_state=opt_state)
 
 
 def _write_and_close(write: Callable, ck: Checkpointer) -> None:
